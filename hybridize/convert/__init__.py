@@ -1,0 +1,164 @@
+"""Turn a pretrained Llama-family model into a hybrid: `convert(model, ConvertConfig(...)) -> HybridForCausalLM`.
+
+Embeddings, norms, MLPs and the head are copied; the selected layers' attention is replaced by a new mixer
+initialised from it (`INITIALIZERS`), the other layers keep their attention unchanged.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from ..errors import ConfigError
+from ..families import check_supported
+from ..modeling import MIXERS, HybridConfig, HybridForCausalLM, Mamba2MixerConfig
+from ..provenance import record_step
+from .mamba2 import init_mamba2_from_attention
+from .selection import select_layers
+
+logger = logging.getLogger(__name__)
+
+INITIALIZERS = {
+    "mamba2": init_mamba2_from_attention,
+}
+_CONV_INITS = ("random", "delta")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertConfig:
+    """How to convert a model.
+
+    Args:
+        mixer (`str`, *optional*, defaults to `"mamba2"`): the mixer that replaces attention in converted layers.
+        ratio (`float`, *optional*, defaults to 0.5): fraction of layers converted, in [0, 1]; 0 keeps the source
+            model as it is (as a hybrid), 1 converts every layer. Spread evenly as MambaInLlama does.
+        attn_layers (`tuple[int, ...]`, *optional*): explicit layers that keep attention; overrides `ratio`.
+        conv_init (`str`, *optional*, defaults to `"delta"`): `"delta"` (identity convolution at step 0) or
+            `"random"` (PyTorch's default, as published by MambaInLlama). See README for the measured difference.
+        chunk_size (`int`, *optional*, defaults to 64): SSD chunk length of the Mamba2 scan (speed only).
+        seed (`int`, *optional*, defaults to 0): seeds the new parameters (gate, dt, conv), so a conversion repeats.
+
+    Example:
+        ```python
+        >>> hybrid = convert(model, ConvertConfig(ratio=0.5))
+        ```
+    """
+
+    mixer: str = "mamba2"
+    ratio: float = 0.5
+    attn_layers: tuple[int, ...] | None = None
+    conv_init: str = "delta"
+    chunk_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mixer not in INITIALIZERS:
+            raise ConfigError(f"mixer {self.mixer!r} is not supported; choose one of {sorted(INITIALIZERS)}")
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ConfigError(f"ratio must be in [0, 1] (the fraction of layers converted), got {self.ratio}")
+        if self.conv_init not in _CONV_INITS:
+            raise ConfigError(f"conv_init must be one of {_CONV_INITS}, got {self.conv_init!r}")
+        if self.chunk_size < 1:
+            raise ConfigError(f"chunk_size must be positive, got {self.chunk_size}")
+        if self.attn_layers is not None:
+            object.__setattr__(self, "attn_layers", tuple(sorted(set(int(i) for i in self.attn_layers))))
+
+
+def hybrid_config_for(source: PreTrainedModel, mixer_types: list[str], config: ConvertConfig) -> HybridConfig:
+    """The `HybridConfig` of `source` with the given mixer per layer; fails before any weight is touched."""
+    src = source.config
+    family = check_supported(src)
+    attn = source.model.layers[0].self_attn
+    hybrid_config = HybridConfig(
+        vocab_size=src.vocab_size,
+        hidden_size=src.hidden_size,
+        intermediate_size=src.intermediate_size,
+        num_hidden_layers=src.num_hidden_layers,
+        num_attention_heads=src.num_attention_heads,
+        num_key_value_heads=src.num_key_value_heads,
+        head_dim=getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads,
+        hidden_act=src.hidden_act,
+        max_position_embeddings=src.max_position_embeddings,
+        rms_norm_eps=src.rms_norm_eps,
+        rope_parameters=dict(src.rope_parameters),
+        tie_word_embeddings=src.tie_word_embeddings,
+        attention_bias=attn.q_proj.bias is not None,
+        attention_out_bias=attn.o_proj.bias is not None,
+        bos_token_id=src.bos_token_id,
+        eos_token_id=src.eos_token_id,
+        pad_token_id=src.pad_token_id,
+        initializer_range=src.initializer_range,
+        mixer_types=mixer_types,
+        mixers={"mamba2": {"chunk_size": config.chunk_size}},
+        source_model_type=family.name,
+    )
+    hybrid_config.dtype = source.dtype
+    Mamba2MixerConfig.from_hybrid_config(hybrid_config)  # validates the shapes
+    return hybrid_config
+
+
+@torch.no_grad()
+def convert(model: PreTrainedModel, config: ConvertConfig, *, progress: bool = False) -> HybridForCausalLM:
+    """Build a hybrid of `model`, converting `config.ratio` of its layers to `config.mixer`.
+
+    `model` is not modified; the result shares no tensors with it. Works layer by layer.
+
+    Args:
+        model (`PreTrainedModel`): a Llama, Mistral or Qwen2 causal LM (or a hybrid with all-attention layers).
+        config (`ConvertConfig`): what to convert and how.
+        progress (`bool`, *optional*): show a progress bar over layers.
+
+    Returns:
+        `HybridForCausalLM`: the hybrid, with the step recorded for `hybridize.json`.
+
+    Example:
+        ```python
+        >>> model, tokenizer = hybridize.load("llama")
+        >>> hybrid = convert(model, ConvertConfig(ratio=0.5))
+        ```
+    """
+    num_layers = model.config.num_hidden_layers
+    converted = select_layers(num_layers, ratio=config.ratio, attn_layers=config.attn_layers)
+    mixer_types = [config.mixer if i in converted else "attention" for i in range(num_layers)]
+    hybrid_config = hybrid_config_for(model, mixer_types, config)
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(config.seed)
+
+    hybrid = HybridForCausalLM(hybrid_config).to(model.dtype).eval()
+    hybrid.model.embed_tokens.load_state_dict(model.model.embed_tokens.state_dict())
+    hybrid.model.norm.load_state_dict(model.model.norm.state_dict())
+    if not hybrid_config.tie_word_embeddings:
+        hybrid.lm_head.load_state_dict(model.lm_head.state_dict())
+    layers = zip(model.model.layers, hybrid.model.layers, mixer_types)
+    if progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(list(layers), desc="convert", unit="layer")
+    for i, (src_layer, layer, mixer_type) in enumerate(layers):
+        layer.input_layernorm.load_state_dict(src_layer.input_layernorm.state_dict())
+        layer.post_attention_layernorm.load_state_dict(src_layer.post_attention_layernorm.state_dict())
+        layer.mlp.load_state_dict(src_layer.mlp.state_dict())
+        if mixer_type == "attention":
+            layer.mixer.load_state_dict(src_layer.self_attn.state_dict())
+        else:
+            layer.mixer = INITIALIZERS[mixer_type](
+                src_layer.self_attn, hybrid_config, i, conv_init=config.conv_init, generator=generator
+            )
+    hybrid.generation_config = model.generation_config
+    hybrid.hybridize_steps = list(getattr(model, "hybridize_steps", []))
+    record_step(
+        hybrid,
+        "convert",
+        config,
+        metrics={"seconds": round(time.perf_counter() - start, 2), "converted_layers": converted},
+        source=getattr(model, "name_or_path", None) or None,
+    )
+    logger.info("converted %d of %d layers to %s", len(converted), num_layers, config.mixer)
+    return hybrid
+
+
+assert set(INITIALIZERS) <= set(MIXERS)
+
+__all__ = ["INITIALIZERS", "ConvertConfig", "convert", "hybrid_config_for"]

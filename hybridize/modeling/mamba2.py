@@ -1,0 +1,207 @@
+"""Mamba2 mixer in place of attention (MambaInLlama, arXiv 2408.15237; SSD scan from arXiv 2405.21060).
+
+Shapes: b batch, l length, h heads, g KV groups, p head_dim, n state size. Each SSM head is one attention head:
+C comes from q (one per head), x and B from v and k (one per KV group, repeated to the heads of the group exactly as
+GQA repeats keys and values). `mamba2_scan_ref` (token by token: the definition), `mamba2_scan_chunked` (SSD, chunk
+by chunk) and `mamba2_step` (one decode token) compute one function and are tested equal.
+
+The recurrence, per head: H_t = exp(dt_t A) H_{t-1} + dt_t x_t B_t^T (H is p x n), y_t = H_t C_t + D x_t.
+"""
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import LinearAttentionLayer
+
+from .common import RMSNormGated, causal_conv1d
+from .configuration import HybridConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mamba2MixerConfig:
+    """Settings of the Mamba2 mixers of a hybrid (stored in `HybridConfig.mixers["mamba2"]`).
+
+    Args:
+        num_heads (`int`): SSM heads; the source's attention heads.
+        num_groups (`int`): groups sharing x and B; the source's KV heads.
+        head_dim (`int`): channels per head (p).
+        state_size (`int`): SSM state per head (n); the key size, so that B can be k.
+        conv_kernel (`int`, *optional*, defaults to 4): width of the causal depthwise convolution.
+        chunk_size (`int`, *optional*, defaults to 64): SSD chunk length; never changes the output, only speed.
+        impl (`str`, *optional*, defaults to `"auto"`): `"auto"` takes the fastest available path (the chunked scan on
+            CPU); `"ref"` forces the token-by-token reference (slow, for debugging).
+    """
+
+    num_heads: int
+    num_groups: int
+    head_dim: int
+    state_size: int
+    conv_kernel: int = 4
+    chunk_size: int = 64
+    impl: Literal["auto", "ref"] = "auto"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_groups != 0:
+            raise ValueError(f"mamba2 num_heads ({self.num_heads}) must be a multiple of num_groups ({self.num_groups})")
+        if min(self.head_dim, self.state_size, self.conv_kernel, self.chunk_size) < 1:
+            raise ValueError(f"mamba2 sizes must be positive, got {self}")
+        if self.impl not in ("auto", "ref"):
+            raise ValueError(f"mamba2 impl must be 'auto' or 'ref', got {self.impl!r}")
+
+    @classmethod
+    def from_hybrid_config(cls, config: HybridConfig) -> "Mamba2MixerConfig":
+        """The settings in `config.mixers["mamba2"]`, with shapes defaulting to the source attention's."""
+        defaults = {
+            "num_heads": config.num_attention_heads,
+            "num_groups": config.num_key_value_heads,
+            "head_dim": config.head_dim,
+            "state_size": config.head_dim,
+        }
+        settings = config.mixers.get("mamba2", {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(settings) - known
+        if unknown:
+            raise ValueError(f"unknown mamba2 settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{**defaults, **settings})
+
+
+def mamba2_step(state, x, dt, A, B, C, D):
+    """One token. state (b, h, p, n), x (b, h, p), dt (b, h), A and D (h,), B and C (b, h, n)."""
+    state = torch.exp(dt * A)[..., None, None] * state + (dt[..., None] * x)[..., None] * B[:, :, None]
+    return state, (state * C[:, :, None]).sum(-1) + D[:, None] * x
+
+
+def mamba2_scan_ref(x, dt, A, B, C, D, state=None):
+    """`mamba2_step` over the sequence. x (b, l, h, p), dt (b, l, h), B and C (b, l, h, n) -> y (b, l, h, p) and
+    the final state (b, h, p, n)."""
+    state = x.new_zeros(x.shape[0], *x.shape[2:], B.shape[-1]) if state is None else state
+    ys = []
+    for t in range(x.shape[1]):
+        state, y = mamba2_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        ys.append(y)
+    return torch.stack(ys, dim=1), state
+
+
+def _segsum(x: torch.Tensor) -> torch.Tensor:
+    """(..., T) -> (..., T, T) with out[i, j] = x[j+1] + ... + x[i] for i >= j and -inf above the diagonal."""
+    T = x.shape[-1]
+    x = x[..., None].expand(*x.shape, T)  # x[..., i, j] = x_i
+    strictly_lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)
+    sums = torch.cumsum(x.masked_fill(~strictly_lower, 0), dim=-2)
+    lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))
+    return sums.masked_fill(~lower, -torch.inf)
+
+
+def mamba2_scan_chunked(x, dt, A, B, C, D, state=None, *, chunk_size=64):
+    """Same inputs and outputs as `mamba2_scan_ref`, computed chunk by chunk (SSD, arXiv 2405.21060 Listing 1):
+    quadratic attention-like products inside a chunk, the recurrence only between chunks."""
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    T = chunk_size
+    pad = (-l) % T
+    if pad:  # zero dt and x leave the state untouched, so padding changes nothing
+        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    c = (l + pad) // T
+    xs = (x * dt[..., None]).view(b, c, T, h, p)
+    Bs, Cs = B.view(b, c, T, h, n), C.view(b, c, T, h, n)
+    A_dt = (dt * A).view(b, c, T, h).permute(0, 3, 1, 2)  # (b, h, c, T)
+    A_cum = torch.cumsum(A_dt, dim=-1)
+
+    # 1. Inside each chunk: y = (C B^T ∘ decay) x
+    scores = torch.einsum("bclhn,bcshn->bhcls", Cs, Bs) * torch.exp(_segsum(A_dt))  # (b, h, c, T, T)
+    y = torch.einsum("bhcls,bcshp->bclhp", scores, xs)
+
+    # 2. The state each chunk leaves behind, on its own
+    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)  # (b, h, c, T)
+    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bs, decay_to_end, xs)
+
+    # 3. Carry states across chunks, starting from `state`
+    initial = x.new_zeros(b, h, p, n) if state is None else state.to(x.dtype)
+    chunk_states = torch.cat([initial[:, None], chunk_states], dim=1)  # (b, c + 1, h, p, n)
+    decay_chunks = torch.exp(_segsum(F.pad(A_cum[..., -1], (1, 0))))  # (b, h, c + 1, c + 1)
+    carried = torch.einsum("bhzc,bchpn->bzhpn", decay_chunks, chunk_states)
+    chunk_states, final_state = carried[:, :-1], carried[:, -1]
+
+    # 4. What the state entering each chunk contributes to its outputs
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Cs, chunk_states, torch.exp(A_cum))
+    y = y.reshape(b, c * T, h, p)[:, :l]
+    return y + D[:, None] * x[:, :l], final_state
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba2 token mixer: in_proj -> causal conv over x|B|C -> SSD scan -> gated RMSNorm -> out_proj.
+
+    `in_proj` rows, in order: z (h·p, gate), x (g·p), B (g·n), C (h·n), dt (h). The names follow transformers'
+    Mamba2 modules (`in_proj`, `conv1d`, `dt_bias`, `A_log`, `D`, `norm`, `out_proj`) so export is a rename.
+    """
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.settings = s = Mamba2MixerConfig.from_hybrid_config(config)
+        self.layer_idx = layer_idx
+        self.inner_size = s.num_heads * s.head_dim
+        self.conv_size = s.num_groups * (s.head_dim + s.state_size) + s.num_heads * s.state_size
+        self.in_proj = nn.Linear(
+            config.hidden_size, self.inner_size + self.conv_size + s.num_heads, bias=config.attention_bias
+        )
+        self.conv1d = nn.Conv1d(
+            self.conv_size, self.conv_size, s.conv_kernel, groups=self.conv_size
+        )
+        self.dt_bias = nn.Parameter(torch.ones(s.num_heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, s.num_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(s.num_heads))
+        self.norm = RMSNormGated(self.inner_size, eps=config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.inner_size, config.hidden_size, bias=config.attention_out_bias)
+
+    @staticmethod
+    def new_cache_layer(config: HybridConfig, layer_idx: int) -> LinearAttentionLayer:
+        return LinearAttentionLayer()  # conv state + SSM state, as in transformers' own Mamba2 hybrids
+
+    def _project_and_convolve(self, hidden_states, attention_mask, conv_state):
+        s = self.settings
+        b, l, _ = hidden_states.shape
+        if attention_mask is not None:  # zero padded positions so they never enter the state
+            hidden_states = hidden_states * attention_mask[:, -l:, None].to(hidden_states.dtype)
+        gate, xBC, dt = self.in_proj(hidden_states).split([self.inner_size, self.conv_size, s.num_heads], dim=-1)
+        xBC, conv_state = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_state)
+        xBC = F.silu(xBC.transpose(1, 2))
+        if attention_mask is not None:
+            xBC = xBC * attention_mask[:, -l:, None].to(xBC.dtype)
+        x, B, C = xBC.split([s.num_groups * s.head_dim, s.num_groups * s.state_size, s.num_heads * s.state_size], -1)
+        # GQA: each group's x and B serve num_heads // num_groups consecutive heads
+        repeat = s.num_heads // s.num_groups
+        x = x.view(b, l, s.num_groups, s.head_dim).repeat_interleave(repeat, dim=2)  # (b, l, h, p)
+        B = B.view(b, l, s.num_groups, s.state_size).repeat_interleave(repeat, dim=2)  # (b, l, h, n)
+        C = C.view(b, l, s.num_heads, s.state_size)  # (b, l, h, n)
+        dt = F.softplus(dt + self.dt_bias)  # (b, l, h)
+        return x, dt, B, C, gate, conv_state
+
+    def forward(self, hidden_states, *, attention_mask=None, cache=None, **kwargs) -> torch.Tensor:
+        """hidden_states (b, l, hidden) -> (b, l, hidden). `attention_mask` is the 2-D padding mask (1 = token)."""
+        conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
+        state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        x, dt, B, C, gate, conv_state = self._project_and_convolve(hidden_states, attention_mask, conv_state)
+        # the scan runs in float32 at least: exp/cumsum of the decays lose too much in half precision
+        scan_dtype = torch.promote_types(x.dtype, torch.float32)
+        x, dt, B, C = (t.to(scan_dtype) for t in (x, dt, B, C))
+        A = -torch.exp(self.A_log.to(scan_dtype))
+        D = self.D.to(scan_dtype)
+        if state is not None and x.shape[1] == 1:
+            state, y = mamba2_step(state.to(scan_dtype), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
+            y = y[:, None]
+        elif self.settings.impl == "ref":
+            y, state = mamba2_scan_ref(x, dt, A, B, C, D, state)
+        else:
+            y, state = mamba2_scan_chunked(x, dt, A, B, C, D, state, chunk_size=self.settings.chunk_size)
+        if cache is not None:
+            cache.update_conv_state(conv_state, self.layer_idx)
+            cache.update_recurrent_state(state, self.layer_idx)
+        y = y.flatten(2).to(hidden_states.dtype)  # (b, l, h * p)
+        return self.out_proj(self.norm(y, gate))
+
+
+__all__ = ["Mamba2Mixer", "Mamba2MixerConfig", "mamba2_scan_chunked", "mamba2_scan_ref", "mamba2_step"]

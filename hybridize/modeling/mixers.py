@@ -1,0 +1,11 @@
+"""The mixer registry: a `mixer_types` entry -> its module class. Adding a mixer is one file and one line here."""
+
+from .attention import AttentionMixer
+from .mamba2 import Mamba2Mixer
+
+MIXERS = {
+    "attention": AttentionMixer,
+    "mamba2": Mamba2Mixer,
+}
+
+__all__ = ["MIXERS"]
