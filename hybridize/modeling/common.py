@@ -6,24 +6,25 @@ from torch import nn
 
 
 class RMSNormGated(nn.Module):
-    """`rmsnorm(y * silu(gate)) * weight`, normalised over the whole width (gate before norm).
+    """`rmsnorm(y * silu(gate)) * weight` with the RMS taken per group of `group_size` channels (gate before norm).
 
-    This is the torch path of transformers' Bamba/GraniteMoeHybrid Mamba2 (`norm_before_gate=False`, one group), so a
-    hybrid exports to GraniteMoeHybrid with identical outputs. mamba_ssm's fused kernel normalises per group instead,
-    which differs when there are several groups (research/peers.md §2.4); we always run this one.
+    With one group per SSM head this is MambaInLlama's norm (mamba_ssm `RMSNormGated`, `norm_before_gate=False`,
+    `group_size=head_dim`) and transformers 5's GraniteMoeHybrid norm with `mamba_n_groups = num_heads`, so a hybrid
+    exports to GraniteMoeHybrid with identical outputs (research/peers.md §2.4 on why grouping matters).
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size = group_size
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.float() * F.silu(gate.float())
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        grouped = hidden_states.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * grouped.flatten(-2).to(input_dtype)
 
 
 def causal_conv1d(

@@ -154,7 +154,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(s.num_heads))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, s.num_heads + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(s.num_heads))
-        self.norm = RMSNormGated(self.inner_size, eps=config.rms_norm_eps)
+        self.norm = RMSNormGated(self.inner_size, group_size=s.head_dim, eps=config.rms_norm_eps)  # per head
         self.out_proj = nn.Linear(self.inner_size, config.hidden_size, bias=config.attention_out_bias)
 
     @staticmethod
