@@ -1,0 +1,201 @@
+"""First-cut quality metrics for a converted or compressed model: held-out perplexity, and its distance from the
+source model (KL divergence and top-1 agreement of the next-token distributions).
+
+Perplexity alone hides how far a hybrid drifted from its source: two models can have the same perplexity and disagree
+on many tokens. KL(source || hybrid) per token, the quantity distillation minimises, and the share of positions whose
+most likely next token is the same, measure the drift directly. Both models see the same blocks in one pass, so the
+numbers are paired. Sums are accumulated in float64 so that long runs do not lose precision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from .corpus import SPLITS, load_corpus, token_blocks
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """What `evaluate` measures on.
+
+    Args:
+        split (`str`, *optional*, defaults to `"heldout"`): the corpus split, `"heldout"` or `"train"`.
+        seq_len (`int`, *optional*, defaults to 512): tokens per block; each block is scored independently.
+        max_tokens (`int`, *optional*, defaults to 16384): at most this many tokens in all blocks.
+        batch_size (`int`, *optional*, defaults to 1): blocks per forward pass; never changes the result beyond
+            floating-point rounding.
+    """
+
+    split: str = "heldout"
+    seq_len: int = 512
+    max_tokens: int = 16384
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ConfigError(f"split={self.split!r} is not a corpus split; use one of {', '.join(SPLITS)}")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len={self.seq_len} is too short; a block needs at least 2 tokens to predict one")
+        if self.max_tokens < self.seq_len:
+            raise ConfigError(f"max_tokens={self.max_tokens} is less than seq_len={self.seq_len}; raise max_tokens")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
+
+
+def perplexity(model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 1, progress: bool = False) -> float:
+    """Perplexity of a causal LM on token blocks: exp of the mean next-token negative log-likelihood.
+
+    Every position but the last of each block is scored against the next token; blocks do not see each other.
+
+    Args:
+        model (`nn.Module`): any Hugging Face causal LM (its output has `.logits`).
+        blocks (`torch.LongTensor` of shape `(num_blocks, seq_len)`): from `token_blocks`.
+        batch_size (`int`, *optional*, defaults to 1): blocks per forward pass.
+        progress (`bool`, *optional*, defaults to `False`): show a tqdm bar.
+
+    Returns:
+        `float`: the perplexity.
+
+    Example: `ppl = perplexity(model, token_blocks(tokenizer, load_corpus("heldout"), seq_len=512))`
+    """
+    _check_blocks(blocks)
+    nll, count = 0.0, 0
+    with _eval_mode(model), torch.inference_mode():
+        for batch in _batches(blocks, batch_size, progress):
+            logits = _logits(model, batch)
+            nll += _nll_sum(logits, batch.to(logits.device))
+            count += batch.shape[0] * (batch.shape[1] - 1)
+    return math.exp(nll / count)
+
+
+def compare_logits(
+    model: nn.Module, baseline: nn.Module, blocks: torch.Tensor, *, batch_size: int = 1, progress: bool = False
+) -> dict[str, float]:
+    """Distance of `model`'s next-token distributions from `baseline`'s on the same blocks, in one pass.
+
+    KL and agreement are averaged over every position of every block (each position predicts a next token);
+    perplexities over every position but the last, as in `perplexity`.
+
+    Args:
+        model (`nn.Module`): the model under test, a Hugging Face causal LM.
+        baseline (`nn.Module`): the reference (usually the source model), with the same vocabulary.
+        blocks (`torch.LongTensor` of shape `(num_blocks, seq_len)`): from `token_blocks`.
+        batch_size (`int`, *optional*, defaults to 1): blocks per forward pass.
+        progress (`bool`, *optional*, defaults to `False`): show a tqdm bar.
+
+    Returns:
+        `dict[str, float]`: `kl` (mean per-token KL(baseline || model), in nats), `top1_agreement` (fraction of
+        positions where both argmaxes agree), `perplexity` (the model's) and `baseline_perplexity`.
+
+    Example: `compare_logits(hybrid, source, blocks)["kl"]`
+    """
+    _check_blocks(blocks)
+    kl, agree, nll, baseline_nll = 0.0, 0, 0.0, 0.0
+    with _eval_mode(model, baseline), torch.inference_mode():
+        for batch in _batches(blocks, batch_size, progress):
+            logits = _logits(model, batch)
+            baseline_logits = _logits(baseline, batch).to(logits.device)
+            if baseline_logits.shape != logits.shape:
+                raise ConfigError(
+                    f"model logits {tuple(logits.shape)} and baseline logits {tuple(baseline_logits.shape)} differ; "
+                    "compare models that share a vocabulary"
+                )
+            targets = batch.to(logits.device)
+            nll += _nll_sum(logits, targets)
+            baseline_nll += _nll_sum(baseline_logits, targets)
+            log_p = F.log_softmax(baseline_logits.float(), dim=-1)  # (b, l, v) reference
+            log_q = F.log_softmax(logits.float(), dim=-1)  # (b, l, v) model
+            # KL(p || q) = sum_v p (log p - log q); p = 0 contributes 0.
+            kl += (log_p.exp() * (log_p - log_q)).sum(-1).double().sum().item()
+            agree += int((logits.argmax(-1) == baseline_logits.argmax(-1)).sum().item())
+    positions = blocks.numel()
+    predictions = blocks.shape[0] * (blocks.shape[1] - 1)
+    return {
+        "kl": kl / positions,
+        "top1_agreement": agree / positions,
+        "perplexity": math.exp(nll / predictions),
+        "baseline_perplexity": math.exp(baseline_nll / predictions),
+    }
+
+
+def evaluate(
+    model: nn.Module, tokenizer: Any, config: EvalConfig, *, baseline: nn.Module | None = None, progress: bool = False
+) -> dict[str, Any]:
+    """Held-out perplexity of `model` and, with a `baseline`, its KL and top-1 agreement against it.
+
+    Args:
+        model (`nn.Module`): a Hugging Face causal LM.
+        tokenizer: its tokenizer (the baseline must share it).
+        config (`EvalConfig`): split, block length, token budget and batch size.
+        baseline (`nn.Module`, *optional*): the reference model, usually the source of a conversion.
+        progress (`bool`, *optional*, defaults to `False`): show a tqdm bar.
+
+    Returns:
+        `dict`: `split`, `seq_len`, `num_blocks`, `num_tokens` (tokens fed to the model), `perplexity`; with a
+        baseline also `baseline_perplexity`, `kl` and `top1_agreement`.
+
+    Example: `evaluate(hybrid, tokenizer, EvalConfig(max_tokens=8192), baseline=source)`
+    """
+    blocks = token_blocks(tokenizer, load_corpus(config.split), seq_len=config.seq_len, max_tokens=config.max_tokens)
+    result: dict[str, Any] = {
+        "split": config.split,
+        "seq_len": config.seq_len,
+        "num_blocks": blocks.shape[0],
+        "num_tokens": blocks.numel(),
+    }
+    if baseline is None:
+        result["perplexity"] = perplexity(model, blocks, batch_size=config.batch_size, progress=progress)
+    else:
+        result.update(compare_logits(model, baseline, blocks, batch_size=config.batch_size, progress=progress))
+    return result
+
+
+def _check_blocks(blocks: torch.Tensor) -> None:
+    if blocks.dim() != 2 or blocks.shape[0] < 1 or blocks.shape[1] < 2:
+        raise ConfigError(f"blocks of shape {tuple(blocks.shape)}; pass (num_blocks >= 1, seq_len >= 2) token ids")
+
+
+def _batches(blocks: torch.Tensor, batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be at least 1")
+    starts = range(0, blocks.shape[0], batch_size)
+    for start in tqdm(starts, desc="evaluating", unit="batch", disable=not progress):
+        yield blocks[start : start + batch_size]
+
+
+def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=batch.to(device), use_cache=False).logits
+
+
+def _nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
+    """Sum of next-token negative log-likelihoods: position t predicts token t + 1."""
+    predicted = logits[:, :-1].float().flatten(0, 1)  # (b * (l - 1), v)
+    targets = input_ids[:, 1:].flatten()  # (b * (l - 1),)
+    return F.cross_entropy(predicted, targets, reduction="none").double().sum().item()
+
+
+@contextmanager
+def _eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Switch off dropout while measuring, then give each model back its own training flag."""
+    was_training = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, training in zip(models, was_training):
+            model.train(training)
+
+
+__all__ = ["EvalConfig", "compare_logits", "evaluate", "perplexity"]

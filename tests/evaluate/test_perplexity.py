@@ -1,0 +1,129 @@
+"""Perplexity, KL and top-1 agreement against hand computations on a tiny random Llama."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hybridize.errors import ConfigError
+from hybridize.evaluate import EvalConfig, compare_logits, evaluate, load_corpus, perplexity, token_blocks
+
+
+def _hand_logits(model, blocks: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=blocks).logits.double()
+
+
+def test_perplexity_is_exp_of_mean_cross_entropy(tiny_llama, blocks):
+    logits = _hand_logits(tiny_llama, blocks)
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
+    # 3 blocks in batches of 2: the last batch is short.
+    assert perplexity(tiny_llama, blocks, batch_size=2) == pytest.approx(math.exp(nll.item()), rel=1e-6)
+
+
+def test_perplexity_does_not_depend_on_batch_size(tiny_llama, blocks):
+    one = perplexity(tiny_llama, blocks, batch_size=1)
+    assert perplexity(tiny_llama, blocks, batch_size=3) == pytest.approx(one, rel=1e-5)
+    assert perplexity(tiny_llama, blocks, batch_size=1, progress=True) == one
+
+
+def test_perplexity_of_a_random_model_is_near_the_vocabulary_size(tiny_llama, blocks):
+    # An untrained model predicts nearly uniformly over its 128 tokens.
+    assert 64 < perplexity(tiny_llama, blocks) < 256
+
+
+def test_model_against_itself_has_zero_kl_and_full_agreement(tiny_llama, blocks):
+    result = compare_logits(tiny_llama, tiny_llama, blocks, batch_size=2)
+    assert result["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert result["top1_agreement"] == 1.0
+    assert result["perplexity"] == result["baseline_perplexity"]
+    assert result["perplexity"] == pytest.approx(perplexity(tiny_llama, blocks), rel=1e-6)
+
+
+def test_kl_against_another_model_matches_a_hand_computation(tiny_llama, other_llama, blocks):
+    block = blocks[:1]
+    result = compare_logits(tiny_llama, other_llama, block)
+    log_q = F.log_softmax(_hand_logits(tiny_llama, block), dim=-1)  # model
+    log_p = F.log_softmax(_hand_logits(other_llama, block), dim=-1)  # baseline
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    reverse_kl = (log_q.exp() * (log_q - log_p)).sum(-1).mean().item()
+    agreement = (log_p.argmax(-1) == log_q.argmax(-1)).double().mean().item()
+    assert result["kl"] > 0
+    assert result["kl"] == pytest.approx(kl, rel=1e-4)
+    assert result["kl"] != pytest.approx(reverse_kl, rel=1e-3)  # the direction is KL(baseline || model)
+    assert result["top1_agreement"] == pytest.approx(agreement)
+    assert result["perplexity"] == pytest.approx(perplexity(tiny_llama, block), rel=1e-6)
+    assert result["baseline_perplexity"] == pytest.approx(perplexity(other_llama, block), rel=1e-6)
+
+
+def test_kl_over_several_batches_is_the_mean_over_all_positions(tiny_llama, other_llama, blocks):
+    per_block = [compare_logits(tiny_llama, other_llama, blocks[i : i + 1])["kl"] for i in range(blocks.shape[0])]
+    result = compare_logits(tiny_llama, other_llama, blocks, batch_size=2)
+    assert result["kl"] == pytest.approx(sum(per_block) / len(per_block), rel=1e-5)
+
+
+def test_training_flag_is_restored(tiny_llama, other_llama, blocks):
+    tiny_llama.train()
+    perplexity(tiny_llama, blocks)
+    compare_logits(tiny_llama, other_llama, blocks)
+    assert tiny_llama.training and not other_llama.training
+
+
+def test_compare_logits_refuses_different_vocabularies(tiny_llama, blocks):
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    with pytest.raises(ConfigError, match="share a vocabulary"):
+        compare_logits(tiny_llama, LlamaForCausalLM(config), blocks)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(4, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)])
+def test_bad_blocks_are_refused(tiny_llama, bad):
+    with pytest.raises(ConfigError, match=r"blocks of shape"):
+        perplexity(tiny_llama, bad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"seq_len": 1}, "seq_len=1"),
+        ({"seq_len": 512, "max_tokens": 100}, "max_tokens=100"),
+        ({"split": "test"}, "split='test'"),
+        ({"batch_size": 0}, "batch_size=0"),
+    ],
+)
+def test_eval_config_errors_name_the_bad_value(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        EvalConfig(**kwargs)
+
+
+def test_eval_config_is_frozen_and_keyword_only():
+    config = EvalConfig()
+    assert (config.split, config.seq_len, config.max_tokens, config.batch_size) == ("heldout", 512, 16384, 1)
+    with pytest.raises(AttributeError):
+        config.seq_len = 3
+    with pytest.raises(TypeError):
+        EvalConfig("heldout")
+
+
+def test_evaluate_on_the_heldout_corpus(tiny_llama, other_llama, char_tokenizer):
+    config = EvalConfig(seq_len=32, max_tokens=200, batch_size=2)
+    result = evaluate(tiny_llama, char_tokenizer, config)
+    blocks = token_blocks(char_tokenizer, load_corpus("heldout"), seq_len=32, max_tokens=200)
+    assert result["num_blocks"] == 6 and result["num_tokens"] == 192
+    assert result["perplexity"] == pytest.approx(perplexity(tiny_llama, blocks), rel=1e-6)
+    assert "kl" not in result
+
+    compared = evaluate(tiny_llama, char_tokenizer, config, baseline=other_llama)
+    assert compared["perplexity"] == pytest.approx(result["perplexity"], rel=1e-6)
+    assert compared["kl"] > 0 and 0 <= compared["top1_agreement"] <= 1
+    assert math.isfinite(compared["baseline_perplexity"])
