@@ -7,10 +7,13 @@ Importing the package registers the hybrid model with transformers' Auto classes
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .convert import ConvertConfig, convert
+from .evaluate.bench import BenchConfig, bench
+from .evaluate.perplexity import EvalConfig, evaluate
+from .export import ExportConfig, export
 from .errors import CheckpointError, ConfigError, HybridizeError, OutputExistsError, UnsupportedModelError
 from .modeling import HybridConfig, HybridForCausalLM
-from .saving import save
-from .sources import load_source as load
+from .saving import check_output, save
+from .sources import load
 
 AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
 AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)
@@ -21,7 +24,10 @@ HybridForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 __version__ = "0.1.0"
 
 __all__ = [
+    "BenchConfig",
     "CheckpointError",
+    "EvalConfig",
+    "ExportConfig",
     "ConfigError",
     "ConvertConfig",
     "HybridConfig",
@@ -29,7 +35,11 @@ __all__ = [
     "HybridizeError",
     "OutputExistsError",
     "UnsupportedModelError",
+    "bench",
+    "check_output",
     "convert",
+    "evaluate",
+    "export",
     "load",
     "save",
 ]

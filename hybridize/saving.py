@@ -5,6 +5,7 @@ and the tokenizer files (chat template included) are copied byte for byte from w
 """
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -27,14 +28,22 @@ TOKENIZER_FILES = (
 )
 
 
+def check_output(output: str | Path, *, overwrite: bool = False) -> None:
+    """Refuse an existing `output` before any heavy work starts (`atomic_output` checks again at the end)."""
+    if Path(output).exists() and not overwrite:
+        raise OutputExistsError(f"output {output} already exists; choose another path or pass --overwrite")
+
+
 @contextlib.contextmanager
 def atomic_output(output: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `output`; on success it replaces `output`, on failure it is removed."""
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"output {output} already exists; choose another path or pass --overwrite")
+    check_output(output, overwrite=overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should have normal directory permissions
     try:
         yield tmp
         if output.exists():
@@ -81,4 +90,4 @@ def save(model, output: str | Path, *, tokenizer=None, overwrite: bool = False) 
     return output
 
 
-__all__ = ["TOKENIZER_FILES", "atomic_output", "copy_tokenizer", "save"]
+__all__ = ["TOKENIZER_FILES", "atomic_output", "check_output", "copy_tokenizer", "save"]

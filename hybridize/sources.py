@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from .errors import CheckpointError
+from .provenance import read_manifest
 from .families import check_supported
 
 logger = logging.getLogger(__name__)
@@ -351,4 +352,21 @@ def load_source(
     return model, tokenizer
 
 
-__all__ = ["ALIASES", "HYBRID_MODEL_TYPE", "PackagedModel", "Source", "load_config", "load_source", "resolve"]
+def load(
+    spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`load_source`, plus the history of steps in the directory's `hybridize.json` (kept on `model.hybridize_steps`
+    so the next save extends it).
+
+    Example:
+        ```python
+        >>> model, tokenizer = hybridize.load("out/smol-mamba50")
+        ```
+    """
+    model, tokenizer = load_source(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    location = Path(model.name_or_path)
+    model.hybridize_steps = read_manifest(location)["steps"] if location.is_dir() else []
+    return model, tokenizer
+
+
+__all__ = ["ALIASES", "HYBRID_MODEL_TYPE", "PackagedModel", "Source", "load", "load_config", "load_source", "resolve"]

@@ -1,0 +1,150 @@
+"""Speed and memory side by side: prefill tokens/s, decode ms/token and cache bytes at each context length, for a
+model and its baseline in the same process, interleaved and repeated, reported as ratios.
+
+On a CPU, decoding a small model is memory-bandwidth bound (weights + cache bytes per token), so absolute numbers
+move with the machine's load; only ratios measured in one run mean anything.
+"""
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from .corpus import load_corpus, token_blocks
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """What to measure.
+
+    Args:
+        contexts (`tuple[int, ...]`, *optional*, defaults to `(512, 2048, 8192)`): prompt lengths in tokens.
+        new_tokens (`int`, *optional*, defaults to 16): tokens decoded (greedy) after each prompt.
+        repeats (`int`, *optional*, defaults to 2): rounds; each round runs every model once, interleaved; the
+            median is reported.
+        batch_size (`int`, *optional*, defaults to 1): sequences decoded together.
+    """
+
+    contexts: tuple[int, ...] = (512, 2048, 8192)
+    new_tokens: int = 16
+    repeats: int = 2
+    batch_size: int = 1
+
+    def __post_init__(self):
+        if not self.contexts or min(self.contexts) < 1:
+            raise ConfigError(f"contexts must be positive token counts, got {self.contexts}")
+        for name in ("new_tokens", "repeats", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by every tensor of a transformers cache (KV tensors, conv and recurrent states)."""
+    seen, total = set(), 0
+    for layer in cache.layers:
+        for value in vars(layer).values():
+            tensors = value.values() if isinstance(value, dict) else [value]
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
+    return total
+
+
+@torch.inference_mode()
+def _run_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    start = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True)
+    prefill = time.perf_counter() - start
+    cache, next_ids = out.cache, out.logits[:, -1:].argmax(-1)
+    size = cache_bytes(cache)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=next_ids, cache=cache, use_cache=True)
+        next_ids = out.logits[:, -1:].argmax(-1)
+    decode = time.perf_counter() - start
+    return {
+        "prefill_tokens_per_s": prompt.numel() / prefill,
+        "decode_ms_per_token": 1000 * decode / new_tokens,
+        "cache_bytes": size,
+    }
+
+
+def bench(
+    model: nn.Module, tokenizer: Any, config: BenchConfig, *, baseline: nn.Module | None = None, progress: bool = False
+) -> dict[str, Any]:
+    """Measure `model` (and `baseline`, interleaved) at each context length.
+
+    Returns:
+        `dict`: `rows`, one per context, with `model` and `baseline` measurements (medians over `repeats`) and
+        `ratios` (model / baseline for times and bytes; baseline / model is the speed-up); `machine`.
+
+    Example: `bench(hybrid, tokenizer, BenchConfig(contexts=(512, 2048)), baseline=source)`
+    """
+    models = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
+    for m in models.values():
+        m.eval()
+    needed = max(config.contexts) * config.batch_size
+    stream = token_blocks(tokenizer, load_corpus("heldout"), seq_len=max(config.contexts), max_tokens=needed)
+    if stream.shape[0] < config.batch_size:  # the held-out split is ~120K tokens; longer contexts repeat it
+        stream = stream.repeat(config.batch_size, 1)
+    rows = []
+    total = len(config.contexts) * config.repeats * len(models)
+    bar = tqdm(total=total, desc="bench", unit="run", disable=not progress)
+    for context in config.contexts:
+        prompt = stream[: config.batch_size, :context]
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+        for _ in range(config.repeats):
+            for name, m in models.items():
+                runs[name].append(_run_once(m, prompt, config.new_tokens))
+                bar.update()
+        row: dict[str, Any] = {"context": context, "batch_size": config.batch_size}
+        for name, results in runs.items():
+            row[name] = {key: statistics.median(r[key] for r in results) for key in results[0]}
+        if baseline is not None:
+            m, b = row["model"], row["baseline"]
+            row["ratios"] = {
+                "decode_speedup": b["decode_ms_per_token"] / m["decode_ms_per_token"],
+                "prefill_speedup": m["prefill_tokens_per_s"] / b["prefill_tokens_per_s"],
+                "cache_ratio": m["cache_bytes"] / b["cache_bytes"],
+            }
+        rows.append(row)
+    bar.close()
+    return {"config": vars(config), "rows": rows, "machine": _machine()}
+
+
+def _machine() -> dict[str, Any]:
+    import os
+    import platform
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+__all__ = ["BenchConfig", "bench", "cache_bytes", "format_bench"]
+
+
+def format_bench(result: dict[str, Any]) -> str:
+    """A plain-text table of `bench` results, ratios first."""
+    lines = []
+    for row in result["rows"]:
+        head = f"context {row['context']:>6}  batch {row['batch_size']}"
+        if "ratios" in row:
+            r = row["ratios"]
+            head += (
+                f"  decode speed-up {r['decode_speedup']:.2f}x  prefill speed-up {r['prefill_speedup']:.2f}x"
+                f"  cache {r['cache_ratio']:.3f}x"
+            )
+        lines.append(head)
+        for name in ("model", "baseline"):
+            if name in row:
+                m = row[name]
+                lines.append(
+                    f"  {name:>8}: decode {m['decode_ms_per_token']:8.1f} ms/token  prefill "
+                    f"{m['prefill_tokens_per_s']:8.0f} tokens/s  cache {m['cache_bytes'] / 2**20:8.2f} MiB"
+                )
+    return "\n".join(lines)
