@@ -19,6 +19,11 @@ from transformers.cache_utils import LinearAttentionLayer
 from .common import RMSNormGated, causal_conv1d
 from .configuration import HybridConfig
 
+try:  # the Triton SSD kernel of state-spaces/mamba, used on CUDA when installed; torch is the fallback
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+except ImportError:
+    mamba_chunk_scan_combined = None
+
 
 @dataclass(frozen=True, kw_only=True)
 class Mamba2MixerConfig:
@@ -83,6 +88,14 @@ def mamba2_scan_ref(x, dt, A, B, C, D, state=None):
         state, y = mamba2_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
         ys.append(y)
     return torch.stack(ys, dim=1), state
+
+
+def mamba2_scan_kernel(x, dt, A, B, C, D, state=None, *, chunk_size=64):
+    """`mamba2_scan_chunked` through mamba_ssm's fused Triton kernel (CUDA only); same inputs and outputs."""
+    y, final_state = mamba_chunk_scan_combined(
+        x, dt, A, B, C, chunk_size, D=D, initial_states=state, return_final_states=True
+    )
+    return y, final_state
 
 
 def _segsum(x: torch.Tensor) -> torch.Tensor:
@@ -195,6 +208,8 @@ class Mamba2Mixer(nn.Module):
             y = y[:, None]
         elif self.settings.impl == "ref":
             y, state = mamba2_scan_ref(x, dt, A, B, C, D, state)
+        elif mamba_chunk_scan_combined is not None and x.is_cuda:
+            y, state = mamba2_scan_kernel(x, dt, A, B, C, D, state, chunk_size=self.settings.chunk_size)
         else:
             y, state = mamba2_scan_chunked(x, dt, A, B, C, D, state, chunk_size=self.settings.chunk_size)
         if cache is not None:
@@ -204,4 +219,11 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(self.norm(y, gate))
 
 
-__all__ = ["Mamba2Mixer", "Mamba2MixerConfig", "mamba2_scan_chunked", "mamba2_scan_ref", "mamba2_step"]
+__all__ = [
+    "Mamba2Mixer",
+    "Mamba2MixerConfig",
+    "mamba2_scan_chunked",
+    "mamba2_scan_kernel",
+    "mamba2_scan_ref",
+    "mamba2_step",
+]

@@ -92,3 +92,19 @@ def test_settings_are_validated():
         Mamba2MixerConfig(num_heads=4, num_groups=3, head_dim=8, state_size=8)
     with pytest.raises(ValueError, match="unknown mamba2 settings"):
         HybridForCausalLM(HybridConfig(**TINY, mixer_types=["mamba2"] * 4, mixers={"mamba2": {"chunk": 8}}))
+
+
+@pytest.mark.gpu
+def test_mamba_ssm_kernel_equals_reference():
+    """The fused Triton kernel of mamba_ssm (used on CUDA when installed) against the torch reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    kernels = pytest.importorskip("mamba_ssm.ops.triton.ssd_combined")
+    assert kernels.mamba_chunk_scan_combined is not None
+    from hybridize.modeling.mamba2 import mamba2_scan_kernel
+
+    x, dt, A, B, C, D, state = (t.float().cuda() for t in _inputs(3 * CHUNK + 1, torch.float64))
+    y_ref, s_ref = mamba2_scan_ref(x, dt, A, B, C, D, state)
+    y, s = mamba2_scan_kernel(x, dt, A, B, C, D, state, chunk_size=CHUNK)
+    torch.testing.assert_close(y, y_ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(s, s_ref, rtol=1e-3, atol=1e-3)

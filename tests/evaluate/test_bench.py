@@ -1,0 +1,53 @@
+"""bench on tiny models: every field and ratio present and consistent, cache bytes counted exactly."""
+
+import pytest
+import torch
+from tiny import TINY, make_tiny
+from transformers import PreTrainedTokenizerFast
+
+import hybridize
+from hybridize.errors import ConfigError
+from hybridize.evaluate.bench import BenchConfig, bench, cache_bytes, format_bench
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1")
+
+
+def test_bench_reports_every_field_and_ratio():
+    source = make_tiny("llama")
+    hybrid = hybridize.convert(source, hybridize.ConvertConfig(ratio=0.5))
+    result = bench(hybrid, _tokenizer(), BenchConfig(contexts=(16, 64), new_tokens=3, repeats=2), baseline=source)
+    assert [row["context"] for row in result["rows"]] == [16, 64]
+    for row in result["rows"]:
+        for name in ("model", "baseline"):
+            assert row[name]["decode_ms_per_token"] > 0 and row[name]["prefill_tokens_per_s"] > 0
+        r = row["ratios"]
+        assert r["decode_speedup"] == pytest.approx(
+            row["baseline"]["decode_ms_per_token"] / row["model"]["decode_ms_per_token"]
+        )
+        assert r["cache_ratio"] == pytest.approx(row["model"]["cache_bytes"] / row["baseline"]["cache_bytes"])
+    # the source's KV cache after a 64-token prompt: 4 layers x (k + v) x 2 heads x 16 dims x 64 tokens x 4 bytes
+    assert result["rows"][1]["baseline"]["cache_bytes"] == 4 * 2 * 2 * 16 * 64 * 4
+    assert "decode speed-up" in format_bench(result)
+
+
+def test_cache_bytes_of_a_hybrid_counts_states_once():
+    config = hybridize.HybridConfig(**TINY, mixer_types=["mamba2", "attention"] * 2)
+    model = hybridize.HybridForCausalLM(config).eval()
+    cache = model(torch.randint(0, 128, (1, 10)), use_cache=True).cache
+    kv = 2 * 2 * 2 * 16 * 10 * 4  # 2 attention layers, k + v
+    ssm = 2 * 4 * 16 * 16 * 4  # 2 mamba layers, (heads, head_dim, state) float32
+    conv = 2 * (2 * (16 + 16) + 4 * 16) * 4 * 4  # conv channels x kernel 4
+    assert cache_bytes(cache) == kv + ssm + conv
+
+
+def test_bad_bench_config():
+    with pytest.raises(ConfigError, match="contexts"):
+        BenchConfig(contexts=())
+    with pytest.raises(ConfigError, match="repeats"):
+        BenchConfig(repeats=0)
