@@ -10,6 +10,7 @@ from .convert import ConvertConfig, convert
 from .evaluate.bench import BenchConfig, bench
 from .evaluate.perplexity import EvalConfig, evaluate
 from .export import ExportConfig, export
+from .hub import PushConfig, push
 from .errors import CheckpointError, ConfigError, HybridizeError, OutputExistsError, UnsupportedModelError
 from .modeling import HybridConfig, HybridForCausalLM
 from .saving import check_output, save
@@ -34,6 +35,7 @@ __all__ = [
     "HybridForCausalLM",
     "HybridizeError",
     "OutputExistsError",
+    "PushConfig",
     "UnsupportedModelError",
     "bench",
     "check_output",
@@ -41,5 +43,6 @@ __all__ = [
     "evaluate",
     "export",
     "load",
+    "push",
     "save",
 ]

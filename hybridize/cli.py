@@ -13,6 +13,7 @@ from hybridize.errors import ConfigError, HybridizeError
 from hybridize.evaluate import BenchConfig, EvalConfig
 from hybridize.evaluate.bench import format_bench
 from hybridize.export import ExportConfig
+from hybridize.hub import PushConfig
 
 app = typer.Typer(
     help="Turn a pretrained Llama-family model into a cheaper hybrid, then evaluate, benchmark and export it.",
@@ -133,6 +134,26 @@ def bench(
     result = hybridize.bench(loaded, tokenizer, config, baseline=reference, progress=True)
     typer.echo(format_bench(result))
     _write_json(result, json_path)
+
+
+@app.command()
+def push(
+    model_dir: Annotated[Path, typer.Argument(help="Saved model directory (config.json + safetensors).")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repository 'owner/name'; created if missing.")],
+    private: Annotated[
+        bool, typer.Option(help="Create the repository as private (an existing one keeps its visibility).")
+    ] = PushConfig.private,
+    revision: Annotated[str | None, typer.Option(help="Branch to commit to, created if missing (default main).")] = (
+        PushConfig.revision
+    ),
+    message: Annotated[str | None, typer.Option(help="Commit message.")] = PushConfig.commit_message,
+):
+    """Upload a saved model to the Hugging Face Hub with a model card written from its hybridize.json.
+
+    The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another Hub.
+    """
+    config = PushConfig(repo_id=repo_id, private=private, revision=revision, commit_message=message)
+    typer.echo(hybridize.push(model_dir, config))
 
 
 def main() -> None:
