@@ -7,6 +7,7 @@ Importing the package registers the hybrid model with transformers' Auto classes
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .convert import ConvertConfig, convert
+from .distill import DistillConfig, distill
 from .evaluate.bench import BenchConfig, bench
 from .evaluate.perplexity import EvalConfig, evaluate
 from .export import ExportConfig, export
@@ -31,6 +32,7 @@ __all__ = [
     "ExportConfig",
     "ConfigError",
     "ConvertConfig",
+    "DistillConfig",
     "HybridConfig",
     "HybridForCausalLM",
     "HybridizeError",
@@ -40,6 +42,7 @@ __all__ = [
     "bench",
     "check_output",
     "convert",
+    "distill",
     "evaluate",
     "export",
     "load",

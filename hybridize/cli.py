@@ -9,6 +9,7 @@ import typer
 
 import hybridize
 from hybridize.convert import ConvertConfig
+from hybridize.distill import EVAL_EVERY, SAVE_EVERY, DistillConfig, finish, run_dir_for
 from hybridize.errors import ConfigError, HybridizeError
 from hybridize.evaluate import BenchConfig, EvalConfig
 from hybridize.evaluate.bench import format_bench
@@ -154,6 +155,88 @@ def push(
     """
     config = PushConfig(repo_id=repo_id, private=private, revision=revision, commit_message=message)
     typer.echo(hybridize.push(model_dir, config))
+
+
+@app.command()
+def distill(
+    student: Annotated[str, typer.Argument(help="The hybrid to train: a directory written by convert (or distill).")],
+    teacher: Annotated[str, typer.Option(help="The reference model, usually the one the student came from.")],
+    output: Output,
+    stage: Annotated[str, typer.Option(help="layerwise (new mixers on per-layer targets) or e2e (logit KD).")] = (
+        DistillConfig.stage
+    ),
+    data: Annotated[str, typer.Option(help="wiki, a .txt/.jsonl/.parquet file or folder, or a Hub name[:config].")] = (
+        DistillConfig.data
+    ),
+    text_column: Annotated[str | None, typer.Option(help="Column holding the text (detected if omitted).")] = (
+        DistillConfig.text_column
+    ),
+    tokens: Annotated[str, typer.Option(help="Token budget, e.g. 500K or 2M.")] = str(DistillConfig.tokens),
+    seq_len: Annotated[int, typer.Option(help="Tokens per packed training block.")] = DistillConfig.seq_len,
+    batch_size: Annotated[int, typer.Option(help="Blocks per micro-batch and process.")] = DistillConfig.batch_size,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = DistillConfig.grad_accum,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default per stage).")] = DistillConfig.lr,
+    freeze: Annotated[str, typer.Option(help="e2e: what trains: mixers, all-but-mlp or all.")] = DistillConfig.freeze,
+    loss: Annotated[str, typer.Option(help="e2e: forward_kl or reverse_kl.")] = DistillConfig.loss,
+    ce_weight: Annotated[float, typer.Option(help="e2e: weight of next-token cross-entropy.")] = (
+        DistillConfig.ce_weight
+    ),
+    lora_rank: Annotated[int, typer.Option(help="e2e: LoRA rank on kept layers (0: full training).")] = (
+        DistillConfig.lora_rank
+    ),
+    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens per evaluation (0: none).")] = (
+        DistillConfig.eval_tokens
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the data order.")] = DistillConfig.seed,
+    eval_every: Annotated[int, typer.Option(help="Steps between held-out evaluations (0: start and end).")] = (
+        EVAL_EVERY
+    ),
+    save_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: only on Ctrl-C).")] = SAVE_EVERY,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in OUTPUT.distill/.")] = False,
+    overwrite: Overwrite = False,
+):
+    """Distill a hybrid towards its teacher (layerwise or end-to-end); Ctrl-C saves a checkpoint for --resume."""
+    config = DistillConfig(
+        stage=stage,
+        data=data,
+        text_column=text_column,
+        tokens=tokens,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        freeze=freeze,
+        loss=loss,
+        ce_weight=ce_weight,
+        lora_rank=lora_rank,
+        eval_tokens=eval_tokens,
+        seed=seed,
+    )
+    hybridize.check_output(output, overwrite=overwrite)
+    model, tokenizer = hybridize.load(student)
+    reference, reference_tokenizer = hybridize.load(teacher)
+    result = hybridize.distill(
+        model,
+        config,
+        teacher=reference,
+        tokenizer=tokenizer,
+        teacher_tokenizer=reference_tokenizer,
+        work_dir=run_dir_for(output),
+        resume=resume,
+        overwrite=overwrite,
+        eval_every=eval_every,
+        save_every=save_every,
+        progress=True,
+    )
+    if finish(result, output, tokenizer=tokenizer, overwrite=overwrite):
+        metrics = result.hybridize_steps[-1]["metrics"]
+        typer.echo(f"distilled {stage}: {metrics['tokens']} tokens at {metrics['tokens_per_s']} tokens/s")
+        if "end" in metrics:
+            typer.echo(
+                f"held-out perplexity {metrics['start']['perplexity']:.2f} -> {metrics['end']['perplexity']:.2f} "
+                f"(teacher {metrics['teacher_perplexity']:.2f}), KL {metrics['end']['kl']:.4f}"
+            )
+        typer.echo(f"wrote {output}")
 
 
 def main() -> None:

@@ -1,0 +1,496 @@
+"""Bring a converted (or compressed) hybrid back towards its teacher: `distill(student, DistillConfig(...), teacher=...)`.
+
+Two stages, run one per call:
+
+- `layerwise` (MaTVLM, arXiv 2503.13440; MambaInLlama stage 1, arXiv 2408.15237): each converted mixer learns to map
+  the teacher's hidden state at its layer's input to the teacher's output of that layer; only the new mixers train.
+  Cheap: only the converted blocks run in training mode (`layerwise.py`).
+- `e2e`: the student's next-token distributions against the teacher's, with a per-token, mask-aware forward or reverse
+  KL (MambaInLlama, Minitron arXiv 2407.14679), optionally plus cross-entropy, a freezing preset and optional LoRA
+  (`e2e.py`).
+
+Both run on the same engine (`engine.py`, accelerate) over the same data (`data.py`). The usual recipe is layerwise,
+then e2e on the result:
+
+```
+hybridize distill out/smol-mamba50 --teacher llama --data wiki --tokens 500K --stage layerwise -o out/s1
+hybridize distill out/s1 --teacher llama --data wiki --tokens 2M --stage e2e -o out/s2
+accelerate launch --num_processes 2 -m hybridize distill ...      # the same job on several processes / GPUs
+```
+
+Checkpoints and the metrics log live in a work directory beside the output, `<output>.distill/` (`run_dir_for`):
+`checkpoint/` (the latest, replaced atomically) and `metrics.jsonl`. `--resume` continues from it. When the run
+completes, `finish` saves the model atomically with `hybridize.save`, copies the metrics log into it as
+`distill_metrics.jsonl` and removes the work directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, OutputExistsError, UnsupportedModelError
+from ..evaluate.perplexity import compare_logits
+from ..provenance import record_step
+from ..saving import save
+from .data import DistillData, load_data
+from .e2e import FREEZE_PRESETS, LogitsObjective, add_lora, converted_layers, freeze, merge_lora
+from .engine import CHECKPOINT, METRICS, DistillInterrupted, read_checkpoint_state, train
+from .layerwise import LayerwiseObjective
+from .losses import HIDDEN_LOSSES, KL_KINDS, KL_REDUCTIONS
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("layerwise", "e2e")
+PRECISIONS = ("auto", "no", "bf16")
+# Peak learning rates per stage when `lr` is not given. Layerwise trains freshly converted mixers on a smooth,
+# per-layer target, so it takes a larger step; e2e also moves kept weights under presets other than `mixers`.
+DEFAULT_LR = {"layerwise": 1e-3, "e2e": 3e-4}
+# Runtime defaults (they never change the result): evaluation and checkpoint periods, in optimizer steps
+EVAL_EVERY = 50
+SAVE_EVERY = 50
+_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
+
+
+def parse_tokens(value: int | str) -> int:
+    """A token count: an int, or a string with an optional K/M/B suffix (`"500K"`, `"2M"`, `"1.5M"`)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        count = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgG]?)\s*", str(value))
+        if match is None:
+            raise ConfigError(f"tokens={value!r} is not a token count; write e.g. 500000, 500K, 2M or 1.5B")
+        count = round(float(match.group(1)) * _SUFFIXES[match.group(2).upper()])
+    if count < 1:
+        raise ConfigError(f"tokens={value!r} must be at least 1")
+    return count
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """How to distill a hybrid student from its teacher. Everything here can change the result and is recorded in
+    `hybridize.json`; a resumed run must use the same values.
+
+    Args:
+        stage (`str`, *optional*, defaults to `"e2e"`): `"layerwise"` (train each converted mixer on the teacher's
+            per-layer hidden states) or `"e2e"` (logit distillation of the whole student).
+        data (`str`, *optional*, defaults to `"wiki"`): the packaged Wikipedia corpus, a local `.txt`/`.jsonl`/
+            `.parquet` file or folder, or a Hub dataset `name[:config]` (see `hybridize.distill.data`).
+        text_column (`str`, *optional*): the column holding the text; detected when omitted.
+        heldout_ratio (`float`, *optional*, defaults to 0.05): fraction of documents held out of training (by a hash
+            of their text); `wiki` has its own held-out split and ignores it.
+        tokens (`int` or `str`, *optional*, defaults to 500K): the token budget, e.g. `500_000`, `"500K"`, `"2M"`;
+            rounded up to whole optimizer steps. A budget larger than the data repeats it (one shuffle per epoch).
+        seq_len (`int`, *optional*, defaults to 512): tokens per packed training block.
+        batch_size (`int`, *optional*, defaults to 4): blocks per micro-batch and process.
+        grad_accum (`int`, *optional*, defaults to 1): micro-batches per optimizer step. One step takes
+            `batch_size * grad_accum * num_processes` blocks.
+        lr (`float`, *optional*): peak learning rate; defaults to `DEFAULT_LR[stage]`.
+        min_lr_ratio (`float`, *optional*, defaults to 0.1): the cosine decays to `lr * min_lr_ratio`.
+        warmup_ratio (`float`, *optional*, defaults to 0.05): fraction of steps of linear warmup.
+        weight_decay (`float`, *optional*, defaults to 0.0): AdamW's decoupled weight decay.
+        betas (`tuple[float, float]`, *optional*, defaults to `(0.9, 0.98)`): AdamW betas (MambaInLlama's).
+        max_grad_norm (`float`, *optional*, defaults to 1.0): gradient clipping norm; 0 disables clipping.
+        loss (`str`, *optional*, defaults to `"forward_kl"`): e2e logit loss, `"forward_kl"` KL(teacher || student)
+            or `"reverse_kl"` KL(student || teacher).
+        kl_reduction (`str`, *optional*, defaults to `"token"`): `"token"` averages the KL per position;
+            `"batchmean"` reproduces MambaInLlama's per-sequence sum (see `hybridize.distill.losses`).
+        ce_weight (`float`, *optional*, defaults to 0.0): weight of the next-token cross-entropy added to the KL.
+        layer_loss (`str`, *optional*, defaults to `"l2"`): layerwise loss per token, `"l2"` (MaTVLM's unsquared L2
+            norm) or `"mse"`.
+        freeze (`str`, *optional*, defaults to `"mixers"`): e2e freezing preset, named after what trains: `"mixers"`
+            (the converted mixers), `"all-but-mlp"` or `"all"`. The layerwise stage always trains the mixers only.
+        lora_rank (`int`, *optional*, defaults to 0): with a rank > 0, the pretrained linear layers the preset trains
+            learn a LoRA update (merged at the end) instead of a full one; needs `freeze` `all-but-mlp` or `all`.
+        lora_alpha (`float`, *optional*, defaults to 16.0): LoRA scaling numerator (update scaled by alpha / rank).
+        eval_tokens (`int`, *optional*, defaults to 16384): held-out tokens per evaluation (perplexity, KL and top-1
+            agreement against the teacher); 0 disables evaluation.
+        mixed_precision (`str`, *optional*, defaults to `"auto"`): `"bf16"` autocast, `"no"` (float32), or
+            `"auto"`: bf16 on a GPU that supports it, float32 on CPU.
+        seed (`int`, *optional*, defaults to 0): seeds the data order and everything random.
+
+    Example:
+        ```python
+        >>> config = DistillConfig(stage="layerwise", tokens="500K")
+        ```
+    """
+
+    stage: Literal["layerwise", "e2e"] = "e2e"
+    data: str = "wiki"
+    text_column: str | None = None
+    heldout_ratio: float = 0.05
+    tokens: int = 500_000
+    seq_len: int = 512
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float | None = None
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    max_grad_norm: float = 1.0
+    loss: Literal["forward_kl", "reverse_kl"] = "forward_kl"
+    kl_reduction: Literal["token", "batchmean"] = "token"
+    ce_weight: float = 0.0
+    layer_loss: Literal["l2", "mse"] = "l2"
+    freeze: Literal["mixers", "all-but-mlp", "all"] = "mixers"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    eval_tokens: int = 16384
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+
+        choice("stage", STAGES)
+        choice("loss", KL_KINDS)
+        choice("kl_reduction", KL_REDUCTIONS)
+        choice("layer_loss", HIDDEN_LOSSES)
+        choice("freeze", FREEZE_PRESETS)
+        choice("mixed_precision", PRECISIONS)
+        object.__setattr__(self, "tokens", parse_tokens(self.tokens))
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if self.lr is None:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.stage])
+        for name in ("seq_len", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len={self.seq_len} is too short; a block needs at least 2 tokens")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr} must be positive")
+        for name in ("min_lr_ratio", "warmup_ratio", "heldout_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas={self.betas} must be two numbers in [0, 1)")
+        for name in ("weight_decay", "max_grad_norm", "ce_weight", "eval_tokens", "lora_rank"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must not be negative")
+        if self.stage == "layerwise" and self.freeze != "mixers":
+            raise ConfigError(
+                f"freeze={self.freeze!r} does not apply to the layerwise stage, which trains only the converted "
+                "mixers; use --stage e2e, or leave --freeze at mixers"
+            )
+        if self.lora_rank and (self.stage != "e2e" or self.freeze == "mixers"):
+            raise ConfigError(
+                f"lora_rank={self.lora_rank} needs stage e2e with freeze all-but-mlp or all: LoRA adapts the kept "
+                "pretrained layers, and the new mixers always train in full"
+            )
+        if self.eval_tokens and self.eval_tokens < self.seq_len:
+            raise ConfigError(
+                f"eval_tokens={self.eval_tokens} is less than seq_len={self.seq_len}; raise it, or 0 disables evaluation"
+            )
+
+
+def check_distill(
+    student: nn.Module,
+    config: DistillConfig,
+    *,
+    teacher: nn.Module,
+    tokenizer: Any = None,
+    teacher_tokenizer: Any = None,
+) -> list[int]:
+    """Check a student, its teacher and their tokenizers against `config` before any work; return the converted
+    layers. Raises `UnsupportedModelError` for a student that is not a hybrid, `ConfigError` otherwise."""
+    from ..modeling import HybridForCausalLM
+
+    if not isinstance(student, HybridForCausalLM):
+        raise UnsupportedModelError(
+            f"the student is a {type(student).__name__}, not a hybrid; convert it first "
+            "(hybridize convert MODEL -o OUT), then distill OUT"
+        )
+    converted = converted_layers(student)
+    if not converted and (config.stage == "layerwise" or config.freeze == "mixers"):
+        raise ConfigError(
+            "the student has no converted layer (every mixer is attention), so there are no new mixers to train; "
+            "convert some layers first, or use --stage e2e with --freeze all-but-mlp or all"
+        )
+    s_config, t_config = student.config, teacher.config
+    if s_config.vocab_size != t_config.vocab_size:
+        raise ConfigError(
+            f"the student's vocabulary has {s_config.vocab_size} entries and the teacher's {t_config.vocab_size}; "
+            "distill from the teacher the student was converted from (same tokenizer)"
+        )
+    if tokenizer is not None and teacher_tokenizer is not None:
+        student_vocab, teacher_vocab = tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+        if student_vocab != teacher_vocab:
+            differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()))[:3]
+            raise ConfigError(
+                f"the student's and the teacher's tokenizers differ ({len(student_vocab)} vs {len(teacher_vocab)} "
+                f"tokens; e.g. {differing}); distill from the teacher the student was converted from"
+            )
+        for name in ("eos_token_id", "bos_token_id"):
+            if getattr(tokenizer, name, None) != getattr(teacher_tokenizer, name, None):
+                raise ConfigError(
+                    f"the tokenizers' {name} differ ({getattr(tokenizer, name)} vs "
+                    f"{getattr(teacher_tokenizer, name)}); use the teacher's tokenizer for the student"
+                )
+    context = min(s_config.max_position_embeddings, t_config.max_position_embeddings)
+    if config.seq_len > context:
+        raise ConfigError(
+            f"seq_len={config.seq_len} is longer than the models' context ({context} tokens: student "
+            f"{s_config.max_position_embeddings}, teacher {t_config.max_position_embeddings}); pass --seq-len {context} "
+            "or less"
+        )
+    if config.stage == "layerwise":
+        t_layers = getattr(t_config, "num_hidden_layers", None)
+        if t_layers != s_config.num_hidden_layers or t_config.hidden_size != s_config.hidden_size:
+            raise ConfigError(
+                f"the layerwise stage pairs layer i of the student with layer i of the teacher, but the student has "
+                f"{s_config.num_hidden_layers} layers of width {s_config.hidden_size} and the teacher {t_layers} of "
+                f"width {t_config.hidden_size}; use the teacher the student was converted from, or --stage e2e"
+            )
+    return converted
+
+
+def run_dir_for(output: str | Path) -> Path:
+    """The work directory of a distillation into `output`: `<output>.distill/` beside it."""
+    output = Path(output)
+    return output.with_name(output.name + ".distill")
+
+
+def _prepare_work_dir(work_dir: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:
+    if resume:
+        read_checkpoint_state(work_dir)  # CheckpointError if there is nothing to resume
+        return
+    if (work_dir / CHECKPOINT).exists() and not overwrite:
+        raise OutputExistsError(
+            f"{work_dir} holds a checkpoint of an unfinished run; pass --resume to continue it, or --overwrite "
+            "to start over"
+        )
+    if is_main and overwrite:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _fingerprint(parameters: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(parameters):
+        digest.update(name.encode())
+        digest.update(parameters[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _resolve_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def distill(
+    student: nn.Module,
+    config: DistillConfig,
+    *,
+    teacher: nn.Module,
+    tokenizer: Any,
+    teacher_tokenizer: Any = None,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    eval_every: int = EVAL_EVERY,
+    save_every: int = SAVE_EVERY,
+    progress: bool = False,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> nn.Module:
+    """Distill `student` towards `teacher` with one stage of `config`.
+
+    Trains `student` in place and returns it (for LoRA, the model with the adapters merged), with the step recorded
+    for `hybridize.json`: config, data counts, tokens, tokens/s and the held-out evaluations (teacher perplexity,
+    student perplexity, KL and top-1 agreement) over tokens seen. Runs on every process `accelerate launch` starts.
+
+    Args:
+        student (`HybridForCausalLM`): the hybrid to train.
+        config (`DistillConfig`): stage, data, budget and optimisation settings.
+        teacher (`PreTrainedModel`): the reference model, usually the one the student was converted from. Not
+            modified.
+        tokenizer: the student's tokenizer; it tokenizes the data.
+        teacher_tokenizer (*optional*): the teacher's, checked identical to the student's.
+        work_dir (`str` or `Path`, *optional*): checkpoints and `metrics.jsonl` go there (`run_dir_for(output)`);
+            without it nothing is written and the run cannot be resumed.
+        resume (`bool`, *optional*, defaults to `False`): continue from the checkpoint in `work_dir`.
+        overwrite (`bool`, *optional*, defaults to `False`): discard an unfinished run's checkpoint in `work_dir`.
+        eval_every (`int`, *optional*, defaults to `EVAL_EVERY`): optimizer steps between held-out evaluations; 0
+            evaluates at the start and the end only.
+        save_every (`int`, *optional*, defaults to `SAVE_EVERY`): optimizer steps between checkpoints; 0 saves
+            only on Ctrl-C.
+        progress (`bool`, *optional*, defaults to `False`): show a progress bar.
+        on_step (`Callable`, *optional*): called with each optimizer step's metrics.
+
+    Returns:
+        `HybridForCausalLM`: the trained student.
+
+    Raises:
+        `UnsupportedModelError`, `ConfigError`: see `check_distill`; `ConfigError` also for unreadable or empty data.
+        `CheckpointError`: `resume` without a matching checkpoint. `OutputExistsError`: an unfinished run's
+        checkpoint in `work_dir` without `resume` or `overwrite`.
+        `DistillInterrupted`: Ctrl-C or SIGTERM; a checkpoint was saved first (when `work_dir` is given).
+
+    Example:
+        ```python
+        >>> student, tokenizer = hybridize.load("out/smol-mamba50")
+        >>> teacher, _ = hybridize.load("llama")
+        >>> student = distill(student, DistillConfig(stage="layerwise", tokens="500K"), teacher=teacher,
+        ...                   tokenizer=tokenizer)
+        ```
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    converted = check_distill(
+        student, config, teacher=teacher, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer
+    )
+    if resume and work_dir is None:
+        raise ConfigError("resume needs the work directory of the run (work_dir)")
+    accelerator = Accelerator(mixed_precision=_resolve_precision(config.mixed_precision))
+    work_dir = Path(work_dir) if work_dir is not None else None
+    if work_dir is not None:
+        _prepare_work_dir(work_dir, resume=resume, overwrite=overwrite, is_main=accelerator.is_main_process)
+        accelerator.wait_for_everyone()
+    set_seed(config.seed)
+
+    with accelerator.main_process_first():  # datasets' cache is written once
+        data = load_data(
+            config.data,
+            tokenizer,
+            seq_len=config.seq_len,
+            max_train_tokens=config.tokens,
+            heldout_ratio=config.heldout_ratio,
+            heldout_tokens=config.eval_tokens,
+            text_column_name=config.text_column,
+        )
+    device = accelerator.device
+    student.to(device)
+    teacher.to(device).eval()
+    was_trainable = {name: p.requires_grad for name, p in student.named_parameters()}
+    teacher_was_trainable = {name: p.requires_grad for name, p in teacher.named_parameters()}
+    teacher.requires_grad_(False)
+
+    trained_model: nn.Module = student
+    if config.stage == "layerwise":
+        freeze(student, "mixers")
+        objective: nn.Module = LayerwiseObjective(student, teacher, converted, loss=config.layer_loss)
+    else:
+        freeze(student, config.freeze)
+        if config.lora_rank:
+            trained_model = add_lora(student, config.freeze, rank=config.lora_rank, alpha=config.lora_alpha)
+        objective = LogitsObjective(
+            trained_model, teacher, kind=config.loss, reduction=config.kl_reduction, ce_weight=config.ce_weight
+        )
+
+    trained_parameters = sum(p.numel() for p in objective.parameters() if p.requires_grad)
+    evaluate = None
+    if data.heldout is not None and config.eval_tokens:
+
+        def evaluate() -> dict[str, float]:
+            return compare_logits(trained_model, teacher, data.heldout, batch_size=config.batch_size)
+
+    # what a checkpoint must match to be resumed (JSON-normalised, as it is stored)
+    identity = json.loads(
+        json.dumps(
+            {
+                **dataclasses.asdict(config),
+                "data_fingerprint": data.fingerprint,
+                "student_fingerprint": _fingerprint(
+                    {n: p for n, p in objective.named_parameters() if p.requires_grad}
+                ),
+                "num_processes": accelerator.num_processes,
+            }
+        )
+    )
+    try:
+        state = train(
+            objective,
+            data,
+            config,
+            accelerator=accelerator,
+            evaluate=evaluate,
+            identity=identity,
+            work_dir=work_dir,
+            resume=resume,
+            eval_every=eval_every,
+            save_every=save_every,
+            progress=progress,
+            on_step=on_step,
+            desc=f"distill {config.stage}",
+        )
+    finally:
+        for name, parameter in teacher.named_parameters():
+            parameter.requires_grad_(teacher_was_trainable[name])
+    model = merge_lora(trained_model)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(was_trainable.get(name, True))
+    model.eval()
+
+    metrics: dict[str, Any] = {
+        "tokens": state.tokens,
+        "steps": state.step,
+        "train_seconds": round(state.train_seconds, 2),
+        "tokens_per_s": round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "trained_parameters": trained_parameters,
+        "converted_layers": converted,
+        "data": data.describe(),
+    }
+    if state.evals:
+        metrics["teacher_perplexity"] = state.evals[0]["baseline_perplexity"]
+        metrics["start"] = {k: state.evals[0][k] for k in ("perplexity", "kl", "top1_agreement")}
+        metrics["end"] = {k: state.evals[-1][k] for k in ("perplexity", "kl", "top1_agreement")}
+        metrics["curve"] = [
+            {k: record[k] for k in ("tokens", "perplexity", "kl", "top1_agreement")} for record in state.evals
+        ]
+    record_step(model, "distill", config, metrics=metrics, teacher=getattr(teacher, "name_or_path", None) or None)
+    return model
+
+
+def finish(model: nn.Module, output: str | Path, *, tokenizer: Any = None, overwrite: bool = False) -> Path | None:
+    """Save a distilled model to `output` (atomically, on the main process only), copy the run's metrics log into it
+    as `distill_metrics.jsonl` and remove the run's work directory (`run_dir_for(output)`).
+
+    Returns:
+        `Path` or `None`: `output` on the main process, `None` on the others.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    result = None
+    if state.is_main_process:
+        save(model, output, tokenizer=tokenizer, overwrite=overwrite)
+        work_dir = run_dir_for(output)
+        if (work_dir / METRICS).is_file():
+            shutil.copyfile(work_dir / METRICS, Path(output) / "distill_metrics.jsonl")
+        shutil.rmtree(work_dir, ignore_errors=True)
+        result = Path(output)
+    state.wait_for_everyone()
+    return result
+
+
+__all__ = [
+    "DEFAULT_LR",
+    "EVAL_EVERY",
+    "SAVE_EVERY",
+    "STAGES",
+    "DistillConfig",
+    "DistillData",
+    "DistillInterrupted",
+    "check_distill",
+    "distill",
+    "finish",
+    "load_data",
+    "parse_tokens",
+    "run_dir_for",
+]
