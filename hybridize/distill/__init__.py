@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -355,7 +356,10 @@ def distill(
     )
     if resume and work_dir is None:
         raise ConfigError("resume needs the work directory of the run (work_dir)")
-    accelerator = Accelerator(mixed_precision=_resolve_precision(config.mixed_precision))
+    # accelerate reaches several CPU processes (gloo) only when told to use the CPU; torchrun (`accelerate launch
+    # --multi_gpu`) does not say so on a machine without GPUs
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(mixed_precision=_resolve_precision(config.mixed_precision), cpu=cpu)
     work_dir = Path(work_dir) if work_dir is not None else None
     if work_dir is not None:
         _prepare_work_dir(work_dir, resume=resume, overwrite=overwrite, is_main=accelerator.is_main_process)
