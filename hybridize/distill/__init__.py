@@ -21,7 +21,8 @@ accelerate launch --num_processes 2 -m hybridize distill ...      # the same job
 Checkpoints and the metrics log live in a work directory beside the output, `<output>.distill/` (`run_dir_for`):
 `checkpoint/` (the latest, replaced atomically) and `metrics.jsonl`. `--resume` continues from it. When the run
 completes, `finish` saves the model atomically with `hybridize.save`, copies the metrics log into it as
-`distill_metrics.jsonl` and removes the work directory.
+`distill_metrics.jsonl`, plots the held-out curve as `distill_curve.png` and removes the work directory.
+`python -m hybridize.distill.plot OUT.png RUN [RUN ...]` plots several runs together (`plot.py`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from .e2e import FREEZE_PRESETS, LogitsObjective, add_lora, converted_layers, fr
 from .engine import CHECKPOINT, METRICS, DistillInterrupted, read_checkpoint_state, train
 from .layerwise import LayerwiseObjective
 from .losses import HIDDEN_LOSSES, KL_KINDS, KL_REDUCTIONS
+from .plot import curve_table, distill_curve, plot_curves
 
 logger = logging.getLogger(__name__)
 
@@ -463,7 +465,8 @@ def distill(
 
 def finish(model: nn.Module, output: str | Path, *, tokenizer: Any = None, overwrite: bool = False) -> Path | None:
     """Save a distilled model to `output` (atomically, on the main process only), copy the run's metrics log into it
-    as `distill_metrics.jsonl` and remove the run's work directory (`run_dir_for(output)`).
+    as `distill_metrics.jsonl`, plot its held-out curve over tokens (every distill stage so far) as
+    `distill_curve.png`, and remove the run's work directory (`run_dir_for(output)`).
 
     Returns:
         `Path` or `None`: `output` on the main process, `None` on the others.
@@ -477,6 +480,8 @@ def finish(model: nn.Module, output: str | Path, *, tokenizer: Any = None, overw
         work_dir = run_dir_for(output)
         if (work_dir / METRICS).is_file():
             shutil.copyfile(work_dir / METRICS, Path(output) / "distill_metrics.jsonl")
+        if distill_curve(getattr(model, "hybridize_steps", [])):
+            plot_curves([output], Path(output) / "distill_curve.png")
         shutil.rmtree(work_dir, ignore_errors=True)
         result = Path(output)
     state.wait_for_everyone()
@@ -492,9 +497,11 @@ __all__ = [
     "DistillData",
     "DistillInterrupted",
     "check_distill",
+    "curve_table",
     "distill",
     "finish",
     "load_data",
     "parse_tokens",
+    "plot_curves",
     "run_dir_for",
 ]

@@ -9,7 +9,8 @@ from tiny import make_tiny
 from transformers import AutoModelForCausalLM
 
 import hybridize
-from hybridize.distill import DistillConfig, DistillInterrupted, distill, finish, run_dir_for
+from hybridize.distill import DistillConfig, DistillInterrupted, curve_table, distill, finish, run_dir_for
+from hybridize.distill.plot import distill_curve
 from hybridize.errors import CheckpointError, ConfigError, OutputExistsError, UnsupportedModelError
 
 MIXER_LAYERS = (0, 2)  # ratio 0.5 on 4 layers
@@ -146,6 +147,24 @@ def test_finish_saves_atomically_and_cleans_up(teacher, make_student, tokenizer,
     assert [step["step"] for step in steps] == ["convert", "distill"]
     assert steps[1]["metrics"]["data"]["train_tokens"] > 0
     assert AutoModelForCausalLM.from_pretrained(output).config.mixer_types[0] == "mamba2"
+    assert (output / "distill_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert curve_table(output).count("| e2e |") == 2
+
+
+def test_curve_joins_stages():
+    def step(stage, tokens, ppls):
+        curve = [{"tokens": t, "perplexity": p, "kl": 0.1, "top1_agreement": 0.5} for t, p in ppls]
+        return {"step": "distill", "config": {"stage": stage}, "metrics": {"tokens": tokens, "curve": curve}}
+
+    steps = [
+        {"step": "convert"},
+        step("layerwise", 100, [(0, 900.0), (100, 90.0)]),
+        step("e2e", 50, [(0, 90.0), (50, 40.0)]),
+    ]
+    points = distill_curve(steps)
+    assert [(p["tokens"], p["stage"], p["perplexity"]) for p in points] == [
+        (0, "layerwise", 900.0), (100, "layerwise", 90.0), (150, "e2e", 40.0)
+    ]  # fmt: skip
 
 
 def test_student_must_be_a_hybrid(teacher, tokenizer, text_file):
