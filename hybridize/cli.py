@@ -40,6 +40,11 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
 def _write_json(result: dict, path: Path | None) -> None:
     if path is not None:
         path.write_text(json.dumps(result, indent=2) + "\n")
+def _settings(**options) -> dict:
+    """Mixer settings given on the command line; the others keep the mixer's defaults."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
         typer.echo(f"wrote {path}")
 
 
@@ -57,7 +62,7 @@ def convert(
     conv_init: Annotated[str, typer.Option(help="Mamba2 conv initialisation: delta or random.")] = (
         ConvertConfig.conv_init
     ),
-    chunk_size: Annotated[int, typer.Option(help="Mamba2 SSD chunk length (speed only).")] = ConvertConfig.chunk_size,
+    chunk_size: Annotated[int | None, typer.Option(help="Mamba2 SSD chunk length (speed only; default 64).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the new parameters.")] = ConvertConfig.seed,
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
@@ -68,7 +73,7 @@ def convert(
         ratio=ratio,
         attn_layers=_int_list(attn_layers, "--attn-layers"),
         conv_init=conv_init,
-        chunk_size=chunk_size,
+        mixer_settings=_settings(chunk_size=chunk_size),
         seed=seed,
     )
     hybridize.check_output(output, overwrite=overwrite)

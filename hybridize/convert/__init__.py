@@ -6,14 +6,14 @@ initialised from it (`INITIALIZERS`), the other layers keep their attention unch
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
 
 from ..errors import ConfigError
 from ..families import check_supported
-from ..modeling import MIXERS, HybridConfig, HybridForCausalLM, Mamba2MixerConfig
+from ..modeling import MIXERS, HybridConfig, HybridForCausalLM
 from ..provenance import record_step
 from .mamba2 import init_mamba2_from_attention
 from .selection import select_layers
@@ -24,6 +24,7 @@ INITIALIZERS = {
     "mamba2": init_mamba2_from_attention,
 }
 _CONV_INITS = ("random", "delta")
+SELECTIONS = ("uniform",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,9 +36,13 @@ class ConvertConfig:
         ratio (`float`, *optional*, defaults to 0.5): fraction of layers converted, in [0, 1]; 0 keeps the source
             model as it is (as a hybrid), 1 converts every layer. Spread evenly as MambaInLlama does.
         attn_layers (`tuple[int, ...]`, *optional*): explicit layers that keep attention; overrides `ratio`.
-        conv_init (`str`, *optional*, defaults to `"delta"`): `"delta"` (identity convolution at step 0) or
-            `"random"` (PyTorch's default, as published by MambaInLlama). See README for the measured difference.
-        chunk_size (`int`, *optional*, defaults to 64): SSD chunk length of the Mamba2 scan (speed only).
+        select (`str`, *optional*, defaults to `"uniform"`): how the converted layers are chosen when `attn_layers`
+            is not given: `"uniform"` spreads them evenly, as MambaInLlama does.
+        mixer_settings (`dict`, *optional*): settings of the new mixer, stored in `HybridConfig.mixers[mixer]` and
+            checked by that mixer's config class (e.g. `{"chunk_size": 64}` for `mamba2`).
+        conv_init (`str`, *optional*, defaults to `"delta"`): Mamba2 only: `"delta"` (identity convolution at
+            step 0) or `"random"` (PyTorch's default, as published by MambaInLlama). See README for the measured
+            difference.
         seed (`int`, *optional*, defaults to 0): seeds the new parameters (gate, dt, conv), so a conversion repeats.
 
     Example:
@@ -49,8 +54,9 @@ class ConvertConfig:
     mixer: str = "mamba2"
     ratio: float = 0.5
     attn_layers: tuple[int, ...] | None = None
+    select: str = "uniform"
+    mixer_settings: dict = field(default_factory=dict)
     conv_init: str = "delta"
-    chunk_size: int = 64
     seed: int = 0
 
     def __post_init__(self):
@@ -60,8 +66,8 @@ class ConvertConfig:
             raise ConfigError(f"ratio must be in [0, 1] (the fraction of layers converted), got {self.ratio}")
         if self.conv_init not in _CONV_INITS:
             raise ConfigError(f"conv_init must be one of {_CONV_INITS}, got {self.conv_init!r}")
-        if self.chunk_size < 1:
-            raise ConfigError(f"chunk_size must be positive, got {self.chunk_size}")
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"select {self.select!r} is not supported; choose one of {SELECTIONS}")
         if self.attn_layers is not None:
             object.__setattr__(self, "attn_layers", tuple(sorted(set(int(i) for i in self.attn_layers))))
 
@@ -91,11 +97,14 @@ def hybrid_config_for(source: PreTrainedModel, mixer_types: list[str], config: C
         pad_token_id=src.pad_token_id,
         initializer_range=src.initializer_range,
         mixer_types=mixer_types,
-        mixers={"mamba2": {"chunk_size": config.chunk_size}},
+        mixers={config.mixer: dict(config.mixer_settings)},
         source_model_type=family.name,
     )
     hybrid_config.dtype = source.dtype
-    Mamba2MixerConfig.from_hybrid_config(hybrid_config)  # validates the shapes
+    try:  # the mixer's own settings class checks them, before any weight is touched
+        MIXERS[config.mixer].settings_class.from_hybrid_config(hybrid_config)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"bad {config.mixer} settings {config.mixer_settings}: {error}") from None
     return hybrid_config
 
 
@@ -143,9 +152,7 @@ def convert(model: PreTrainedModel, config: ConvertConfig, *, progress: bool = F
         if mixer_type == "attention":
             layer.mixer.load_state_dict(src_layer.self_attn.state_dict())
         else:
-            layer.mixer = INITIALIZERS[mixer_type](
-                src_layer.self_attn, hybrid_config, i, conv_init=config.conv_init, generator=generator
-            )
+            layer.mixer = INITIALIZERS[mixer_type](src_layer.self_attn, hybrid_config, i, config, generator)
     hybrid.generation_config = model.generation_config
     hybrid.hybridize_steps = list(getattr(model, "hybridize_steps", []))
     record_step(
@@ -161,4 +168,4 @@ def convert(model: PreTrainedModel, config: ConvertConfig, *, progress: bool = F
 
 assert set(INITIALIZERS) <= set(MIXERS)
 
-__all__ = ["INITIALIZERS", "ConvertConfig", "convert", "hybrid_config_for"]
+__all__ = ["INITIALIZERS", "SELECTIONS", "ConvertConfig", "convert", "hybrid_config_for"]

@@ -18,10 +18,10 @@ from ..modeling import HybridConfig, Mamba2Mixer
 
 @torch.no_grad()
 def init_mamba2_from_attention(
-    attn: nn.Module, config: HybridConfig, layer_idx: int, *, conv_init: str, generator: torch.Generator
+    attn: nn.Module, config: HybridConfig, layer_idx: int, convert_config, generator: torch.Generator
 ) -> Mamba2Mixer:
     """A new `Mamba2Mixer` for layer `layer_idx` whose projections are copied from the attention module `attn`
-    (with `q_proj`, `k_proj`, `v_proj`, `o_proj`). `attn` is not modified."""
+    (with `q_proj`, `k_proj`, `v_proj`, `o_proj`), with `convert_config.conv_init`. `attn` is not modified."""
     mixer = Mamba2Mixer(config, layer_idx).to(attn.q_proj.weight.dtype)
     s = mixer.settings
     if s.state_size != attn.k_proj.weight.shape[0] // s.num_groups or s.head_dim != s.state_size:
@@ -55,7 +55,7 @@ def init_mamba2_from_attention(
     mixer.D.fill_(1.0)
     mixer.norm.weight.fill_(1.0)
 
-    if conv_init == "delta":
+    if convert_config.conv_init == "delta":
         mixer.conv1d.weight.zero_()
         mixer.conv1d.weight[:, 0, -1] = 1.0
         mixer.conv1d.bias.zero_()

@@ -5,6 +5,7 @@ conversion reproduces the source logits; parameter names match Llama's (`q_proj`
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,8 +16,23 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager
 from .configuration import HybridConfig
 
 
+@dataclass(frozen=True, kw_only=True)
+class AttentionMixerConfig:
+    """The attention mixer has no settings of its own: it is the source's attention."""
+
+    @classmethod
+    def from_hybrid_config(cls, config: HybridConfig) -> "AttentionMixerConfig":
+        settings = config.mixers.get("attention", {})
+        if settings:
+            raise ValueError(f"attention takes no settings, got {settings}")
+        return cls()
+
+
 class AttentionMixer(nn.Module):
     """Multi-head attention with grouped KV heads; keeps a growing KV cache."""
+
+    settings_class = AttentionMixerConfig
+    mask_type = "causal"  # the 4-D causal (and padding) mask built by transformers
 
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
@@ -73,4 +89,4 @@ class AttentionMixer(nn.Module):
         return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
 
 
-__all__ = ["AttentionMixer"]
+__all__ = ["AttentionMixer", "AttentionMixerConfig"]

@@ -152,6 +152,9 @@ class Mamba2Mixer(nn.Module):
     Mamba2 modules (`in_proj`, `conv1d`, `dt_bias`, `A_log`, `D`, `norm`, `out_proj`) so export is a rename.
     """
 
+    settings_class = Mamba2MixerConfig
+    mask_type = "padding"  # recurrent: only needs to know which tokens are padding
+
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
         self.settings = s = Mamba2MixerConfig.from_hybrid_config(config)

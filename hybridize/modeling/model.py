@@ -32,7 +32,7 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, *, position_embeddings, causal_mask, padding_mask, cache=None, **kwargs):
         # Token mixing: attention wants the causal mask, recurrent mixers only which tokens are padding
-        mask = causal_mask if self.mixer_type == "attention" else padding_mask
+        mask = causal_mask if self.mixer.mask_type == "causal" else padding_mask
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states = self.mixer(
@@ -99,7 +99,7 @@ class HybridModel(HybridPreTrainedModel):
             position_ids = position_ids.unsqueeze(0)
         padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         causal_mask = None
-        if "attention" in self.config.mixer_types:
+        if any(layer.mixer.mask_type == "causal" for layer in self.layers):
             causal_mask = create_causal_mask(
                 config=self.config,
                 inputs_embeds=inputs_embeds,

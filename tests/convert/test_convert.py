@@ -127,3 +127,10 @@ def test_conversion_is_recorded(tiny_llama):
     (step,) = hybrid.hybridize_steps
     assert step["step"] == "convert" and step["config"]["ratio"] == 0.5
     assert step["metrics"]["converted_layers"] == [0, 2]
+
+
+def test_bad_mixer_settings_stop_before_work(tiny_llama):
+    with pytest.raises(ConfigError, match="bad mamba2 settings"):
+        convert(tiny_llama, ConvertConfig(mixer_settings={"chunk": 3}))
+    with pytest.raises(ConfigError, match="bad mamba2 settings"):
+        convert(tiny_llama, ConvertConfig(mixer_settings={"chunk_size": 0}))
