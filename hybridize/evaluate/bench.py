@@ -5,7 +5,10 @@ On a CPU, decoding a small model is memory-bandwidth bound (weights + cache byte
 move with the machine's load; only ratios measured in one run mean anything.
 """
 
+import gc
+import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +59,48 @@ def cache_bytes(cache) -> int:
     return total
 
 
+def _rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+class _PeakRSS:
+    """Samples this process's RSS every few milliseconds in a thread; `peak` is the highest seen. Both models of a
+    side-by-side run live in one process, so what is reported is the peak *growth* over the RSS before the run:
+    activations and cache, the memory that depends on the model's mixers and the context."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def __enter__(self) -> "_PeakRSS":
+        self.start = self.peak = _rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
 @torch.inference_mode()
 def _run_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    gc.collect()
+    with _PeakRSS() as rss:
+        result = _prefill_and_decode(model, prompt, new_tokens)
+    return {**result, "peak_rss_growth_bytes": rss.peak - rss.start}
+
+
+def _prefill_and_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
     start = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True)
     prefill = time.perf_counter() - start
@@ -112,6 +155,7 @@ def bench(
                 "decode_speedup": b["decode_ms_per_token"] / m["decode_ms_per_token"],
                 "prefill_speedup": m["prefill_tokens_per_s"] / b["prefill_tokens_per_s"],
                 "cache_ratio": m["cache_bytes"] / b["cache_bytes"],
+                "peak_rss_growth_ratio": m["peak_rss_growth_bytes"] / max(b["peak_rss_growth_bytes"], 1),
             }
         rows.append(row)
     bar.close()
@@ -119,7 +163,6 @@ def bench(
 
 
 def _machine() -> dict[str, Any]:
-    import os
     import platform
 
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
@@ -146,5 +189,6 @@ def format_bench(result: dict[str, Any]) -> str:
                 lines.append(
                     f"  {name:>8}: decode {m['decode_ms_per_token']:8.1f} ms/token  prefill "
                     f"{m['prefill_tokens_per_s']:8.0f} tokens/s  cache {m['cache_bytes'] / 2**20:8.2f} MiB"
+                    f"  peak RSS growth {m['peak_rss_growth_bytes'] / 2**20:8.1f} MiB"
                 )
     return "\n".join(lines)

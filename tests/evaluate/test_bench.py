@@ -26,6 +26,7 @@ def test_bench_reports_every_field_and_ratio():
     for row in result["rows"]:
         for name in ("model", "baseline"):
             assert row[name]["decode_ms_per_token"] > 0 and row[name]["prefill_tokens_per_s"] > 0
+            assert row[name]["peak_rss_growth_bytes"] >= 0
         r = row["ratios"]
         assert r["decode_speedup"] == pytest.approx(
             row["baseline"]["decode_ms_per_token"] / row["model"]["decode_ms_per_token"]
@@ -33,7 +34,16 @@ def test_bench_reports_every_field_and_ratio():
         assert r["cache_ratio"] == pytest.approx(row["model"]["cache_bytes"] / row["baseline"]["cache_bytes"])
     # the source's KV cache after a 64-token prompt: 4 layers x (k + v) x 2 heads x 16 dims x 64 tokens x 4 bytes
     assert result["rows"][1]["baseline"]["cache_bytes"] == 4 * 2 * 2 * 16 * 64 * 4
-    assert "decode speed-up" in format_bench(result)
+    assert "decode speed-up" in format_bench(result) and "peak RSS growth" in format_bench(result)
+
+
+def test_peak_rss_sees_a_short_lived_allocation():
+    from hybridize.evaluate.bench import _PeakRSS
+
+    with _PeakRSS() as rss:
+        block = torch.ones(25_000_000)  # 100 MB, touched
+        del block
+    assert rss.peak - rss.start > 80e6
 
 
 def test_cache_bytes_of_a_hybrid_counts_states_once():
