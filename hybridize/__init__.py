@@ -16,6 +16,7 @@ from .errors import CheckpointError, ConfigError, HybridizeError, OutputExistsEr
 from .modeling import HybridConfig, HybridForCausalLM
 from .saving import check_output, save
 from .sources import load
+from .pipeline import run
 
 AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
 AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)
@@ -47,5 +48,6 @@ __all__ = [
     "export",
     "load",
     "push",
+    "run",
     "save",
 ]

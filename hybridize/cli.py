@@ -15,6 +15,7 @@ from hybridize.evaluate import BenchConfig, EvalConfig
 from hybridize.evaluate.bench import format_bench
 from hybridize.export import ExportConfig
 from hybridize.hub import PushConfig
+from hybridize.pipeline import load_recipe
 
 app = typer.Typer(
     help="Turn a pretrained Llama-family model into a cheaper hybrid, then evaluate, benchmark and export it.",
@@ -253,3 +254,19 @@ def main() -> None:
 
 
 __all__ = ["app", "main"]
+@app.command("run")
+def run_recipe(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML: model, output and a list of steps (see recipes/).")],
+    overwrite: Overwrite = False,
+    check: Annotated[bool, typer.Option(help="Only validate the recipe; run nothing.")] = False,
+):
+    """Run a recipe of steps (convert, distill, eval, bench, export, push); re-running resumes after the last
+    completed step."""
+    if check:
+        parsed = load_recipe(recipe)
+        typer.echo(f"{recipe}: {len(parsed.steps)} valid steps: {', '.join(s.name for s in parsed.steps)}")
+        return
+    for entry in hybridize.run(recipe, overwrite=overwrite):
+        typer.echo(f"step {entry['index']} {entry['step']}: {entry['status']}")
+
+

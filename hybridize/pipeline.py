@@ -1,0 +1,267 @@
+"""Recipes: a YAML list of steps run through the same API functions, with the same options, as the CLI.
+
+```yaml
+model: llama                      # the input: alias, directory, .gguf file or Hub id
+output: out/smol-mamba50          # the model after every step that changes it
+steps:
+  - convert: {mixer: mamba2, ratio: 0.5}
+  - distill: {teacher: llama, stage: layerwise, tokens: 200K}
+  - eval: {max_tokens: 8192}
+  - export: {to: granitemoehybrid, output: out/smol-mamba50-native}
+```
+
+Each step's options are its config's fields (`ConvertConfig`, `DistillConfig`, ...), plus the few runtime inputs the
+CLI also takes (`teacher`, `baseline`, `output`). The whole recipe is validated before anything runs: an unknown key
+or a bad value is named with its line. The output's `hybridize.json` records which recipe steps are done (a hash of
+the recipe and the step's index), so running the same recipe again resumes after the last completed step.
+"""
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .convert import ConvertConfig, convert
+from .distill import DistillConfig, distill, finish, run_dir_for
+from .errors import ConfigError, HybridizeError, OutputExistsError
+from .evaluate.bench import BenchConfig, bench
+from .evaluate.perplexity import EvalConfig, evaluate
+from .export import ExportConfig, export
+from .hub import PushConfig, push
+from .provenance import append_step, read_manifest, record_step
+from .saving import save
+from .sources import load
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _State:
+    """What flows between steps: the current model, its tokenizer, and the recipe's output directory."""
+
+    model: Any
+    tokenizer: Any
+    output: Path
+
+
+@dataclass(frozen=True)
+class Step:
+    """A recipe step: its config class, the runtime options it also accepts, and the function running it."""
+
+    config_class: type
+    run: Callable[[_State, Any, dict], dict | None]
+    runtime: tuple[str, ...] = ()
+    changes_model: bool = True
+
+
+def _convert(state: _State, config: ConvertConfig, runtime: dict) -> None:
+    state.model = convert(state.model, config, progress=True)
+
+
+def _distill(state: _State, config: DistillConfig, runtime: dict) -> None:
+    teacher, teacher_tokenizer = load(runtime["teacher"])
+    state.model = distill(
+        state.model,
+        config,
+        teacher=teacher,
+        tokenizer=state.tokenizer,
+        teacher_tokenizer=teacher_tokenizer,
+        work_dir=run_dir_for(state.output),
+        resume=(run_dir_for(state.output)).exists(),
+        progress=True,
+    )
+
+
+def _eval(state: _State, config: EvalConfig, runtime: dict) -> dict:
+    baseline = load(runtime["baseline"])[0] if runtime.get("baseline") else None
+    return evaluate(state.model, state.tokenizer, config, baseline=baseline, progress=True)
+
+
+def _bench(state: _State, config: BenchConfig, runtime: dict) -> dict:
+    baseline = load(runtime["baseline"])[0] if runtime.get("baseline") else None
+    return bench(state.model, state.tokenizer, config, baseline=baseline, progress=True)
+
+
+def _export(state: _State, config: ExportConfig, runtime: dict) -> dict:
+    save(export(state.model, config), runtime["output"], tokenizer=state.tokenizer, overwrite=True)
+    return {"output": str(runtime["output"])}
+
+
+def _push(state: _State, config: PushConfig, runtime: dict) -> dict:
+    return {"url": push(state.output, config)}
+
+
+STEPS: dict[str, Step] = {
+    "convert": Step(ConvertConfig, _convert),
+    "distill": Step(DistillConfig, _distill, runtime=("teacher",)),
+    "eval": Step(EvalConfig, _eval, runtime=("baseline",), changes_model=False),
+    "bench": Step(BenchConfig, _bench, runtime=("baseline",), changes_model=False),
+    "export": Step(ExportConfig, _export, runtime=("output",), changes_model=False),
+    "push": Step(PushConfig, _push, changes_model=False),
+}
+_REQUIRED_RUNTIME = {"distill": ("teacher",), "export": ("output",)}
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    index: int
+    name: str
+    config: Any
+    runtime: dict
+    line: int
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe: the input model, the output directory and the planned steps."""
+
+    model: str
+    output: Path
+    steps: tuple[PlannedStep, ...]
+    digest: str
+
+
+def _build_config(name: str, options: dict, line: int) -> tuple[Any, dict]:
+    step = STEPS[name]
+    fields = {f.name: f for f in dataclasses.fields(step.config_class)}
+    unknown = sorted(set(options) - set(fields) - set(step.runtime))
+    if unknown:
+        known = sorted(set(fields) | set(step.runtime))
+        raise ConfigError(f"line {line}: unknown key(s) {unknown} in step '{name}'; known keys: {known}")
+    missing = [key for key in _REQUIRED_RUNTIME.get(name, ()) if key not in options]
+    if missing:
+        raise ConfigError(f"line {line}: step '{name}' needs {missing}")
+    runtime = {key: options[key] for key in step.runtime if key in options}
+    values = {key: value for key, value in options.items() if key in fields}
+    for key, value in values.items():  # YAML lists where the config wants tuples
+        if isinstance(value, list):
+            values[key] = tuple(value)
+    try:
+        return step.config_class(**values), runtime
+    except ConfigError as error:
+        raise ConfigError(f"line {line}: step '{name}': {error}") from None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"line {line}: step '{name}': bad value: {error}") from None
+
+
+def parse_recipe(text: str) -> Recipe:
+    """Validate a recipe's text (YAML) completely, without running anything.
+
+    Raises:
+        `ConfigError`: naming the line of an unknown key, unknown step or bad value.
+    """
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"the recipe is not valid YAML: {error}") from None
+    if not isinstance(data, dict) or root is None:
+        raise ConfigError("a recipe is a mapping with keys model, output and steps")
+    lines = {key.value: key.start_mark.line + 1 for key, _ in root.value}
+    unknown = sorted(set(data) - {"model", "output", "steps"})
+    if unknown:
+        raise ConfigError(f"line {lines[unknown[0]]}: unknown top-level key(s) {unknown}; known: model, output, steps")
+    for key in ("model", "output", "steps"):
+        if key not in data:
+            raise ConfigError(f"the recipe needs a top-level '{key}'")
+    steps_node = dict((key.value, value) for key, value in root.value)["steps"]
+    if not isinstance(data["steps"], list) or not data["steps"]:
+        raise ConfigError(f"line {lines['steps']}: steps must be a non-empty list")
+    planned = []
+    for index, (entry, node) in enumerate(zip(data["steps"], steps_node.value)):
+        line = node.start_mark.line + 1
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ConfigError(f"line {line}: each step is one mapping like '- convert: {{ratio: 0.5}}'")
+        (name, options), = entry.items()
+        if name not in STEPS:
+            raise ConfigError(f"line {line}: unknown step '{name}'; known steps: {sorted(STEPS)}")
+        config, runtime = _build_config(name, options or {}, line)
+        planned.append(PlannedStep(index, name, config, runtime, line))
+    if not STEPS[planned[0].name].changes_model:
+        first = planned[0]
+        makers = sorted(name for name, step in STEPS.items() if step.changes_model)
+        raise ConfigError(f"line {first.line}: the first step must produce the output model (one of {makers})")
+    digest = hashlib.sha256(json.dumps(data["steps"], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Recipe(model=str(data["model"]), output=Path(data["output"]), steps=tuple(planned), digest=digest)
+
+
+def _completed(recipe: Recipe, overwrite: bool) -> set[int]:
+    """Indices of this recipe's steps already recorded in the output; refuses an output made otherwise."""
+    if not recipe.output.exists() or overwrite:
+        return set()
+    entries = read_manifest(recipe.output).get("steps", [])
+    done = {e["recipe_step"] for e in entries if e.get("recipe") == recipe.digest and "recipe_step" in e}
+    if not done:
+        raise OutputExistsError(
+            f"output {recipe.output} exists and was not made by this recipe; choose another output or pass --overwrite"
+        )
+    return done
+
+
+def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> list[dict]:
+    """Run `recipe`, skipping the steps its output already records as done.
+
+    Returns:
+        `list[dict]`: one entry per step: its name, whether it ran or was skipped, and what it returned.
+    """
+    done = _completed(recipe, overwrite)
+    if overwrite and recipe.output.exists():
+        import shutil
+
+        shutil.rmtree(recipe.output)
+    state = None
+    report = []
+    for planned in recipe.steps:
+        if planned.index in done:
+            report.append({"step": planned.name, "index": planned.index, "status": "skipped (done)"})
+            continue
+        if state is None:  # the model as the last completed step left it
+            source = recipe.output if done else recipe.model
+            state = _State(*load(str(source)), output=recipe.output)
+        step = STEPS[planned.name]
+        logger.info("recipe step %d (line %d): %s", planned.index, planned.line, planned.name)
+        tag = {"recipe": recipe.digest, "recipe_step": planned.index}
+        try:
+            result = step.run(state, planned.config, planned.runtime)
+        except HybridizeError as error:
+            raise type(error)(f"recipe step {planned.index} '{planned.name}' (line {planned.line}): {error}") from None
+        if step.changes_model:
+            state.model.hybridize_steps[-1].update(tag)
+            if planned.name == "distill":
+                finish(state.model, recipe.output, tokenizer=state.tokenizer, overwrite=True)
+            else:
+                save(state.model, recipe.output, tokenizer=state.tokenizer, overwrite=True)
+        else:  # recorded on disk now, and on the model so that a later save keeps it
+            record_step(state.model, planned.name, planned.config, metrics=_jsonable(result), **tag)
+            append_step(recipe.output, planned.name, planned.config, metrics=_jsonable(result), **tag)
+        report.append({"step": planned.name, "index": planned.index, "status": "ran", "result": result})
+    return report
+
+
+def _jsonable(result: dict | None) -> dict:
+    return json.loads(json.dumps(result or {}, default=str))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate the recipe file at `path`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no such recipe: {path}")
+    return parse_recipe(path.read_text())
+
+
+def run(path: str | Path, *, overwrite: bool = False) -> list[dict]:
+    """Validate and run the recipe at `path` (see the module docstring).
+
+    Example: `hybridize.run("recipes/smol-mamba50.yaml")`
+    """
+    return run_recipe(load_recipe(path), overwrite=overwrite)
+
+
+__all__ = ["STEPS", "PlannedStep", "Recipe", "Step", "load_recipe", "parse_recipe", "run", "run_recipe"]

@@ -1,0 +1,127 @@
+"""Recipes: validated before any work (keys and values named with their line), the same calls as the Python API,
+and resumption after an interrupted step."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import make_tiny
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+import hybridize
+from hybridize import pipeline
+from hybridize.errors import ConfigError, OutputExistsError
+from hybridize.provenance import read_manifest
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    path = tmp_path / "llama"
+    make_tiny("llama").save_pretrained(path)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1").save_pretrained(path)
+    return path
+
+
+def _recipe(tmp_path, llama_dir, steps: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"model: {llama_dir}\noutput: {tmp_path / 'out'}\nsteps:\n{steps}")
+    return path
+
+
+STEPS = """  - convert: {ratio: 0.5, seed: 3}
+  - eval: {seq_len: 16, max_tokens: 64}
+  - export: {output: OUT/native}
+"""
+
+
+def test_recipe_makes_the_same_calls_as_the_api(tmp_path, llama_dir):
+    report = hybridize.run(_recipe(tmp_path, llama_dir, STEPS.replace("OUT", str(tmp_path))))
+    assert [(r["step"], r["status"]) for r in report] == [("convert", "ran"), ("eval", "ran"), ("export", "ran")]
+    expected = hybridize.convert(hybridize.load(str(llama_dir))[0], hybridize.ConvertConfig(ratio=0.5, seed=3))
+    ids = torch.randint(0, 128, (1, 12))
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(got(ids).logits, expected(ids).logits, rtol=0, atol=0)
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "native")
+    torch.testing.assert_close(native(ids).logits, expected(ids).logits, rtol=1e-5, atol=1e-5)
+    steps = read_manifest(tmp_path / "out")["steps"]
+    assert [s["step"] for s in steps] == ["convert", "eval", "export"]
+    assert steps[1]["metrics"]["perplexity"] > 0
+
+
+def test_interrupted_recipe_resumes_at_the_next_step(tmp_path, llama_dir, monkeypatch):
+    recipe = _recipe(tmp_path, llama_dir, STEPS.replace("OUT", str(tmp_path)))
+    calls = []
+    real_export = pipeline.STEPS["export"]
+
+    def crash(state, config, runtime):
+        calls.append("export")
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(pipeline.STEPS, "export", pipeline.Step(pipeline.ExportConfig, crash, ("output",), False))
+    with pytest.raises(KeyboardInterrupt):
+        hybridize.run(recipe)
+    assert calls == ["export"] and not (tmp_path / "native").exists()
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+
+    ran = []
+    for name in ("convert", "eval"):
+        step = pipeline.STEPS[name]
+        monkeypatch.setitem(
+            pipeline.STEPS, name, pipeline.Step(step.config_class, lambda *a, n=name: ran.append(n), step.runtime)
+        )
+    monkeypatch.setitem(pipeline.STEPS, "export", real_export)
+    report = hybridize.run(recipe)
+    assert [r["status"] for r in report] == ["skipped (done)", "skipped (done)", "ran"]
+    assert ran == [] and (tmp_path / "native" / "config.json").is_file()
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+
+
+def test_distill_step(tmp_path, llama_dir):
+    steps = """  - convert: {ratio: 0.5}
+  - distill: {teacher: LLAMA, stage: layerwise, tokens: 512, seq_len: 32, batch_size: 2, eval_tokens: 64}
+""".replace("LLAMA", str(llama_dir))
+    report = hybridize.run(_recipe(tmp_path, llama_dir, steps))
+    assert [r["status"] for r in report] == ["ran", "ran"]
+    assert [s["step"] for s in read_manifest(tmp_path / "out")["steps"]] == ["convert", "distill"]
+
+
+@pytest.mark.parametrize(
+    "steps, message",
+    [
+        ("  - convert: {ratoi: 0.5}\n", r"line 4: unknown key\(s\) \['ratoi'\] in step 'convert'"),
+        ("  - convert: {ratio: 1.5}\n", r"line 4: step 'convert': ratio must be in \[0, 1\]"),
+        ("  - convert: {}\n  - distil: {}\n", r"line 5: unknown step 'distil'"),
+        ("  - convert: {}\n  - export: {}\n", r"line 5: step 'export' needs \['output'\]"),
+        ("  - eval: {}\n", r"line 4: the first step must produce the output model"),
+        ("  - convert: {ratio: [1, 2]}\n", r"line 4: step 'convert'"),
+    ],
+)
+def test_bad_recipes_fail_before_any_work(tmp_path, llama_dir, steps, message, monkeypatch):
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ConfigError, match=message):
+        hybridize.run(_recipe(tmp_path, llama_dir, steps))
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_top_level_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: llama\noutput: x\nsteps:\n  - convert: {}\nstep: 1\n")
+    with pytest.raises(ConfigError, match=r"line 5: unknown top-level key\(s\) \['step'\]"):
+        hybridize.run(path)
+
+
+def test_output_made_otherwise_is_refused(tmp_path, llama_dir):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputExistsError, match="not made by this recipe"):
+        hybridize.run(_recipe(tmp_path, llama_dir, "  - convert: {}\n"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipes_validate(path):
+    recipe = pipeline.load_recipe(path)
+    assert recipe.steps and recipe.steps[0].name == "convert"
