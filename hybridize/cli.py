@@ -12,7 +12,7 @@ from hybridize.convert import ConvertConfig
 from hybridize.distill import EVAL_EVERY, SAVE_EVERY, DistillConfig, finish, run_dir_for
 from hybridize.errors import ConfigError, HybridizeError
 from hybridize.evaluate import BenchConfig, EvalConfig
-from hybridize.evaluate.bench import format_bench
+from hybridize.evaluate.bench import format_bench, plot_bench
 from hybridize.export import ExportConfig
 from hybridize.hub import PushConfig
 from hybridize.pipeline import load_recipe
@@ -129,12 +129,18 @@ def bench(
     ),
     new_tokens: Annotated[int, typer.Option(help="Tokens decoded after each prompt.")] = BenchConfig.new_tokens,
     repeats: Annotated[int, typer.Option(help="Interleaved rounds; medians are reported.")] = BenchConfig.repeats,
-    batch: Annotated[int, typer.Option(help="Sequences per batch.")] = BenchConfig.batch_size,
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(
+        map(str, BenchConfig.batch_sizes)
+    ),
+    plot: Annotated[Path | None, typer.Option(help="Also draw the results to this PNG file.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
 ):
     """Prefill tokens/s, decode ms/token and cache bytes per context length, side by side with a baseline."""
     config = BenchConfig(
-        contexts=_int_list(context, "--context"), new_tokens=new_tokens, repeats=repeats, batch_size=batch
+        contexts=_int_list(context, "--context"),
+        new_tokens=new_tokens,
+        repeats=repeats,
+        batch_sizes=_int_list(batch, "--batch"),
     )
     loaded, tokenizer = hybridize.load(model)
     reference = hybridize.load(baseline)[0] if baseline else None
@@ -176,6 +182,8 @@ def distill(
     ),
     text_column: Annotated[str | None, typer.Option(help="Column holding the text (detected if omitted).")] = (
         DistillConfig.text_column
+    if plot is not None:
+        typer.echo(f"wrote {plot_bench(result, plot)}")
     ),
     tokens: Annotated[str, typer.Option(help="Token budget, e.g. 500K or 2M.")] = str(DistillConfig.tokens),
     seq_len: Annotated[int, typer.Option(help="Tokens per packed training block.")] = DistillConfig.seq_len,

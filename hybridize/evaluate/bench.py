@@ -11,6 +11,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,18 +31,21 @@ class BenchConfig:
         new_tokens (`int`, *optional*, defaults to 16): tokens decoded (greedy) after each prompt.
         repeats (`int`, *optional*, defaults to 2): rounds; each round runs every model once, interleaved; the
             median is reported.
-        batch_size (`int`, *optional*, defaults to 1): sequences decoded together.
+        batch_sizes (`tuple[int, ...]`, *optional*, defaults to `(1,)`): sequences decoded together; every
+            context is measured at every batch size.
     """
 
     contexts: tuple[int, ...] = (512, 2048, 8192)
     new_tokens: int = 16
     repeats: int = 2
-    batch_size: int = 1
+    batch_sizes: tuple[int, ...] = (1,)
 
     def __post_init__(self):
         if not self.contexts or min(self.contexts) < 1:
             raise ConfigError(f"contexts must be positive token counts, got {self.contexts}")
-        for name in ("new_tokens", "repeats", "batch_size"):
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ConfigError(f"batch_sizes must be positive, got {self.batch_sizes}")
+        for name in ("new_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -132,21 +136,24 @@ def bench(
     models = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
     for m in models.values():
         m.eval()
-    needed = max(config.contexts) * config.batch_size
-    stream = token_blocks(tokenizer, load_corpus("heldout"), seq_len=max(config.contexts), max_tokens=needed)
-    if stream.shape[0] < config.batch_size:  # the held-out split is ~120K tokens; longer contexts repeat it
-        stream = stream.repeat(config.batch_size, 1)
+    batch = max(config.batch_sizes)
+    stream = token_blocks(
+        tokenizer, load_corpus("heldout"), seq_len=max(config.contexts), max_tokens=max(config.contexts) * batch
+    )
+    stream = stream[:batch]
+    if stream.shape[0] < batch:  # the held-out split is ~120K tokens; a large batch of long contexts repeats it
+        stream = stream.repeat(-(-batch // stream.shape[0]), 1)[:batch]
     rows = []
-    total = len(config.contexts) * config.repeats * len(models)
+    total = len(config.contexts) * len(config.batch_sizes) * config.repeats * len(models)
     bar = tqdm(total=total, desc="bench", unit="run", disable=not progress)
-    for context in config.contexts:
-        prompt = stream[: config.batch_size, :context]
+    for context, batch_size in ((c, b) for c in config.contexts for b in config.batch_sizes):
+        prompt = stream[:batch_size, :context]
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in models}
         for _ in range(config.repeats):
             for name, m in models.items():
                 runs[name].append(_run_once(m, prompt, config.new_tokens))
                 bar.update()
-        row: dict[str, Any] = {"context": context, "batch_size": config.batch_size}
+        row: dict[str, Any] = {"context": context, "batch_size": batch_size}
         for name, results in runs.items():
             row[name] = {key: statistics.median(r[key] for r in results) for key in results[0]}
         if baseline is not None:
@@ -168,7 +175,7 @@ def _machine() -> dict[str, Any]:
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
-__all__ = ["BenchConfig", "bench", "cache_bytes", "format_bench"]
+__all__ = ["BenchConfig", "bench", "cache_bytes", "format_bench", "plot_bench"]
 
 
 def format_bench(result: dict[str, Any]) -> str:
@@ -192,3 +199,36 @@ def format_bench(result: dict[str, Any]) -> str:
                     f"  peak RSS growth {m['peak_rss_growth_bytes'] / 2**20:8.1f} MiB"
                 )
     return "\n".join(lines)
+
+
+def plot_bench(result: dict[str, Any], path: str | Path) -> Path:
+    """A PNG of `bench` results: decode ms/token, prefill tokens/s and cache MiB against context, one line per
+    model (and the baseline), so the crossover with the source is visible at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    contexts = [row["context"] for row in rows]
+    panels = [
+        ("decode_ms_per_token", "decode ms/token"),
+        ("prefill_tokens_per_s", "prefill tokens/s"),
+        ("cache_bytes", "cache MiB"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (key, label) in zip(axes, panels):
+        for name in ("model", "baseline"):
+            if name in rows[0]:
+                scale = 2**-20 if key == "cache_bytes" else 1
+                ax.plot(contexts, [row[name][key] * scale for row in rows], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -7,7 +7,7 @@ from transformers import PreTrainedTokenizerFast
 
 import hybridize
 from hybridize.errors import ConfigError
-from hybridize.evaluate.bench import BenchConfig, bench, cache_bytes, format_bench
+from hybridize.evaluate.bench import BenchConfig, bench, cache_bytes, format_bench, plot_bench
 
 
 def _tokenizer():
@@ -18,11 +18,11 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1")
 
 
-def test_bench_reports_every_field_and_ratio():
+def test_bench_reports_every_field_and_ratio(tmp_path):
     source = make_tiny("llama")
     hybrid = hybridize.convert(source, hybridize.ConvertConfig(ratio=0.5))
-    result = bench(hybrid, _tokenizer(), BenchConfig(contexts=(16, 64), new_tokens=3, repeats=2), baseline=source)
-    assert [row["context"] for row in result["rows"]] == [16, 64]
+    result = bench(hybrid, _tokenizer(), BenchConfig(contexts=(16, 64), new_tokens=3, repeats=2, batch_sizes=(1, 3)), baseline=source)
+    assert [(row["context"], row["batch_size"]) for row in result["rows"]] == [(16, 1), (16, 3), (64, 1), (64, 3)]
     for row in result["rows"]:
         for name in ("model", "baseline"):
             assert row[name]["decode_ms_per_token"] > 0 and row[name]["prefill_tokens_per_s"] > 0
@@ -33,8 +33,11 @@ def test_bench_reports_every_field_and_ratio():
         )
         assert r["cache_ratio"] == pytest.approx(row["model"]["cache_bytes"] / row["baseline"]["cache_bytes"])
     # the source's KV cache after a 64-token prompt: 4 layers x (k + v) x 2 heads x 16 dims x 64 tokens x 4 bytes
-    assert result["rows"][1]["baseline"]["cache_bytes"] == 4 * 2 * 2 * 16 * 64 * 4
+    assert result["rows"][2]["baseline"]["cache_bytes"] == 4 * 2 * 2 * 16 * 64 * 4
+    assert result["rows"][3]["baseline"]["cache_bytes"] == 3 * 4 * 2 * 2 * 16 * 64 * 4  # batch 3
     assert "decode speed-up" in format_bench(result) and "peak RSS growth" in format_bench(result)
+    png = plot_bench(result, tmp_path / "bench.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_peak_rss_sees_a_short_lived_allocation():
@@ -59,5 +62,7 @@ def test_cache_bytes_of_a_hybrid_counts_states_once():
 def test_bad_bench_config():
     with pytest.raises(ConfigError, match="contexts"):
         BenchConfig(contexts=())
+    with pytest.raises(ConfigError, match="batch_sizes"):
+        BenchConfig(batch_sizes=(0,))
     with pytest.raises(ConfigError, match="repeats"):
         BenchConfig(repeats=0)
