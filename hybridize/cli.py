@@ -38,14 +38,14 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
         raise ConfigError(f"{option} takes comma-separated integers, got {text!r}") from None
 
 
-def _write_json(result: dict, path: Path | None) -> None:
-    if path is not None:
-        path.write_text(json.dumps(result, indent=2) + "\n")
 def _settings(**options) -> dict:
     """Mixer settings given on the command line; the others keep the mixer's defaults."""
     return {name: value for name, value in options.items() if value is not None}
 
 
+def _write_json(result: dict, path: Path | None) -> None:
+    if path is not None:
+        path.write_text(json.dumps(result, indent=2) + "\n")
         typer.echo(f"wrote {path}")
 
 
