@@ -147,6 +147,8 @@ def bench(
     result = hybridize.bench(loaded, tokenizer, config, baseline=reference, progress=True)
     typer.echo(format_bench(result))
     _write_json(result, json_path)
+    if plot is not None:
+        typer.echo(f"wrote {plot_bench(result, plot)}")
 
 
 @app.command()
@@ -182,8 +184,6 @@ def distill(
     ),
     text_column: Annotated[str | None, typer.Option(help="Column holding the text (detected if omitted).")] = (
         DistillConfig.text_column
-    if plot is not None:
-        typer.echo(f"wrote {plot_bench(result, plot)}")
     ),
     tokens: Annotated[str, typer.Option(help="Token budget, e.g. 500K or 2M.")] = str(DistillConfig.tokens),
     seq_len: Annotated[int, typer.Option(help="Tokens per packed training block.")] = DistillConfig.seq_len,
