@@ -253,15 +253,6 @@ def distill(
         typer.echo(f"wrote {output}")
 
 
-def main() -> None:
-    try:
-        app()
-    except HybridizeError as error:
-        typer.echo(f"error: {error}", err=True)
-        sys.exit(1)
-
-
-__all__ = ["app", "main"]
 @app.command("run")
 def run_recipe(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML: model, output and a list of steps (see recipes/).")],
@@ -278,3 +269,12 @@ def run_recipe(
         typer.echo(f"step {entry['index']} {entry['step']}: {entry['status']}")
 
 
+def main() -> None:
+    try:
+        app()
+    except HybridizeError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(1)
+
+
+__all__ = ["app", "main"]
