@@ -13,9 +13,12 @@ from hybridize.distill import EVAL_EVERY, SAVE_EVERY, DistillConfig, finish, run
 from hybridize.errors import ConfigError, HybridizeError
 from hybridize.evaluate import BenchConfig, EvalConfig
 from hybridize.evaluate.bench import format_bench, plot_bench
+from hybridize.evaluate.harness import format_results
 from hybridize.export import ExportConfig
 from hybridize.hub import PushConfig
 from hybridize.pipeline import load_recipe
+from hybridize.provenance import MANIFEST_NAME, append_step
+from hybridize.sources import resolve
 
 app = typer.Typer(
     help="Turn a pretrained Llama-family model into a cheaper hybrid, then evaluate, benchmark and export it.",
@@ -103,21 +106,53 @@ def export(
 @app.command("eval")
 def evaluate(
     model: ModelArg,
-    baseline: Annotated[str | None, typer.Option(help="Reference model for KL and top-1 agreement.")] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="Reference model: KL and top-1 agreement, or with --tasks the same tasks.")
+    ] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated lm-eval tasks instead of the built-in perplexity: wiki_ppl, lambada_wiki, "
+            "passkey_2k, passkey_4k, passkey_8k (offline) or any registry task whose data is cached."
+        ),
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="With --tasks: tokens of context per request (default: the model's, <= 8192).")
+    ] = EvalConfig.max_length,
+    limit: Annotated[int | None, typer.Option(help="With --tasks: only the first N items of each task.")] = (
+        EvalConfig.limit
+    ),
     seq_len: Annotated[int, typer.Option(help="Tokens per evaluation block.")] = EvalConfig.seq_len,
     max_tokens: Annotated[int, typer.Option(help="Held-out tokens evaluated.")] = EvalConfig.max_tokens,
-    batch_size: Annotated[int, typer.Option(help="Blocks per forward pass.")] = EvalConfig.batch_size,
+    batch_size: Annotated[int, typer.Option(help="Blocks (or lm-eval requests) per forward pass.")] = (
+        EvalConfig.batch_size
+    ),
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     trust_remote_code: TrustRemoteCode = False,
 ):
-    """Held-out perplexity on the built-in Wikipedia corpus; with --baseline, KL and top-1 agreement too."""
-    config = EvalConfig(seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size)
+    """Held-out perplexity on the built-in Wikipedia corpus (with --baseline, KL and top-1 agreement too), or
+    lm-eval tasks with --tasks. Results on a model directory are recorded in its hybridize.json."""
+    config = EvalConfig(
+        seq_len=seq_len,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        tasks=tuple(name.strip() for name in (tasks or "").split(",") if name.strip()),
+        max_length=max_length,
+        limit=limit,
+    )
     loaded, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
     reference = hybridize.load(baseline, trust_remote_code=trust_remote_code)[0] if baseline else None
     result = hybridize.evaluate(loaded, tokenizer, config, baseline=reference, progress=True)
-    for key, value in result.items():
-        typer.echo(f"{key:>20}  {value:.4f}" if isinstance(value, float) else f"{key:>20}  {value}")
+    if config.tasks:
+        typer.echo(f"max_length {result['max_length']}" + (f", limit {config.limit}" if config.limit else ""))
+        typer.echo(format_results(result["tasks"], result.get("baseline_tasks")))
+    else:
+        for key, value in result.items():
+            typer.echo(f"{key:>20}  {value:.4f}" if isinstance(value, float) else f"{key:>20}  {value}")
     _write_json(result, json_path)
+    if resolve(model).kind == "dir":
+        append_step(Path(model), "eval", config, metrics=result, baseline=baseline)
+        typer.echo(f"recorded in {Path(model) / MANIFEST_NAME}")
 
 
 @app.command()

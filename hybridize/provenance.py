@@ -6,13 +6,15 @@ back by `load()`; the model card is generated from them.
 
 import dataclasses
 import json
+import os
 import platform
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 MANIFEST_NAME = "hybridize.json"
-_LIBRARIES = ("hybridize", "torch", "transformers", "safetensors", "accelerate")
+_LIBRARIES = ("hybridize", "torch", "transformers", "safetensors", "accelerate", "lm_eval")
 
 
 def library_versions() -> dict[str, str]:
@@ -25,11 +27,39 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{name: _version(name) for name in _LIBRARIES}}
 
 
+def _step_entry(step: str, config: Any, metrics: dict | None, extra: dict) -> dict:
+    config_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
+    return {"step": step, "config": config_dict, "metrics": metrics or {}, **extra}
+
+
 def record_step(model, step: str, config: Any, *, metrics: dict | None = None, **extra) -> None:
     """Append a step (`"convert"`, `"distill"`, ...) with its config and measured metrics to `model`'s history."""
-    config_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
-    entry = {"step": step, "config": config_dict, "metrics": metrics or {}, **extra}
-    model.hybridize_steps = [*getattr(model, "hybridize_steps", []), entry]
+    model.hybridize_steps = [*getattr(model, "hybridize_steps", []), _step_entry(step, config, metrics, extra)]
+
+
+def append_step(directory: Path, step: str, config: Any, *, metrics: dict | None = None, **extra) -> None:
+    """Append a step to the manifest of a model directory in place, for steps that measure a saved model without
+    rewriting it (`"eval"`). The entry carries the library versions it ran with; the rest of the manifest is kept.
+    The file is replaced atomically: a reader sees the old manifest or the new one, never half of one."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    entry = _step_entry(step, config, metrics, {"versions": library_versions(), **extra})
+    manifest["steps"] = [*manifest.get("steps", []), entry]
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(json.dumps(manifest, indent=2, default=str) + "\n")
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, directory / MANIFEST_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_manifest(model, directory: Path) -> None:
@@ -43,4 +73,4 @@ def read_manifest(directory: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"steps": []}
 
 
-__all__ = ["MANIFEST_NAME", "library_versions", "read_manifest", "record_step", "write_manifest"]
+__all__ = ["MANIFEST_NAME", "append_step", "library_versions", "read_manifest", "record_step", "write_manifest"]

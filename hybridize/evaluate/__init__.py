@@ -1,7 +1,9 @@
-"""Measuring models: the packaged offline corpus, perplexity, distance from a source model, speed and memory."""
+"""Measuring models: the packaged offline corpus, perplexity, distance from a source model, lm-eval tasks (offline
+and registry), speed and memory."""
 
 from .bench import BenchConfig, bench, cache_bytes
 from .corpus import SPLITS, load_articles, load_corpus, token_blocks
+from .harness import OFFLINE_TASKS, TASKS_DIR, format_results, run_tasks
 from .perplexity import EvalConfig, compare_logits, evaluate, perplexity
 
 __all__ = [
@@ -10,10 +12,14 @@ __all__ = [
     "cache_bytes",
     "SPLITS",
     "EvalConfig",
+    "OFFLINE_TASKS",
+    "TASKS_DIR",
     "compare_logits",
     "evaluate",
+    "format_results",
     "load_articles",
     "load_corpus",
     "perplexity",
+    "run_tasks",
     "token_blocks",
 ]

@@ -5,6 +5,8 @@ Perplexity alone hides how far a hybrid drifted from its source: two models can 
 on many tokens. KL(source || hybrid) per token, the quantity distillation minimises, and the share of positions whose
 most likely next token is the same, measure the drift directly. Both models see the same blocks in one pass, so the
 numbers are paired. Sums are accumulated in float64 so that long runs do not lose precision.
+
+`evaluate` with `EvalConfig.tasks` runs lm-eval tasks instead, through the bridge in `harness.py`.
 """
 
 from __future__ import annotations
@@ -32,14 +34,24 @@ class EvalConfig:
         split (`str`, *optional*, defaults to `"heldout"`): the corpus split, `"heldout"` or `"train"`.
         seq_len (`int`, *optional*, defaults to 512): tokens per block; each block is scored independently.
         max_tokens (`int`, *optional*, defaults to 16384): at most this many tokens in all blocks.
-        batch_size (`int`, *optional*, defaults to 1): blocks per forward pass; never changes the result beyond
-            floating-point rounding.
+        batch_size (`int`, *optional*, defaults to 1): blocks (or, with `tasks`, lm-eval requests) per forward
+            pass; never changes the result beyond floating-point rounding.
+        tasks (`tuple[str, ...]`, *optional*, defaults to `()`): lm-eval tasks to run instead of the built-in
+            perplexity (see `hybridize.evaluate.harness`): the offline `wiki_ppl`, `lambada_wiki`, `passkey_2k`,
+            `passkey_4k`, `passkey_8k`, or any lm-eval registry task whose data is reachable. Empty: the built-in
+            held-out perplexity (and KL with a baseline), configured by the fields above.
+        max_length (`int`, *optional*): with `tasks`, the context of every lm-eval request; defaults to the model's
+            `max_position_embeddings`, at most 8192. Perplexities depend on it: compare models at the same value.
+        limit (`int`, *optional*): with `tasks`, evaluate only the first `limit` items of each task (quick checks).
     """
 
     split: str = "heldout"
     seq_len: int = 512
     max_tokens: int = 16384
     batch_size: int = 1
+    tasks: tuple[str, ...] = ()
+    max_length: int | None = None
+    limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -50,6 +62,12 @@ class EvalConfig:
             raise ConfigError(f"max_tokens={self.max_tokens} is less than seq_len={self.seq_len}; raise max_tokens")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
+        if isinstance(self.tasks, str) or not all(isinstance(task, str) and task.strip() for task in self.tasks):
+            raise ConfigError(f"tasks={self.tasks!r} must be a tuple of task names, e.g. ('wiki_ppl', 'passkey_4k')")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"max_length={self.max_length} must be at least 2 (or None for the model's context)")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit={self.limit} must be at least 1 (or None for every item)")
 
 
 def perplexity(model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 1, progress: bool = False) -> float:
@@ -131,21 +149,25 @@ def compare_logits(
 def evaluate(
     model: nn.Module, tokenizer: Any, config: EvalConfig, *, baseline: nn.Module | None = None, progress: bool = False
 ) -> dict[str, Any]:
-    """Held-out perplexity of `model` and, with a `baseline`, its KL and top-1 agreement against it.
+    """Held-out perplexity of `model` and, with a `baseline`, its KL and top-1 agreement against it; or, when
+    `config.tasks` is set, lm-eval tasks on `model` (and on the baseline, side by side).
 
     Args:
         model (`nn.Module`): a Hugging Face causal LM.
         tokenizer: its tokenizer (the baseline must share it).
-        config (`EvalConfig`): split, block length, token budget and batch size.
+        config (`EvalConfig`): split, block length, token budget and batch size; or the lm-eval tasks.
         baseline (`nn.Module`, *optional*): the reference model, usually the source of a conversion.
         progress (`bool`, *optional*, defaults to `False`): show a tqdm bar.
 
     Returns:
         `dict`: `split`, `seq_len`, `num_blocks`, `num_tokens` (tokens fed to the model), `perplexity`; with a
-        baseline also `baseline_perplexity`, `kl` and `top1_agreement`.
+        baseline also `baseline_perplexity`, `kl` and `top1_agreement`. With `config.tasks`: `max_length`, `limit`
+        and `tasks` (`{task: {metric: value}}`, see `harness.run_tasks`), and with a baseline `baseline_tasks`.
 
     Example: `evaluate(hybrid, tokenizer, EvalConfig(max_tokens=8192), baseline=source)`
     """
+    if config.tasks:
+        return _evaluate_tasks(model, tokenizer, config, baseline=baseline)
     blocks = token_blocks(tokenizer, load_corpus(config.split), seq_len=config.seq_len, max_tokens=config.max_tokens)
     result: dict[str, Any] = {
         "split": config.split,
@@ -157,6 +179,20 @@ def evaluate(
         result["perplexity"] = perplexity(model, blocks, batch_size=config.batch_size, progress=progress)
     else:
         result.update(compare_logits(model, baseline, blocks, batch_size=config.batch_size, progress=progress))
+    return result
+
+
+def _evaluate_tasks(
+    model: nn.Module, tokenizer: Any, config: EvalConfig, *, baseline: nn.Module | None
+) -> dict[str, Any]:
+    from .harness import default_max_length, run_tasks  # lm-eval takes seconds to import: only when asked for
+
+    max_length = config.max_length or default_max_length(model)
+    options = {"max_length": max_length, "batch_size": config.batch_size, "limit": config.limit}
+    result: dict[str, Any] = {"max_length": max_length, "limit": config.limit}
+    result["tasks"] = run_tasks(model, tokenizer, config.tasks, **options)
+    if baseline is not None:
+        result["baseline_tasks"] = run_tasks(baseline, tokenizer, config.tasks, **options)
     return result
 
 
