@@ -15,8 +15,14 @@ then e2e on the result:
 ```
 hybridize distill out/smol-mamba50 --teacher llama --data wiki --tokens 500K --stage layerwise -o out/s1
 hybridize distill out/s1 --teacher llama --data wiki --tokens 2M --stage e2e -o out/s2
-accelerate launch --num_processes 2 -m hybridize distill ...      # the same job on several processes / GPUs
+accelerate launch --num_processes 2 -m hybridize distill ...      # the same job on two GPUs
+accelerate launch --multi_gpu --num_processes 2 -m hybridize distill ...   # two CPU processes (gloo)
 ```
+
+On a machine without GPUs, `accelerate launch --num_processes 2` alone starts a single process: accelerate reaches
+torchrun only with `--multi_gpu`, and `distill` then asks accelerate for CPU processes with gloo
+(`torchrun --nproc_per_node 2 -m hybridize distill ...` does the same). The global batch is
+`batch_size * grad_accum * num_processes` blocks; a run resumes only with the number of processes it started with.
 
 Checkpoints and the metrics log live in a work directory beside the output, `<output>.distill/` (`run_dir_for`):
 `checkpoint/` (the latest, replaced atomically) and `metrics.jsonl`. `--resume` continues from it. When the run
@@ -51,7 +57,6 @@ from .e2e import FREEZE_PRESETS, LogitsObjective, add_lora, converted_layers, fr
 from .engine import CHECKPOINT, METRICS, DistillInterrupted, read_checkpoint_state, train
 from .layerwise import LayerwiseObjective
 from .losses import HIDDEN_LOSSES, KL_KINDS, KL_REDUCTIONS
-from .plot import curve_table, distill_curve, plot_curves
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +138,7 @@ class DistillConfig:
     data: str = "wiki"
     text_column: str | None = None
     heldout_ratio: float = 0.05
-    tokens: int = 500_000
+    tokens: int | str = 500_000
     seq_len: int = 512
     batch_size: int = 4
     grad_accum: int = 1
@@ -480,6 +485,8 @@ def finish(model: nn.Module, output: str | Path, *, tokenizer: Any = None, overw
         work_dir = run_dir_for(output)
         if (work_dir / METRICS).is_file():
             shutil.copyfile(work_dir / METRICS, Path(output) / "distill_metrics.jsonl")
+        from .plot import distill_curve, plot_curves  # not at import: `python -m hybridize.distill.plot` runs it
+
         if distill_curve(getattr(model, "hybridize_steps", [])):
             plot_curves([output], Path(output) / "distill_curve.png")
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -497,11 +504,9 @@ __all__ = [
     "DistillData",
     "DistillInterrupted",
     "check_distill",
-    "curve_table",
     "distill",
     "finish",
     "load_data",
     "parse_tokens",
-    "plot_curves",
     "run_dir_for",
 ]

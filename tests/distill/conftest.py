@@ -12,13 +12,15 @@ import hybridize
 
 
 def word_tokenizer(shift: int = 0) -> PreTrainedTokenizerFast:
-    """Words `w0`..`w127` -> ids; `shift` permutes the ids (a tokenizer that disagrees with the default one)."""
+    """`<unk>` 0, `<eos>` 1 and words `w2`..`w127` -> their ids; `shift` permutes the ids (a tokenizer that
+    disagrees with the default one). Special tokens are not words, or `w1` would match inside `w115`."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {f"w{i}": (i + shift) % 128 for i in range(128)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1")
+    words = ["<unk>", "<eos>", *(f"w{i}" for i in range(2, 128))]
+    vocab = {word: (i + shift) % 128 for i, word in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 
 def random_text(rng: random.Random, words: int) -> str:

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from hybridize.distill.data import load_data, pack, text_column, tokenize
+from hybridize.distill.data import is_heldout, load_data, pack, text_column, tokenize
 from hybridize.errors import ConfigError
 from hybridize.evaluate import load_corpus, token_blocks
 
@@ -77,7 +77,7 @@ def test_chat_messages_use_the_chat_template(tmp_path, word_tokenizer):
         load_data(str(path), tokenizer, seq_len=4, heldout_tokens=0)
     tokenizer.chat_template = "{% for m in messages %}w2 {{ m['content'] }} w3 {% endfor %}"
     data = load_data(str(path), tokenizer, seq_len=7, heldout_tokens=0)
-    # document i: w2 w5 w6 w3 w2 w7 w(8+i) w3, then EOS (w1)
+    # document i: w2 w5 w6 w3 w2 w7 w(8+i) w3, then <eos> (id 1)
     assert data.train[0].tolist() == [2, 5, 6, 3, 2, 7, 8]
 
 
@@ -100,3 +100,36 @@ def test_missing_or_unsupported_data(tokenizer, tmp_path):
         load_data(str(tmp_path / "notes.md"), tokenizer, seq_len=16)
     with pytest.raises(ConfigError, match="no .txt"):
         load_data(str(tmp_path), tokenizer, seq_len=16)
+
+
+def test_hub_spec_is_name_and_config(tokenizer, monkeypatch, random_text):
+    import datasets
+
+    calls = []
+    rows = [{"text": random_text(random.Random(i), 40)} for i in range(8)]
+
+    def fake_load_dataset(name, config=None, split=None, **kwargs):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = load_data("wikitext:wikitext-103-raw-v1", tokenizer, seq_len=16, heldout_tokens=0)
+    assert calls == [("wikitext", "wikitext-103-raw-v1", "train")] and data.num_documents == 8
+    load_data("owner/corpus", tokenizer, seq_len=16, heldout_tokens=0)
+    assert calls[-1] == ("owner/corpus", None, "train")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ConfigError, match=r"cannot load the Hub dataset 'owner/corpus': no network"):
+        load_data("owner/corpus", tokenizer, seq_len=16)
+
+
+def test_heldout_documents_are_the_hashed_ones(tokenizer, text_file):
+    paragraphs = text_file.read_text().split("\n\n")
+    expected = [p for p in paragraphs if is_heldout(p, 0.2)]
+    data = load_data(str(text_file), tokenizer, seq_len=16, heldout_ratio=0.2, heldout_tokens=10**6)
+    assert data.num_heldout_documents == len(expected) > 0
+    heldout_tokens = sum(len(p.split()) + 1 for p in expected)  # a word per token, and EOS
+    assert data.heldout.numel() == heldout_tokens // 16 * 16

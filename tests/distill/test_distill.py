@@ -9,8 +9,8 @@ from tiny import make_tiny
 from transformers import AutoModelForCausalLM
 
 import hybridize
-from hybridize.distill import DistillConfig, DistillInterrupted, curve_table, distill, finish, run_dir_for
-from hybridize.distill.plot import distill_curve
+from hybridize.distill import DistillConfig, DistillInterrupted, distill, finish, run_dir_for
+from hybridize.distill.plot import curve_table, distill_curve
 from hybridize.errors import CheckpointError, ConfigError, OutputExistsError, UnsupportedModelError
 
 MIXER_LAYERS = (0, 2)  # ratio 0.5 on 4 layers
