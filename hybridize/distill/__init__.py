@@ -451,6 +451,10 @@ def distill(
         "steps": state.step,
         "train_seconds": round(state.train_seconds, 2),
         "tokens_per_s": round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
+        # per CPU-second of this process: comparable across runs on a shared machine (per process with several)
+        "tokens_per_cpu_s": round(state.tokens / accelerator.num_processes / state.cpu_seconds, 1)
+        if state.cpu_seconds
+        else None,
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "trained_parameters": trained_parameters,

@@ -60,11 +60,13 @@ class DistillInterrupted(HybridizeError):
 
 @dataclass
 class RunState:
-    """Where a run is: optimizer steps done, tokens trained on, seconds spent training (evaluation excluded)."""
+    """Where a run is: optimizer steps done, tokens trained on, wall and CPU seconds spent training (evaluation
+    excluded; CPU seconds of this process, all its threads, so that a shared machine's load does not count)."""
 
     step: int = 0
     tokens: int = 0
     train_seconds: float = 0.0
+    cpu_seconds: float = 0.0
     evals: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -146,6 +148,7 @@ def save_checkpoint(
             "step": state.step,
             "tokens": state.tokens,
             "train_seconds": state.train_seconds,
+            "cpu_seconds": state.cpu_seconds,
             "evals": state.evals,
             "identity": identity,
         }
@@ -205,7 +208,11 @@ def load_checkpoint(
     rng_path = directory / f"rng-{accelerator.process_index}.pt"
     set_rng_state(torch.load(rng_path, weights_only=False))
     return RunState(
-        step=saved["step"], tokens=saved["tokens"], train_seconds=saved["train_seconds"], evals=saved["evals"]
+        step=saved["step"],
+        tokens=saved["tokens"],
+        train_seconds=saved["train_seconds"],
+        cpu_seconds=saved["cpu_seconds"],
+        evals=saved["evals"],
     )
 
 
@@ -358,7 +365,7 @@ def train(
     session_tokens, session_seconds = 0, 0.0
     with StopRequest() as stop, bar:
         while state.step < total_steps:
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             model.train()
             loss_sum = torch.zeros((), device=accelerator.device)
             logs: dict[str, float] = {}
@@ -385,6 +392,7 @@ def train(
             state.step += 1
             state.tokens += tokens_per_step
             state.train_seconds += elapsed
+            state.cpu_seconds += time.process_time() - started_cpu
             session_tokens += tokens_per_step
             session_seconds += elapsed
 
@@ -396,6 +404,7 @@ def train(
                 "lr": lr,
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": session_tokens / session_seconds,
+                "cpu_seconds": state.cpu_seconds,
                 **logs,
             }
             interrupted = False
