@@ -2,10 +2,12 @@
 
 from .attention import AttentionMixer
 from .mamba2 import Mamba2Mixer
+from .streaming import StreamingMixer
 
 MIXERS = {
     "attention": AttentionMixer,
     "mamba2": Mamba2Mixer,
+    "streaming": StreamingMixer,
 }
 
 __all__ = ["MIXERS"]

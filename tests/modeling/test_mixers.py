@@ -16,7 +16,9 @@ from tiny import TINY
 
 def _tiny_hybrid(mixer: str, dtype=torch.float32) -> HybridForCausalLM:
     torch.manual_seed(0)
-    config = HybridConfig(**TINY, mixer_types=[mixer, "attention", mixer, mixer], mixers={"mamba2": {"chunk_size": 8}})
+    # small chunks and windows, so that the tiny lengths below cross chunks and evict from streaming caches
+    mixers = {"mamba2": {"chunk_size": 8}, "streaming": {"sinks": 2, "window": 6, "block_size": 4}}
+    config = HybridConfig(**TINY, mixer_types=[mixer, "attention", mixer, mixer], mixers=mixers)
     model = HybridForCausalLM(config).to(dtype).eval()
     with torch.no_grad():  # move the SSM parameters off their defaults so every term matters
         for p in model.parameters():

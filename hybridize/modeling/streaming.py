@@ -1,0 +1,420 @@
+"""Streaming attention: the source's attention restricted to `sinks` initial tokens plus a `window` of recent tokens
+(StreamingLLM, arXiv 2309.17453), the layer LightTransfer (arXiv 2410.13846) gives its lazy layers. No new
+parameters: q/k/v/o are the source's, and keys keep their original RoPE positions (they are cached after RoPE, as
+usual; nothing is re-indexed).
+
+Shapes: b batch, h query heads, g KV heads, lq queries, lk keys, d head_dim. A token's index counts the real
+(non-padding) tokens of its sequence from 0; padding has index -1. A key with index j is visible from a query with
+index i when `0 <= j <= i` and (`j < sinks` or `i - j < window`): the window includes the query itself, so a query
+sees at most sinks + window keys. Counting real tokens rather than cache slots makes a left-padded sequence behave
+exactly like the same sequence unpadded.
+
+`streaming_attention_ref` (an explicit lq x lk mask: the definition) and `streaming_attention_chunked` (blocks of
+queries, each attending to the sink keys plus the band of keys its window can reach: never an lq x lk mask) compute
+one function and are tested equal. Decoding needs no separate step: one query is a block of one. `lazy_ratio` is
+LightTransfer's per-layer laziness, from log-sum-exps over key blocks.
+
+`StreamingCacheLayer` keeps the sinks and the last `window - 1` tokens of each sequence, all that a later query can
+see besides itself, so its memory stops growing with the context.
+
+LightTransfer-Test (`dynamic_full_layers = P`): every streaming layer prefills with full attention and keeps its
+full cache while a priority queue holds the P least lazy layers seen so far; when a layer's push makes the queue
+exceed P, the laziest layer in it is popped and its cache truncated to sinks + window at once, so at most P + 1
+full caches exist during prefill. Decoding then streams in the popped (lazy) layers and attends to everything in
+the P others. The lazy set is chosen per request (per batch: the ratio is averaged over its sequences).
+"""
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicSlidingWindowLayer
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .attention import AttentionMixer
+from .configuration import HybridConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamingMixerConfig:
+    """Settings of the streaming mixers of a hybrid (stored in `HybridConfig.mixers["streaming"]`).
+
+    Args:
+        sinks (`int`, *optional*, defaults to 4): initial tokens every query sees (attention sinks); 0 disables them.
+        window (`int`, *optional*, defaults to 1020): recent tokens a query sees, itself included. With the 4 sinks,
+            a 1024-token cache, LightTransfer's default.
+        w_last (`int`, *optional*, defaults to 64): dynamic mode: the last prompt queries the lazy ratio averages over.
+        dynamic_full_layers (`int`, *optional*): `None` (default): static, every streaming layer always streams. An
+            integer P: LightTransfer-Test, the lazy layers are chosen per request at prefill and only the P least lazy
+            streaming layers keep full caches (see the module docstring).
+        block_size (`int`, *optional*, defaults to 256): queries per block of the fast path; never changes the output.
+        impl (`str`, *optional*, defaults to `"auto"`): `"auto"` takes the blocked fast path; `"ref"` forces the
+            explicit-mask reference (memory quadratic in the length, for debugging).
+
+    Example:
+        ```python
+        >>> config = HybridConfig(num_hidden_layers=2, mixer_types=["streaming", "attention"],
+        ...                       mixers={"streaming": {"sinks": 4, "window": 252}})
+        ```
+    """
+
+    sinks: int = 4
+    window: int = 1020
+    w_last: int = 64
+    dynamic_full_layers: int | None = None
+    block_size: int = 256
+    impl: Literal["auto", "ref"] = "auto"
+
+    def __post_init__(self):
+        if self.sinks < 0:
+            raise ValueError(f"streaming sinks must be >= 0, got {self.sinks}")
+        if min(self.window, self.w_last, self.block_size) < 1:
+            raise ValueError(
+                f"streaming window, w_last and block_size must be >= 1, got window={self.window}, "
+                f"w_last={self.w_last}, block_size={self.block_size}"
+            )
+        if self.dynamic_full_layers is not None and self.dynamic_full_layers < 0:
+            raise ValueError(f"streaming dynamic_full_layers must be None or >= 0, got {self.dynamic_full_layers}")
+        if self.impl not in ("auto", "ref"):
+            raise ValueError(f"streaming impl must be 'auto' or 'ref', got {self.impl!r}")
+
+    @classmethod
+    def from_hybrid_config(cls, config: HybridConfig) -> "StreamingMixerConfig":
+        """The settings in `config.mixers["streaming"]`; missing ones keep their defaults."""
+        settings = config.mixers.get("streaming", {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(settings) - known
+        if unknown:
+            raise ValueError(f"unknown streaming settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**settings)
+
+
+def token_indices(
+    padding: torch.Tensor | None, start: torch.Tensor | int, batch: int, length: int, device
+) -> torch.Tensor:
+    """(b, l) index of each new token among its sequence's real tokens, continuing from `start` (b,) tokens already
+    seen; -1 where `padding` (b, l) is 0."""
+    start = torch.as_tensor(start, device=device).reshape(-1, 1)
+    if padding is None:
+        return (torch.arange(length, device=device) + start).expand(batch, length)
+    real = padding.to(device).bool()
+    return (real.long().cumsum(1) - 1 + start).masked_fill(~real, -1)
+
+
+def _visible(q_idx: torch.Tensor, k_idx: torch.Tensor, sinks: int, window: int | None) -> torch.Tensor:
+    """(b, lq, lk): which keys each query sees. `window=None` is full causal attention."""
+    q, k = q_idx[:, :, None], k_idx[:, None, :]
+    visible = (k >= 0) & (k <= q)
+    if window is not None:
+        visible = visible & ((k < sinks) | (q - k < window))
+    return visible
+
+
+def streaming_attention_ref(query, key, value, q_idx, k_idx, *, sinks, window, scaling):
+    """The definition: softmax over an explicit sink + window mask. query (b, h, lq, d), key and value (b, g, lk, d),
+    q_idx (b, lq) and k_idx (b, lk) token indices (-1: padding) -> (b, lq, h, d); padding queries give 0."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)  # GQA: (b, h, lk, d)
+    scores = (query @ key.transpose(-1, -2)) * scaling  # (b, h, lq, lk)
+    scores = scores.masked_fill(~_visible(q_idx, k_idx, sinks, window)[:, None], -torch.inf)
+    dtype = torch.promote_types(scores.dtype, torch.float32)  # softmax in float32 at least, as eager attention
+    probs = F.softmax(scores, dim=-1, dtype=dtype).nan_to_num(0.0).to(value.dtype)  # a query without keys gives 0
+    return (probs @ value).transpose(1, 2)
+
+
+def _gather_keys(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tensor (b, g, lk, d), index (b, n) -> (b, g, n, d)."""
+    return tensor.gather(2, index[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3]))
+
+
+def streaming_attention_chunked(
+    query, key, value, q_idx, k_idx, *, sinks, window, scaling, block_size=256, dropout=0.0
+):
+    """Same inputs and output as `streaming_attention_ref`, block by block: each block of queries attends to the sink
+    keys (gathered per sequence, since padding moves them) plus the band of keys its window can reach, with a
+    (block x (sinks + window + block)) mask. Needs the queries' keys to be the last lq keys and no padding between
+    two real keys (`keys_contiguous`), which every cache here keeps."""
+    lq, lk = query.shape[2], key.shape[2]
+    offset = lk - lq  # query i is key offset + i
+    num_sinks = 0
+    if window is not None and sinks > 0:
+        is_sink = (k_idx >= 0) & (k_idx < sinks)
+        num_sinks = int(is_sink.sum(1).max())
+    if num_sinks:
+        order = torch.sort(is_sink.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :num_sinks]
+        sink_key, sink_value = _gather_keys(key, order), _gather_keys(value, order)
+        sink_idx = k_idx.gather(1, order).masked_fill(~is_sink.gather(1, order), -1)  # (b, num_sinks)
+    outputs = []
+    for start in range(0, lq, block_size):
+        end = min(start + block_size, lq)
+        low = 0 if window is None else max(0, offset + start - window + 1)
+        band_key, band_value, band_idx = (
+            key[:, :, low : offset + end],
+            value[:, :, low : offset + end],
+            k_idx[:, low : offset + end],
+        )
+        if num_sinks:  # sink keys are attended through the gathered copy; never twice
+            band_idx = band_idx.masked_fill(band_idx < sinks, -1)
+            band_key, band_value = torch.cat([sink_key, band_key], 2), torch.cat([sink_value, band_value], 2)
+            band_idx = torch.cat([sink_idx, band_idx], 1)
+        block_q_idx = q_idx[:, start:end]
+        # padding queries see any key (a finite softmax), and are zeroed below
+        mask = _visible(block_q_idx, band_idx, sinks, window) | (block_q_idx < 0)[:, :, None]
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, start:end],
+                band_key,
+                band_value,
+                attn_mask=mask[:, None],
+                dropout_p=dropout,
+                scale=scaling,
+                enable_gqa=True,
+            )
+        )
+    out = torch.cat(outputs, 2).transpose(1, 2)  # (b, lq, h, d)
+    return out.masked_fill((q_idx < 0)[:, :, None, None], 0.0)
+
+
+def keys_contiguous(k_idx: torch.Tensor) -> bool:
+    """Whether no padding sits between two real keys of a sequence (what `streaming_attention_chunked` needs)."""
+    real = k_idx >= 0
+    count = real.sum(1)
+    first = real.int().argmax(1)
+    last = real.shape[1] - 1 - real.flip(1).int().argmax(1)
+    return bool(((count == 0) | (last - first + 1 == count)).all())
+
+
+def lazy_ratio(query, key, q_idx, k_idx, *, sinks, window, scaling, block_size=1024) -> torch.Tensor:
+    """LightTransfer's lazy ratio (arXiv 2410.13846 §3): the attention mass the given queries put on the sinks and
+    their window, averaged over heads and queries. Computed from log-sum-exps accumulated over key blocks, so the
+    (queries x keys) attention is never held whole: log r = logsumexp_{sinks ∪ window} - logsumexp_{all}, with the
+    1/sqrt(d) scale, keys repeated over GQA groups and the causal mask applied inside the window too. A query whose
+    index is below sinks + window sees only its sinks and window, so its ratio is exactly 1.
+
+    Args:
+        query (`torch.Tensor`): (b, h, w, d) the queries to average over (LightTransfer: the prompt's last w_last).
+        key (`torch.Tensor`): (b, g, lk, d) every key they may see, after RoPE.
+        q_idx (`torch.Tensor`): (b, w) token indices of the queries (-1: padding, left out of the mean).
+        k_idx (`torch.Tensor`): (b, lk) token indices of the keys.
+        sinks (`int`), window (`int`), scaling (`float`): as in the attention.
+        block_size (`int`, *optional*, defaults to 1024): keys per block; never changes the result beyond rounding.
+
+    Returns:
+        `torch.Tensor` of shape (b,): the ratio of each sequence, in [0, 1].
+    """
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    groups = query.shape[1] // key.shape[1]
+    query = query.to(dtype)
+    lse_all = query.new_full(query.shape[:3], -torch.inf)  # (b, h, w)
+    lse_near = lse_all.clone()
+    for start in range(0, key.shape[2], block_size):
+        block = key[:, :, start : start + block_size].to(dtype).repeat_interleave(groups, 1)  # (b, h, n, d)
+        scores = (query @ block.transpose(-1, -2)) * scaling  # (b, h, w, n)
+        causal = _visible(q_idx, k_idx[:, start : start + block_size], sinks, None)[:, None]
+        near = _visible(q_idx, k_idx[:, start : start + block_size], sinks, window)[:, None]
+        lse_all = torch.logaddexp(lse_all, scores.masked_fill(~causal, -torch.inf).logsumexp(-1))
+        lse_near = torch.logaddexp(lse_near, scores.masked_fill(~near, -torch.inf).logsumexp(-1))
+    real = (q_idx >= 0)[:, None, :].expand_as(lse_all)  # (b, h, w)
+    ratio = torch.exp(lse_near - lse_all).masked_fill(~real, 0.0)
+    return ratio.sum((1, 2)) / real.sum((1, 2)).clamp(min=1)
+
+
+class StreamingCacheLayer(DynamicSlidingWindowLayer):
+    """The KV cache of a streaming layer: per sequence, the sink tokens and the last `window - 1` tokens (all a later
+    query can see besides itself), so at most `sinks + window - 1` entries however long the context, with each
+    entry's token index (`token_indices`, -1 for padding). Kept entries are right-aligned and in order.
+
+    With `bounded=False` it keeps everything, like a `DynamicLayer`: a dynamic layer until LightTransfer-Test pops it
+    as lazy (`truncate`), and for good when it stays among the full layers.
+    """
+
+    is_croppable = False  # evicted tokens cannot be restored
+
+    def __init__(self, sinks: int, window: int, *, bounded: bool = True):
+        super().__init__(sliding_window=sinks + window)
+        self.sinks, self.window, self.bounded = sinks, window, bounded
+        self.bounded_at_start = bounded
+        self.token_indices: torch.Tensor | None = None  # (b, n)
+        self.num_tokens: torch.Tensor | None = None  # (b,) real tokens seen
+        self.lazy_ratio: float | None = None  # dynamic mode: measured at prefill
+        self.pending = False  # dynamic mode: full, and in the priority queue
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        b, g, _, d = key_states.shape
+        self.keys, self.values = key_states.new_empty(b, g, 0, d), value_states.new_empty(b, g, 0, d)
+        self.token_indices = torch.empty(b, 0, dtype=torch.long, device=self.device)
+        self.num_tokens = torch.zeros(b, dtype=torch.long, device=self.device)
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        *args,
+        token_indices: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new keys and values (with their token indices; default: no padding) and return the cached ones
+        followed by the new ones, as this step's attention needs them; then evict what no later query can see."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = key_states.shape[-2]
+        if token_indices is None:
+            token_indices = self.num_tokens[:, None] + torch.arange(length, device=self.device)
+        self.cumulative_length += length
+        keys, values = torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+        self.keys, self.values = keys, values
+        self.token_indices = torch.cat([self.token_indices, token_indices.to(self.device)], 1)
+        self.num_tokens = self.num_tokens + (token_indices >= 0).sum(1).to(self.device)
+        if self.bounded:
+            self._evict()
+        return keys, values
+
+    def _evict(self) -> None:
+        idx = self.token_indices
+        # the next query has index num_tokens and sees keys with index > num_tokens - window
+        keep = (idx >= 0) & ((idx < self.sinks) | (idx > (self.num_tokens - self.window)[:, None]))
+        if bool(keep.all()):
+            return
+        count = int(keep.sum(1).max())
+        order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, idx.shape[1] - count :]  # kept last
+        self.keys, self.values = _gather_keys(self.keys, order), _gather_keys(self.values, order)
+        self.token_indices = idx.gather(1, order).masked_fill(~keep.gather(1, order), -1)
+
+    def truncate(self) -> None:
+        """Bound this layer from now on (LightTransfer-Test pops it as lazy), dropping what the window left behind."""
+        self.bounded, self.pending = True, False
+        if self.is_initialized:
+            self._evict()
+
+    def get_max_length(self) -> int:
+        return self.sinks + self.window - 1 if self.bounded else -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError("a streaming cache cannot be cropped: the tokens it evicted are gone")
+
+    def reset(self) -> None:
+        super().reset()
+        self.token_indices = self.num_tokens = self.lazy_ratio = None
+        self.bounded, self.pending = self.bounded_at_start, False
+
+    def _select_batch(self, index: torch.Tensor) -> None:
+        if self.is_initialized:
+            index = index.to(self.device)
+            self.keys, self.values = self.keys[index], self.values[index]
+            self.token_indices, self.num_tokens = self.token_indices[index], self.num_tokens[index]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select_batch(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+
+class StreamingMixer(AttentionMixer):
+    """The source attention (same parameters, same RoPE) restricted to sinks + a recent window, with a bounded cache.
+    Differs from `AttentionMixer` only in which keys a query sees, its cache layer and the mask it asks for."""
+
+    settings_class = StreamingMixerConfig
+    mask_type = "padding"  # the 2-D padding mask: the sink + window mask is built here, from token indices
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.settings = StreamingMixerConfig.from_hybrid_config(config)
+
+    @staticmethod
+    def new_cache_layer(config: HybridConfig, layer_idx: int) -> StreamingCacheLayer:
+        s = StreamingMixerConfig.from_hybrid_config(config)
+        return StreamingCacheLayer(s.sinks, s.window, bounded=s.dynamic_full_layers is None)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        s = self.settings
+        batch, length = hidden_states.shape[:2]
+        hidden_shape = (batch, length, -1, self.head_dim)
+        # (b, heads, l, head_dim), exactly as the source attention
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+
+        layer = cache.layers[self.layer_idx] if cache is not None else None
+        started = layer is not None and layer.get_seq_length() > 0
+        padding = attention_mask[:, -length:] if attention_mask is not None else None
+        q_idx = token_indices(padding, layer.num_tokens if started else 0, batch, length, hidden_states.device)
+        k_idx = q_idx
+        if layer is not None:
+            past_idx = layer.token_indices if started else q_idx[:, :0]
+            key, value = cache.update(key, value, self.layer_idx, token_indices=q_idx)
+            k_idx = torch.cat([past_idx, q_idx], 1)
+
+        # LightTransfer-Test: prefill attends to everything; afterwards only the layers popped as lazy stream
+        window = s.window
+        if s.dynamic_full_layers is not None and not (started and layer.bounded):
+            window = None
+        if s.impl == "ref" or not keys_contiguous(k_idx):
+            out = streaming_attention_ref(
+                query, key, value, q_idx, k_idx, sinks=s.sinks, window=window, scaling=self.scaling
+            )
+        else:
+            dropout = self.attention_dropout if self.training else 0.0
+            out = streaming_attention_chunked(
+                query,
+                key,
+                value,
+                q_idx,
+                k_idx,
+                sinks=s.sinks,
+                window=window,
+                scaling=self.scaling,
+                block_size=s.block_size,
+                dropout=dropout,
+            )
+        if s.dynamic_full_layers is not None and layer is not None and not started:
+            self._enqueue(cache, layer, query, key, q_idx, k_idx)
+        return self.o_proj(out.reshape(batch, length, -1).contiguous())
+
+    @torch.no_grad()
+    def _enqueue(self, cache, layer: StreamingCacheLayer, query, key, q_idx, k_idx) -> None:
+        """Push this layer's lazy ratio; if more than P layers now hold full caches, pop the laziest (ties: the
+        deeper layer) and truncate its cache at once."""
+        s = self.settings
+        ratio = lazy_ratio(
+            query[:, :, -s.w_last :],
+            key,
+            q_idx[:, -s.w_last :],
+            k_idx,
+            sinks=s.sinks,
+            window=s.window,
+            scaling=self.scaling,
+        )
+        layer.lazy_ratio, layer.pending = float(ratio.mean()), True
+        queue = [i for i, other in enumerate(cache.layers) if isinstance(other, StreamingCacheLayer) and other.pending]
+        if len(queue) > s.dynamic_full_layers:
+            laziest = max(queue, key=lambda i: (cache.layers[i].lazy_ratio, i))
+            cache.layers[laziest].truncate()
+
+
+__all__ = [
+    "StreamingCacheLayer",
+    "StreamingMixer",
+    "StreamingMixerConfig",
+    "keys_contiguous",
+    "lazy_ratio",
+    "streaming_attention_chunked",
+    "streaming_attention_ref",
+    "token_indices",
+]
