@@ -6,6 +6,7 @@ Importing the package registers the hybrid model with transformers' Auto classes
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .compress import PruneConfig, prune
 from .convert import ConvertConfig, convert
 from .distill import DistillConfig, distill
 from .evaluate.bench import BenchConfig, bench
@@ -38,6 +39,7 @@ __all__ = [
     "HybridForCausalLM",
     "HybridizeError",
     "OutputExistsError",
+    "PruneConfig",
     "PushConfig",
     "UnsupportedModelError",
     "bench",
@@ -47,6 +49,7 @@ __all__ = [
     "evaluate",
     "export",
     "load",
+    "prune",
     "push",
     "run",
     "save",

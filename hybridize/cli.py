@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 import hybridize
+from hybridize.compress.prune import PruneConfig, format_prune
 from hybridize.convert import ConvertConfig
 from hybridize.distill import EVAL_EVERY, SAVE_EVERY, DistillConfig, finish, run_dir_for
 from hybridize.errors import ConfigError, HybridizeError
@@ -286,6 +287,58 @@ def distill(
                 f"(teacher {metrics['teacher_perplexity']:.2f}), KL {metrics['end']['kl']:.4f}"
             )
         typer.echo(f"wrote {output}")
+
+
+@app.command()
+def prune(
+    model: ModelArg,
+    output: Output,
+    params: Annotated[float | None, typer.Option(help="Fraction of parameters to keep; searches the axes.")] = (
+        PruneConfig.params
+    ),
+    hidden: Annotated[int | None, typer.Option(help="New hidden size.")] = PruneConfig.hidden,
+    ffn: Annotated[int | None, typer.Option(help="New MLP intermediate size.")] = PruneConfig.ffn,
+    attn_heads: Annotated[int | None, typer.Option(help="Query heads per attention layer.")] = PruneConfig.attn_heads,
+    ssm_heads: Annotated[int | None, typer.Option(help="Heads per Mamba2 layer (a multiple of its groups).")] = (
+        PruneConfig.ssm_heads
+    ),
+    ssm_head_dim: Annotated[int | None, typer.Option(help="Channels per Mamba2 head.")] = PruneConfig.ssm_head_dim,
+    drop_layers: Annotated[int | None, typer.Option(help="Whole layers to remove.")] = PruneConfig.drop_layers,
+    ssm_grouping: Annotated[str, typer.Option(help="aware (same heads per group) or ignore (baseline).")] = (
+        PruneConfig.ssm_grouping
+    ),
+    depth_metric: Annotated[str, typer.Option(help="block (1 - cosine) or ppl (loss with the layer skipped).")] = (
+        PruneConfig.depth_metric
+    ),
+    data: Annotated[str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")] = (
+        PruneConfig.data
+    ),
+    num_blocks: Annotated[int, typer.Option(help="Calibration blocks.")] = PruneConfig.num_blocks,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = PruneConfig.seq_len,
+    overwrite: Overwrite = False,
+    trust_remote_code: TrustRemoteCode = False,
+):
+    """Prune a hybrid or dense model (Minitron width/depth, group-aware Mamba2 heads) to given sizes or a budget."""
+    config = PruneConfig(
+        params=params,
+        hidden=hidden,
+        ffn=ffn,
+        attn_heads=attn_heads,
+        ssm_heads=ssm_heads,
+        ssm_head_dim=ssm_head_dim,
+        drop_layers=drop_layers,
+        ssm_grouping=ssm_grouping,
+        depth_metric=depth_metric,
+        data=data,
+        num_blocks=num_blocks,
+        seq_len=seq_len,
+    )
+    hybridize.check_output(output, overwrite=overwrite)
+    source, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
+    pruned = hybridize.prune(source, config, tokenizer=tokenizer, progress=True)
+    hybridize.save(pruned, output, tokenizer=tokenizer, overwrite=overwrite)
+    typer.echo(format_prune(pruned.hybridize_steps[-1]["metrics"]))
+    typer.echo(f"wrote {output}")
 
 
 @app.command("run")

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from .compress.prune import PruneConfig, prune
 from .convert import ConvertConfig, convert
 from .distill import DistillConfig, distill, finish, run_dir_for
 from .errors import ConfigError, HybridizeError, OutputExistsError
@@ -88,6 +89,10 @@ def _bench(state: _State, config: BenchConfig, runtime: dict) -> dict:
     return bench(state.model, state.tokenizer, config, baseline=baseline, progress=True)
 
 
+def _prune(state: _State, config: PruneConfig, runtime: dict) -> None:
+    state.model = prune(state.model, config, tokenizer=state.tokenizer, progress=True)
+
+
 def _export(state: _State, config: ExportConfig, runtime: dict) -> dict:
     save(export(state.model, config), runtime["output"], tokenizer=state.tokenizer, overwrite=True)
     return {"output": str(runtime["output"])}
@@ -100,6 +105,7 @@ def _push(state: _State, config: PushConfig, runtime: dict) -> dict:
 STEPS: dict[str, Step] = {
     "convert": Step(ConvertConfig, _convert),
     "distill": Step(DistillConfig, _distill, runtime=("teacher",)),
+    "prune": Step(PruneConfig, _prune),
     "eval": Step(EvalConfig, _eval, runtime=("baseline",), changes_model=False),
     "bench": Step(BenchConfig, _bench, runtime=("baseline",), changes_model=False),
     "export": Step(ExportConfig, _export, runtime=("output",), changes_model=False),

@@ -1,0 +1,848 @@
+"""Structured pruning: Minitron width and depth pruning (Muralidharan et al., arXiv 2407.14679; Sreenivas et al.,
+arXiv 2408.11796) with the group-aware SSM pruning of Nemotron-H / Minitron-SSM (Taghibakhshi et al., arXiv
+2504.11409), for hybrids and dense Llama-family models.
+
+`prune(model, PruneConfig(...))` measures activation importances in one calibration pass (`hybridize.calibrate`,
+forward pre-hooks, nothing kept but a few numbers per layer), ranks channels, heads and layers, and slices every
+affected tensor into a smaller `HybridForCausalLM` whose config states its new shape. A dense source is first
+converted to a ratio-0 hybrid (every layer keeps its attention), so the output is always a hybrid checkpoint.
+
+Importance (Minitron): for a hooked activation A of shape (b, l, d), a[d] = mean over l of |A|; the squares of a are
+summed over the batch and the calibration blocks (float64) and importance = sqrt of that sum.
+
+- FFN channels: the input of `down_proj`; gate and up rows and down columns are sliced together.
+- Attention heads: the input of `o_proj` as (heads, head_dim), L2 over head_dim; ranked inside each KV group and the
+  same number kept in every group, so k and v (and the GQA layout) are untouched; q rows and o columns are sliced.
+- Hidden channels: the sum, over the layers, of the importances of the two norm outputs that feed linear layers (the
+  mixer's input and the MLP's input). One ranking slices the embedding (and the tied head), every norm, the input
+  columns of q/k/v/gate/up/in_proj and the output rows of o/down/out_proj.
+- Depth: block importance, the sum over blocks of 1 - mean cos(layer input, layer output) (`depth_metric="block"`),
+  or the loss on scoring blocks with the layer skipped minus the full model's loss (`"ppl"`). The least important
+  layers are dropped.
+
+Group-aware SSM pruning in our Mamba2 layout. Our Mamba2 layers come from attention (MambaInLlama): x and B are one
+per group (g = the source's KV heads) and repeated to the heads of the group, while z, C, dt, dt_bias, A_log and D are
+one per head. So, following the paper's nested order (head channels first, heads on the kept channels):
+
+- head channels (head_dim) are scored on the x path (the x rows of `in_proj`, (g, p), L2 over groups) and the same
+  channels are kept in every head and every group: the z and x rows of `in_proj`, the x conv channels, the gated-norm
+  weight and the `out_proj` columns;
+- heads cannot be told apart on x (the heads of a group share it), so they are scored on their own output, the input
+  of `out_proj` as (h, p) restricted to the kept channels (L2), ranked inside each group, and the same number is kept
+  in every group: every head keeps reading its own group's x and B. A pruned head takes along its z, C and dt rows,
+  its C conv channels, dt_bias, A_log, D, gated-norm weight and `out_proj` columns;
+- never touched: B, the number of groups, the state size and the conv kernel.
+
+`ssm_grouping="ignore"` is the group-unaware baseline of the paper: the best heads of the whole layer are kept in
+their order and regrouped by position, so a head may end up reading another group's x and B.
+
+Shapes are uniform: a `HybridConfig` has one hidden size, one FFN size and one head count per mixer type, so every
+layer is pruned to the same shape (as Minitron's export does); which channels and heads each layer keeps is its own.
+
+Norms: slicing d channels to d' makes an RMSNorm average over fewer channels; with `rescale_norms` the norm weights
+are multiplied by sqrt(d / d') (sqrt(p / p') for the per-head gated norm), so that the pruned model computes exactly
+what the original computes with the pruned channels zeroed (up to the norms' epsilon). Minitron does not rescale and
+leaves it to distillation.
+
+`params` searches the axes: every combination of widths (at most `max_width_pruning` removed per axis, in steps of
+10%) and depths (at most `max_depth_pruning` of the layers) is counted analytically, the `num_candidates` largest
+within the budget are pruned from the same importances and scored by their loss on scoring blocks (text after the
+calibration blocks in the train split, never the held-out split), and the best is kept. SSM head_dim is not searched
+(Nemotron-H keeps it); prune it explicitly with `ssm_head_dim`.
+
+The pruned model is assembled layer by layer on the meta device, each layer filled with its sliced tensors, so memory
+holds the source and the (smaller) result, never a third copy; the source is not modified.
+"""
+
+import copy
+import itertools
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from ..calibrate import calibrate, calibration_blocks
+from ..errors import ConfigError, UnsupportedModelError
+from ..modeling import MIXERS, HybridConfig, HybridForCausalLM, Mamba2Mixer, Mamba2MixerConfig
+from ..modeling.attention import AttentionMixer
+from ..provenance import record_step
+
+logger = logging.getLogger(__name__)
+
+SSM_GROUPINGS = ("aware", "ignore")
+DEPTH_METRICS = ("block", "ppl")
+AXES = ("hidden", "ffn", "attn_heads", "ssm_heads", "ssm_head_dim", "drop_layers")
+_WIDTH_STEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneConfig:
+    """What to prune and how to measure importance. Give either `params` or one or more explicit axes.
+
+    Args:
+        params (`float`, *optional*): fraction of the model's parameters to keep, in (0, 1]; the axis sizes are found
+            by a small search (see the module docstring) and recorded in `hybridize.json`.
+        hidden (`int`, *optional*): new hidden size (residual width).
+        ffn (`int`, *optional*): new MLP intermediate size.
+        attn_heads (`int`, *optional*): new query heads per attention layer; a multiple of the KV heads.
+        ssm_heads (`int`, *optional*): new heads per Mamba2 layer; a multiple of its groups.
+        ssm_head_dim (`int`, *optional*): new channels per Mamba2 head (the same channels in every head).
+        drop_layers (`int`, *optional*): number of whole layers to remove.
+        ssm_grouping (`str`, *optional*, defaults to `"aware"`): `"aware"` keeps the same heads count in every Mamba2
+            group; `"ignore"` keeps the best heads of the layer regardless of their group (the paper's baseline).
+        depth_metric (`str`, *optional*, defaults to `"block"`): `"block"` (1 - cosine of a layer's input and output)
+            or `"ppl"` (loss increase on the scoring blocks when the layer is skipped; one pass per layer).
+        rescale_norms (`bool`, *optional*, defaults to `True`): multiply norm weights by sqrt(old / new width), so
+            the pruned model equals the original with the pruned channels zeroed.
+        data (`str`, *optional*, defaults to `"wiki"`): calibration text: the packaged corpus' train split, or a
+            data spec as `hybridize distill --data` takes it.
+        num_blocks (`int`, *optional*, defaults to 16): calibration blocks for the importances.
+        seq_len (`int`, *optional*, defaults to 512): tokens per calibration and scoring block.
+        score_blocks (`int`, *optional*, defaults to 4): further blocks scoring the `params` candidates and the
+            `"ppl"` depth metric.
+        max_width_pruning (`float`, *optional*, defaults to 0.4): `params` search: at most this fraction of any
+            width axis is removed (Minitron's limit).
+        max_depth_pruning (`float`, *optional*, defaults to 0.2): `params` search: at most this fraction of layers.
+        num_candidates (`int`, *optional*, defaults to 8): `params` search: candidates pruned and scored.
+
+    Example:
+        ```python
+        >>> pruned = prune(hybrid, PruneConfig(ssm_heads=6, ffn=1024), tokenizer=tokenizer)
+        >>> pruned = prune(hybrid, PruneConfig(params=0.8), tokenizer=tokenizer)
+        ```
+    """
+
+    params: float | None = None
+    hidden: int | None = None
+    ffn: int | None = None
+    attn_heads: int | None = None
+    ssm_heads: int | None = None
+    ssm_head_dim: int | None = None
+    drop_layers: int | None = None
+    ssm_grouping: Literal["aware", "ignore"] = "aware"
+    depth_metric: Literal["block", "ppl"] = "block"
+    rescale_norms: bool = True
+    data: str = "wiki"
+    num_blocks: int = 16
+    seq_len: int = 512
+    score_blocks: int = 4
+    max_width_pruning: float = 0.4
+    max_depth_pruning: float = 0.2
+    num_candidates: int = 8
+
+    def __post_init__(self):
+        explicit = self.explicit_axes()
+        if self.params is None and not explicit:
+            raise ConfigError(
+                f"nothing to prune: pass params (a fraction of parameters to keep, e.g. 0.8) or at least one of "
+                f"{', '.join(AXES)}"
+            )
+        if self.params is not None and explicit:
+            raise ConfigError(
+                f"params={self.params} searches every axis and cannot be combined with explicit axes {explicit}; "
+                "pass one or the other"
+            )
+        if self.params is not None and not 0.0 < self.params <= 1.0:
+            raise ConfigError(f"params={self.params} must be a fraction of parameters to keep, in (0, 1]")
+        for name, value in explicit.items():
+            if not isinstance(value, int) or value < (0 if name == "drop_layers" else 1):
+                raise ConfigError(
+                    f"{name}={value!r} must be a {'non-negative' if name == 'drop_layers' else 'positive'} integer"
+                )
+        if self.ssm_grouping not in SSM_GROUPINGS:
+            raise ConfigError(f"ssm_grouping={self.ssm_grouping!r} is not one of {', '.join(SSM_GROUPINGS)}")
+        if self.depth_metric not in DEPTH_METRICS:
+            raise ConfigError(f"depth_metric={self.depth_metric!r} is not one of {', '.join(DEPTH_METRICS)}")
+        for name in ("num_blocks", "score_blocks", "num_candidates"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len={self.seq_len} must be at least 2")
+        for name in ("max_width_pruning", "max_depth_pruning"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
+
+    def explicit_axes(self) -> dict[str, int]:
+        """The axes given explicitly, by name."""
+        return {name: getattr(self, name) for name in AXES if getattr(self, name) is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneShape:
+    """The prunable shape of a model: the sizes that one `HybridConfig` states for all layers.
+
+    Args:
+        hidden (`int`): hidden size.
+        ffn (`int`): MLP intermediate size.
+        attn_heads (`int`): query heads of the attention layers.
+        ssm_heads (`int`): heads of the Mamba2 layers (0 when there is none).
+        ssm_head_dim (`int`): channels per Mamba2 head (0 when there is none).
+        num_layers (`int`): layers.
+    """
+
+    hidden: int
+    ffn: int
+    attn_heads: int
+    ssm_heads: int
+    ssm_head_dim: int
+    num_layers: int
+
+
+# Model facts
+
+
+def _mixer_types(config) -> list[str]:
+    return list(getattr(config, "mixer_types", None) or ["attention"] * config.num_hidden_layers)
+
+
+def _is_attention(mixer_type: str) -> bool:
+    return issubclass(MIXERS[mixer_type], AttentionMixer)
+
+
+def _ssm_settings(config) -> Mamba2MixerConfig | None:
+    if "mamba2" not in _mixer_types(config):
+        return None
+    return Mamba2MixerConfig.from_hybrid_config(config)
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def model_shape(config) -> PruneShape:
+    """The `PruneShape` of a hybrid or dense Llama-family config."""
+    ssm = _ssm_settings(config)
+    return PruneShape(
+        hidden=config.hidden_size,
+        ffn=config.intermediate_size,
+        attn_heads=config.num_attention_heads,
+        ssm_heads=ssm.num_heads if ssm else 0,
+        ssm_head_dim=ssm.head_dim if ssm else 0,
+        num_layers=config.num_hidden_layers,
+    )
+
+
+def count_params(config, shape: PruneShape, mixer_types: Sequence[str]) -> int:
+    """Parameters of `config`'s model pruned to `shape` with these layers (tied embeddings counted once).
+
+    Example: `count_params(model.config, model_shape(model.config), model.config.mixer_types)`
+    """
+    d, f = shape.hidden, shape.ffn
+    attn_bias = bool(config.attention_bias)
+    out_bias = bool(getattr(config, "attention_out_bias", attn_bias))
+    total = config.vocab_size * d * (1 if config.tie_word_embeddings else 2) + d  # embedding, head, final norm
+    per_layer = 2 * d + 3 * d * f + ((2 * f + d) if getattr(config, "mlp_bias", False) else 0)  # norms, MLP
+    hd, kv = _head_dim(config), config.num_key_value_heads
+    q, k = shape.attn_heads * hd, kv * hd
+    attention = d * (q + 2 * k) + q * d + ((q + 2 * k) if attn_bias else 0) + (d if out_bias else 0)
+    mamba = 0
+    ssm = _ssm_settings(config)
+    if ssm is not None:
+        h, p, g, n = shape.ssm_heads, shape.ssm_head_dim, ssm.num_groups, ssm.state_size
+        conv = g * (p + n) + h * n  # x | B | C
+        rows = h * p + conv + h  # z | x B C | dt
+        mamba = d * rows + (rows if attn_bias else 0) + conv * (ssm.conv_kernel + 1) + 3 * h + h * p + h * p * d
+        mamba += d if out_bias else 0
+    return total + sum(per_layer + (mamba if t == "mamba2" else attention) for t in mixer_types)
+
+
+def _count_model(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# Checks
+
+
+def check_prune(model_config, config: PruneConfig) -> PruneShape | None:
+    """Check `config` against a hybrid or dense Llama-family config before any work; return the explicit target
+    shape (`None` for a `params` search). Raises `ConfigError` for an impossible target and `UnsupportedModelError`
+    for a mixer that pruning does not know.
+
+    Example: `check_prune(model.config, PruneConfig(ssm_heads=6))`
+    """
+    mixer_types = _mixer_types(model_config)
+    unknown = sorted({t for t in mixer_types if t not in MIXERS or not (_is_attention(t) or t == "mamba2")})
+    if unknown:
+        raise UnsupportedModelError(
+            f"pruning knows attention-shaped and mamba2 mixers; this model has {unknown}; prune a model without them"
+        )
+    full = model_shape(model_config)
+    kv = model_config.num_key_value_heads
+    has_attention = any(_is_attention(t) for t in mixer_types)
+    ssm = _ssm_settings(model_config)
+    if config.params is not None:
+        embedding = model_config.vocab_size * full.hidden
+        target = config.params * count_params(model_config, full, mixer_types)
+        if target < embedding:
+            raise ConfigError(
+                f"params={config.params} keeps {target:,.0f} parameters, below the embedding's {embedding:,} "
+                f"(vocabulary {model_config.vocab_size} x hidden {full.hidden}); pass a larger params, or prune "
+                "hidden explicitly"
+            )
+        return None
+
+    def check(name: str, value: int | None, limit: int, multiple: int = 1, why: str = "") -> None:
+        if value is None:
+            return
+        if value > limit:
+            raise ConfigError(f"{name}={value} is more than the model's {limit}; pass at most {limit}")
+        if value % multiple:
+            raise ConfigError(
+                f"{name}={value} is not a multiple of {multiple} ({why}); pass one of "
+                f"{list(range(multiple, limit + 1, multiple))}"
+            )
+
+    if config.attn_heads is not None and not has_attention:
+        raise ConfigError(f"attn_heads={config.attn_heads}, but the model has no attention layer; drop attn_heads")
+    if (config.ssm_heads is not None or config.ssm_head_dim is not None) and ssm is None:
+        raise ConfigError(
+            "ssm_heads/ssm_head_dim given, but the model has no mamba2 layer; convert it first or drop them"
+        )
+    check("hidden", config.hidden, full.hidden)
+    check("ffn", config.ffn, full.ffn)
+    check("attn_heads", config.attn_heads, full.attn_heads, kv, f"the {kv} KV heads; each group keeps as many heads")
+    if ssm is not None:
+        why = f"the {ssm.num_groups} SSM groups; group-aware pruning keeps as many heads in every group"
+        check("ssm_heads", config.ssm_heads, full.ssm_heads, ssm.num_groups, why)
+        check("ssm_head_dim", config.ssm_head_dim, full.ssm_head_dim)
+    if config.drop_layers is not None and config.drop_layers >= full.num_layers:
+        raise ConfigError(
+            f"drop_layers={config.drop_layers} leaves no layer of {full.num_layers}; pass at most {full.num_layers - 1}"
+        )
+    return PruneShape(
+        hidden=config.hidden or full.hidden,
+        ffn=config.ffn or full.ffn,
+        attn_heads=config.attn_heads or full.attn_heads,
+        ssm_heads=config.ssm_heads or full.ssm_heads,
+        ssm_head_dim=config.ssm_head_dim or full.ssm_head_dim,
+        num_layers=full.num_layers - (config.drop_layers or 0),
+    )
+
+
+# Importance
+
+
+@dataclass
+class Importance:
+    """Activation importances of one calibration pass (float64).
+
+    Args:
+        hidden (`torch.Tensor`): (hidden,) summed over the norm outputs of every layer.
+        ffn (`dict[int, torch.Tensor]`): per layer, (ffn,) at the `down_proj` input.
+        attn (`dict[int, torch.Tensor]`): per attention layer, (heads, head_dim) at the `o_proj` input.
+        ssm_x (`dict[int, torch.Tensor]`): per Mamba2 layer, (groups, head_dim) on the x rows of `in_proj`.
+        ssm_out (`dict[int, torch.Tensor]`): per Mamba2 layer, (heads, head_dim) at the `out_proj` input.
+        depth (`torch.Tensor`): (layers,) higher means more important.
+    """
+
+    hidden: torch.Tensor
+    ffn: dict[int, torch.Tensor]
+    attn: dict[int, torch.Tensor]
+    ssm_x: dict[int, torch.Tensor]
+    ssm_out: dict[int, torch.Tensor]
+    depth: torch.Tensor
+
+
+class _Accumulator:
+    """Minitron's aggregation: sum over batch and blocks of (mean over the sequence of |A|)^2; importance = sqrt."""
+
+    def __init__(self):
+        self.sums: dict[Any, torch.Tensor] = {}
+
+    def add(self, key: Any, activation: torch.Tensor) -> None:
+        a = activation.detach().double().abs().mean(dim=1)  # (b, d)
+        self.sums[key] = self.sums.get(key, 0) + a.pow(2).sum(0)
+
+    def importance(self, key: Any) -> torch.Tensor:
+        return self.sums[key].sqrt()
+
+
+def measure_importance(model: HybridForCausalLM, blocks: torch.Tensor, *, progress: bool = False) -> Importance:
+    """One calibration pass over `blocks` with forward pre-hooks; returns every importance (depth by block
+    importance).
+
+    Example: `importance = measure_importance(hybrid, blocks)`
+    """
+    layers = model.model.layers
+    acc = _Accumulator()
+    depth = torch.zeros(len(layers), dtype=torch.float64)
+    running: dict[str, Any] = {}  # the input of the layer that ran last, and its index
+
+    def close_layer(output: torch.Tensor) -> None:
+        # block importance: the layer's output is the next layer's (or the final norm's) input
+        index, inp = running.pop("index"), running.pop("input")
+        cos = F.cosine_similarity(inp.double(), output.double(), dim=-1)  # (b, l)
+        depth[index] += (1.0 - cos.mean()).item()
+
+    def on_layer(index: int):
+        def hook(block, module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if "index" in running:
+                close_layer(hidden)
+            running.update(index=index, input=hidden)
+
+        return hook
+
+    def on_input(key):
+        return lambda block, module, args, kwargs: acc.add(key, args[0] if args else kwargs["hidden_states"])
+
+    def on_x_path(index: int, mixer: Mamba2Mixer):
+        # the x rows of in_proj (g * p of them), recomputed from its input: Minitron-SSM scores head channels on x
+        start, stop = mixer.inner_size, mixer.inner_size + mixer.settings.num_groups * mixer.settings.head_dim
+
+        def hook(block, module, args, kwargs):
+            bias = module.bias[start:stop] if module.bias is not None else None
+            acc.add(("ssm_x", index), F.linear(args[0], module.weight[start:stop], bias))
+
+        return hook
+
+    hooks = {model.model.norm: lambda block, module, args, kwargs: close_layer(args[0])}
+    for i, layer in enumerate(layers):
+        hooks[layer] = on_layer(i)
+        hooks[layer.mixer] = on_input(("hidden", i, "mixer"))
+        hooks[layer.mlp] = on_input(("hidden", i, "mlp"))
+        hooks[layer.mlp.down_proj] = on_input(("ffn", i))
+        if isinstance(layer.mixer, Mamba2Mixer):
+            hooks[layer.mixer.in_proj] = on_x_path(i, layer.mixer)
+            hooks[layer.mixer.out_proj] = on_input(("ssm_out", i))
+        else:
+            hooks[layer.mixer.o_proj] = on_input(("attn", i))
+    calibrate(model, blocks, hooks, progress=progress)
+
+    def per_layer(kind: str, *shape: int) -> dict[int, torch.Tensor]:
+        return {key[1]: acc.importance(key).view(*shape) for key in acc.sums if key[0] == kind}
+
+    ssm = _ssm_settings(model.config)
+    hidden = sum(acc.importance(key) for key in acc.sums if key[0] == "hidden")
+    return Importance(
+        hidden=hidden,
+        ffn=per_layer("ffn", -1),
+        attn=per_layer("attn", model.config.num_attention_heads, -1),
+        ssm_x=per_layer("ssm_x", ssm.num_groups, -1) if ssm else {},
+        ssm_out=per_layer("ssm_out", ssm.num_heads, -1) if ssm else {},
+        depth=depth,
+    )
+
+
+def depth_by_loss(model: HybridForCausalLM, blocks: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
+    """(layers,) the loss on `blocks` with each layer skipped, minus the full model's: Minitron's LM-loss depth metric.
+
+    Example: `scores = depth_by_loss(hybrid, blocks)`
+    """
+    base = _loss(model, blocks)
+    scores = []
+    layers = model.model.layers
+    if progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc="depth (ppl)", unit="layer")
+    for layer in layers:
+        handle = layer.register_forward_hook(lambda module, args, output: args[0])  # the layer passes its input on
+        try:
+            scores.append(_loss(model, blocks) - base)
+        finally:
+            handle.remove()
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def _loss(model: nn.Module, blocks: torch.Tensor) -> float:
+    from ..evaluate.perplexity import perplexity
+
+    return math.log(perplexity(model, blocks))
+
+
+# Selection
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeptIndices:
+    """What a pruned model keeps of the original, as sorted index tensors.
+
+    Args:
+        hidden (`torch.Tensor`): kept residual channels.
+        layers (`tuple[int, ...]`): kept layers, in order.
+        ffn (`dict[int, torch.Tensor]`): per kept layer, its MLP channels.
+        attn_heads (`dict[int, torch.Tensor]`): per attention layer, its query heads.
+        ssm_heads (`dict[int, torch.Tensor]`): per Mamba2 layer, its heads (in their new order).
+        ssm_channels (`dict[int, torch.Tensor]`): per Mamba2 layer, the head channels kept in every head.
+    """
+
+    hidden: torch.Tensor
+    layers: tuple[int, ...]
+    ffn: dict[int, torch.Tensor]
+    attn_heads: dict[int, torch.Tensor]
+    ssm_heads: dict[int, torch.Tensor]
+    ssm_channels: dict[int, torch.Tensor]
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of the k largest scores, in their original order."""
+    return torch.topk(scores, k, sorted=False).indices.sort().values
+
+
+def _top_per_group(scores: torch.Tensor, num_groups: int, k: int) -> torch.Tensor:
+    """The k // num_groups best of each contiguous group of scores (group r is scores[r * size : (r + 1) * size])."""
+    grouped = scores.view(num_groups, -1)  # (groups, heads per group)
+    kept = torch.topk(grouped, k // num_groups, dim=1, sorted=False).indices.sort(dim=1).values
+    return (kept + torch.arange(num_groups)[:, None] * grouped.shape[1]).flatten()
+
+
+def select(
+    model: HybridForCausalLM, importance: Importance, shape: PruneShape, *, ssm_grouping: str = "aware"
+) -> KeptIndices:
+    """Rank by `importance` and choose what a model of `shape` keeps (see the module docstring for the rules).
+
+    Example: `kept = select(hybrid, importance, PruneShape(...))`
+    """
+    config = model.config
+    num_layers = config.num_hidden_layers
+    layers = tuple(sorted(_top(importance.depth, shape.num_layers).tolist()))
+    ffn, attn_heads, ssm_heads, ssm_channels = {}, {}, {}, {}
+    for i in layers:
+        ffn[i] = _top(importance.ffn[i], shape.ffn)
+        if i in importance.attn:
+            head_scores = importance.attn[i].norm(dim=1)  # (heads,)
+            attn_heads[i] = _top_per_group(head_scores, config.num_key_value_heads, shape.attn_heads)
+        if i in importance.ssm_x:
+            # Minitron-SSM, nested: channels on the x path (shared by all heads), then heads on the kept channels
+            channels = _top(importance.ssm_x[i].norm(dim=0), shape.ssm_head_dim)
+            head_scores = importance.ssm_out[i][:, channels].norm(dim=1)  # (heads,)
+            groups = importance.ssm_x[i].shape[0]
+            if ssm_grouping == "aware":
+                ssm_heads[i] = _top_per_group(head_scores, groups, shape.ssm_heads)
+            else:  # group-unaware baseline: the best heads anywhere, regrouped by position
+                ssm_heads[i] = _top(head_scores, shape.ssm_heads)
+            ssm_channels[i] = channels
+    assert len(layers) == shape.num_layers <= num_layers
+    return KeptIndices(
+        hidden=_top(importance.hidden, shape.hidden),
+        layers=layers,
+        ffn=ffn,
+        attn_heads=attn_heads,
+        ssm_heads=ssm_heads,
+        ssm_channels=ssm_channels,
+    )
+
+
+# Slicing
+
+
+def _pruned_config(config: HybridConfig, shape: PruneShape, kept: KeptIndices) -> HybridConfig:
+    changes: dict[str, Any] = {
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.ffn,
+        "num_attention_heads": shape.attn_heads,
+        "num_hidden_layers": shape.num_layers,
+        "head_dim": _head_dim(config),
+        "mixer_types": [config.mixer_types[i] for i in kept.layers],
+        "mixers": copy.deepcopy(config.mixers),
+    }
+    ssm = _ssm_settings(config)
+    if ssm is not None:  # every shape field explicit: the defaults follow the attention's, which may change too
+        changes["mixers"]["mamba2"] = {
+            **changes["mixers"].get("mamba2", {}),
+            "num_heads": shape.ssm_heads,
+            "num_groups": ssm.num_groups,
+            "head_dim": shape.ssm_head_dim,
+            "state_size": ssm.state_size,
+        }
+    pruned = HybridConfig.from_dict({**config.to_dict(), **changes})
+    pruned.dtype = config.dtype
+    return pruned
+
+
+def _rows_cols(tensor: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None):
+    out = tensor.index_select(0, rows) if rows is not None else tensor.clone()
+    return out.index_select(1, cols) if cols is not None else out
+
+
+def _linear(state: dict, name: str, linear: nn.Linear, rows=None, cols=None) -> None:
+    state[f"{name}.weight"] = _rows_cols(linear.weight, rows, cols)
+    if linear.bias is not None:
+        state[f"{name}.bias"] = _rows_cols(linear.bias, rows)
+
+
+def _attention_state(state: dict, mixer: AttentionMixer, heads: torch.Tensor, hidden: torch.Tensor) -> None:
+    hd = mixer.head_dim
+    q_rows = (heads[:, None] * hd + torch.arange(hd)).flatten()  # (kept heads * head_dim,)
+    _linear(state, "mixer.q_proj", mixer.q_proj, q_rows, hidden)
+    _linear(state, "mixer.k_proj", mixer.k_proj, None, hidden)  # KV heads are never pruned
+    _linear(state, "mixer.v_proj", mixer.v_proj, None, hidden)
+    _linear(state, "mixer.o_proj", mixer.o_proj, hidden, q_rows)
+
+
+def _mamba_state(
+    state: dict, mixer: Mamba2Mixer, heads: torch.Tensor, channels: torch.Tensor, hidden: torch.Tensor, scale: float
+) -> None:
+    s = mixer.settings
+    h, g, p, n = s.num_heads, s.num_groups, s.head_dim, s.state_size
+    inner = (heads[:, None] * p + channels).flatten()  # z rows, gated-norm weight, out_proj columns
+    x = (torch.arange(g)[:, None] * p + channels).flatten()  # every group keeps the same channels
+    B = g * p + torch.arange(g * n)  # never pruned
+    C = g * p + g * n + (heads[:, None] * n + torch.arange(n)).flatten()  # C is per head in our layout
+    conv = torch.cat([x, B, C])  # conv channels: x | B | C
+    rows = torch.cat([inner, h * p + conv, h * p + mixer.conv_size + heads])  # in_proj: z | x B C | dt
+    _linear(state, "mixer.in_proj", mixer.in_proj, rows, hidden)
+    state["mixer.conv1d.weight"] = _rows_cols(mixer.conv1d.weight, conv)
+    state["mixer.conv1d.bias"] = _rows_cols(mixer.conv1d.bias, conv)
+    for name in ("dt_bias", "A_log", "D"):
+        state[f"mixer.{name}"] = _rows_cols(getattr(mixer, name), heads)
+    state["mixer.norm.weight"] = _rows_cols(mixer.norm.weight, inner) * scale
+    _linear(state, "mixer.out_proj", mixer.out_proj, hidden, inner)
+
+
+@torch.no_grad()
+def slice_model(
+    model: HybridForCausalLM, kept: KeptIndices, shape: PruneShape, *, rescale_norms: bool = True
+) -> HybridForCausalLM:
+    """A new model holding what `kept` keeps of `model` (which is not modified); its config states `shape`.
+
+    Example: `pruned = slice_model(hybrid, select(hybrid, importance, shape), shape)`
+    """
+    config = model.config
+    full = model_shape(config)
+    pruned_config = _pruned_config(config, shape, kept)
+    with torch.device("meta"):  # filled below with the sliced tensors, one layer at a time
+        pruned = HybridForCausalLM(pruned_config)
+    hidden = kept.hidden
+    scale_hidden = math.sqrt(full.hidden / shape.hidden) if rescale_norms else 1.0
+    scale_ssm = math.sqrt(full.ssm_head_dim / shape.ssm_head_dim) if rescale_norms and shape.ssm_head_dim else 1.0
+    for new_index, i in enumerate(kept.layers):
+        layer = model.model.layers[i]
+        state = {
+            "input_layernorm.weight": _rows_cols(layer.input_layernorm.weight, hidden) * scale_hidden,
+            "post_attention_layernorm.weight": _rows_cols(layer.post_attention_layernorm.weight, hidden)
+            * scale_hidden,
+        }
+        f = kept.ffn[i]
+        _linear(state, "mlp.gate_proj", layer.mlp.gate_proj, f, hidden)
+        _linear(state, "mlp.up_proj", layer.mlp.up_proj, f, hidden)
+        _linear(state, "mlp.down_proj", layer.mlp.down_proj, hidden, f)
+        if isinstance(layer.mixer, Mamba2Mixer):
+            _mamba_state(state, layer.mixer, kept.ssm_heads[i], kept.ssm_channels[i], hidden, scale_ssm)
+        else:
+            _attention_state(state, layer.mixer, kept.attn_heads[i], hidden)
+        pruned.model.layers[new_index].load_state_dict(state, strict=True, assign=True)
+    pruned.model.embed_tokens.load_state_dict(
+        {"weight": _rows_cols(model.model.embed_tokens.weight, None, hidden)}, assign=True
+    )
+    pruned.model.norm.load_state_dict(
+        {"weight": _rows_cols(model.model.norm.weight, hidden) * scale_hidden}, assign=True
+    )
+    if pruned_config.tie_word_embeddings:
+        pruned.lm_head.weight = pruned.model.embed_tokens.weight
+    else:
+        pruned.lm_head.load_state_dict({"weight": _rows_cols(model.lm_head.weight, None, hidden)}, assign=True)
+    pruned.model.rotary_emb = LlamaRotaryEmbedding(config=pruned_config)  # buffers only; RoPE is unchanged
+    leftover = [name for name, t in itertools.chain(pruned.named_parameters(), pruned.named_buffers()) if t.is_meta]
+    assert not leftover, leftover
+    pruned.generation_config = copy.deepcopy(model.generation_config)
+    pruned.hybridize_steps = list(getattr(model, "hybridize_steps", []))
+    return pruned.eval()
+
+
+# Search
+
+
+def _width_choices(size: int, max_pruning: float) -> list[int]:
+    """Sizes from `size` down to (1 - max_pruning) * size in steps of 10%, rounded to a multiple of 32 (8, 1 for
+    small sizes), as Minitron's grid rounds to divisors."""
+    multiple = 32 if size >= 256 else 8 if size >= 32 else 1
+    floor = size * (1.0 - max_pruning)
+    choices = {size} | {round(size * f / multiple) * multiple for f in _WIDTH_STEPS}
+    return sorted((c for c in choices if 1 <= c <= size and c >= floor), reverse=True)
+
+
+def _head_choices(heads: int, groups: int, max_pruning: float) -> list[int]:
+    return [k for k in range(heads, 0, -groups) if k >= heads * (1.0 - max_pruning)] or [heads]
+
+
+def _candidates(model_config, full: PruneShape, order: list[int], config: PruneConfig) -> list[tuple[PruneShape, int]]:
+    """Every grid shape within the `params` budget with its parameter count, largest first."""
+    mixer_types = _mixer_types(model_config)
+    ssm = _ssm_settings(model_config)
+    has_attention = any(_is_attention(t) for t in mixer_types)
+    w = config.max_width_pruning
+    axes = {
+        "hidden": _width_choices(full.hidden, w),
+        "ffn": _width_choices(full.ffn, w),
+        "attn_heads": _head_choices(full.attn_heads, model_config.num_key_value_heads, w)
+        if has_attention
+        else [full.attn_heads],
+        "ssm_heads": _head_choices(full.ssm_heads, ssm.num_groups, w) if ssm else [0],
+        "drop": list(range(int(full.num_layers * config.max_depth_pruning) + 1)),
+    }
+    budget = config.params * count_params(model_config, full, mixer_types)
+    found = []
+    for hidden, ffn, attn_heads, ssm_heads, drop in itertools.product(*axes.values()):
+        shape = PruneShape(
+            hidden=hidden,
+            ffn=ffn,
+            attn_heads=attn_heads,
+            ssm_heads=ssm_heads,
+            ssm_head_dim=full.ssm_head_dim,
+            num_layers=full.num_layers - drop,
+        )
+        kept_types = [mixer_types[i] for i in sorted(order[: shape.num_layers])]
+        params = count_params(model_config, shape, kept_types)
+        if params <= budget:
+            found.append((shape, params))
+    if not found:
+        smallest = PruneShape(
+            hidden=axes["hidden"][-1],
+            ffn=axes["ffn"][-1],
+            attn_heads=axes["attn_heads"][-1],
+            ssm_heads=axes["ssm_heads"][-1],
+            ssm_head_dim=full.ssm_head_dim,
+            num_layers=full.num_layers - axes["drop"][-1],
+        )
+        reach = count_params(model_config, smallest, [mixer_types[i] for i in sorted(order[: smallest.num_layers])])
+        total = count_params(model_config, full, mixer_types)
+        raise ConfigError(
+            f"params={config.params} is below what the search reaches (at most {w:.0%} of each width and "
+            f"{config.max_depth_pruning:.0%} of the layers removed): {reach:,} parameters, {reach / total:.3f} of "
+            f"{total:,}; pass params >= {math.ceil(reach / total * 1000) / 1000}, raise max_width_pruning, or give "
+            "explicit axes"
+        )
+    return sorted(found, key=lambda item: -item[1])
+
+
+def _search(
+    model: HybridForCausalLM, importance: Importance, config: PruneConfig, score_blocks: torch.Tensor
+) -> tuple[PruneShape, list[dict]]:
+    full = model_shape(model.config)
+    order = torch.argsort(importance.depth, descending=True, stable=True).tolist()
+    candidates = _candidates(model.config, full, order, config)[: config.num_candidates]
+    results = []
+    for shape, params in candidates:
+        kept = select(model, importance, shape, ssm_grouping=config.ssm_grouping)
+        pruned = slice_model(model, kept, shape, rescale_norms=config.rescale_norms)
+        loss = _loss(pruned, score_blocks)
+        del pruned
+        results.append({**asdict(shape), "params": params, "loss": round(loss, 5)})
+        logger.info("candidate %s: %d parameters, loss %.4f", shape, params, loss)
+    best = min(results, key=lambda r: r["loss"])
+    shape = PruneShape(**{k: v for k, v in best.items() if k not in ("params", "loss")})
+    return shape, results
+
+
+# The transformation
+
+
+def prune(
+    model: nn.Module,
+    config: PruneConfig,
+    *,
+    tokenizer: Any = None,
+    blocks: torch.Tensor | None = None,
+    progress: bool = False,
+) -> HybridForCausalLM:
+    """Prune `model` to the shape `config` gives (or finds, for `params`), Minitron-style (see the module docstring).
+
+    `model` is not modified: the result is a new, smaller `HybridForCausalLM` (a dense source is converted to a ratio-0
+    hybrid first) with the step, the chosen shape and the search recorded for `hybridize.json`.
+
+    Args:
+        model (`nn.Module`): a hybrid, or a Llama/Mistral/Qwen2 causal LM.
+        config (`PruneConfig`): what to prune and how to measure.
+        tokenizer (*optional*): the model's tokenizer, to cut the calibration text; not needed with `blocks`.
+        blocks (`torch.LongTensor` of shape `(n, seq_len)`, *optional*): calibration token ids instead of
+            `config.data`; the first `config.num_blocks` measure importance, the next `config.score_blocks` score.
+        progress (`bool`, *optional*, defaults to `False`): show progress bars.
+
+    Returns:
+        `HybridForCausalLM`: the pruned model.
+
+    Example:
+        ```python
+        >>> model, tokenizer = hybridize.load("out/smol-mamba50")
+        >>> pruned = prune(model, PruneConfig(ssm_heads=6, ffn=1024), tokenizer=tokenizer)
+        ```
+    """
+    if not isinstance(model, HybridForCausalLM):  # a dense source: the same model as a hybrid (a copy, seconds)
+        from ..convert import ConvertConfig, convert
+
+        model = convert(model, ConvertConfig(ratio=0.0))
+    explicit = check_prune(model.config, config)
+    start = time.perf_counter()
+    needs_scoring = config.params is not None or (config.depth_metric == "ppl" and (config.drop_layers or 0) > 0)
+    wanted = config.num_blocks + (config.score_blocks if needs_scoring else 0)
+    if blocks is None:
+        if tokenizer is None:
+            raise ConfigError("prune measures importance on calibration text: pass the model's tokenizer (or blocks)")
+        blocks = calibration_blocks(tokenizer, config.data, num_blocks=wanted, seq_len=config.seq_len)
+    if blocks.shape[0] < wanted:
+        raise ConfigError(
+            f"{blocks.shape[0]} calibration blocks of {blocks.shape[1]} tokens, but {wanted} are needed "
+            f"(num_blocks {config.num_blocks}"
+            + (f" + score_blocks {config.score_blocks})" if needs_scoring else ")")
+            + "; pass more text or lower num_blocks"
+        )
+    calibration, scoring = blocks[: config.num_blocks], blocks[config.num_blocks : wanted]
+    importance = measure_importance(model, calibration, progress=progress)
+    if config.depth_metric == "ppl" and needs_scoring:
+        importance.depth = depth_by_loss(model, scoring, progress=progress)
+    search = None
+    if explicit is None:
+        shape, search = _search(model, importance, config, scoring)
+    else:
+        shape = explicit
+    kept = select(model, importance, shape, ssm_grouping=config.ssm_grouping)
+    pruned = slice_model(model, kept, shape, rescale_norms=config.rescale_norms)
+    before, after = _count_model(model), _count_model(pruned)
+    metrics = {
+        "params_before": before,
+        "params_after": after,
+        "params_ratio": round(after / before, 4),
+        "shape_before": asdict(model_shape(model.config)),
+        "shape_after": asdict(shape),
+        "dropped_layers": sorted(set(range(model.config.num_hidden_layers)) - set(kept.layers)),
+        "depth_scores": [round(float(x), 6) for x in importance.depth],
+        "calibration_tokens": int(calibration.numel()),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if search is not None:
+        metrics["search"] = search
+    record_step(pruned, "prune", config, metrics=metrics, source=getattr(model, "name_or_path", None) or None)
+    logger.info("pruned %d -> %d parameters (%.3f): %s", before, after, after / before, shape)
+    return pruned
+
+
+def format_prune(metrics: dict) -> str:
+    """A few lines for people: the parameter counts, the shape before and after, dropped layers and the search."""
+    before, after = metrics["shape_before"], metrics["shape_after"]
+    lines = [f"parameters {metrics['params_before']:,} -> {metrics['params_after']:,} ({metrics['params_ratio']:.3f})"]
+    lines += [f"{name:>13}  {before[name]} -> {after[name]}" for name in before if before[name] != after[name]]
+    if metrics["dropped_layers"]:
+        lines.append(f"dropped layers {metrics['dropped_layers']}")
+    for candidate in metrics.get("search", []):
+        shape = ", ".join(f"{k} {candidate[k]}" for k in before)
+        lines.append(f"  candidate {shape}: {candidate['params']:,} params, loss {candidate['loss']:.4f}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "AXES",
+    "DEPTH_METRICS",
+    "SSM_GROUPINGS",
+    "Importance",
+    "KeptIndices",
+    "PruneConfig",
+    "PruneShape",
+    "check_prune",
+    "count_params",
+    "depth_by_loss",
+    "format_prune",
+    "measure_importance",
+    "model_shape",
+    "prune",
+    "select",
+    "slice_model",
+]
