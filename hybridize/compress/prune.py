@@ -273,6 +273,11 @@ def check_prune(model_config, config: PruneConfig) -> PruneShape | None:
         raise UnsupportedModelError(
             f"pruning knows attention-shaped and mamba2 mixers; this model has {unknown}; prune a model without them"
         )
+    if getattr(model_config, "lowrank", None):
+        raise UnsupportedModelError(
+            f"the model has {len(model_config.lowrank)} low-rank factorized linears; prune before factorizing "
+            "(hybridize prune, then hybridize factorize)"
+        )
     full = model_shape(model_config)
     kv = model_config.num_key_value_heads
     has_attention = any(_is_attention(t) for t in mixer_types)
@@ -766,6 +771,7 @@ def prune(
         >>> pruned = prune(model, PruneConfig(ssm_heads=6, ffn=1024), tokenizer=tokenizer)
         ```
     """
+    source = getattr(model, "name_or_path", None) or None
     if not isinstance(model, HybridForCausalLM):  # a dense source: the same model as a hybrid (a copy, seconds)
         from ..convert import ConvertConfig, convert
 
@@ -810,7 +816,7 @@ def prune(
     }
     if search is not None:
         metrics["search"] = search
-    record_step(pruned, "prune", config, metrics=metrics, source=getattr(model, "name_or_path", None) or None)
+    record_step(pruned, "prune", config, metrics=metrics, source=source)
     logger.info("pruned %d -> %d parameters (%.3f): %s", before, after, after / before, shape)
     return pruned
 
