@@ -6,6 +6,7 @@ Importing the package registers the hybrid model with transformers' Auto classes
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .analyze import AnalyzeConfig, analyze
 from .compress import PruneConfig, prune
 from .convert import ConvertConfig, convert
 from .distill import DistillConfig, distill
@@ -28,6 +29,7 @@ HybridForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnalyzeConfig",
     "BenchConfig",
     "CheckpointError",
     "EvalConfig",
@@ -42,6 +44,7 @@ __all__ = [
     "PruneConfig",
     "PushConfig",
     "UnsupportedModelError",
+    "analyze",
     "bench",
     "check_output",
     "convert",

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 import hybridize
+from hybridize.analyze import AnalyzeConfig, format_analysis, save_analysis
 from hybridize.compress.prune import PruneConfig, format_prune
 from hybridize.convert import ConvertConfig
 from hybridize.distill import EVAL_EVERY, SAVE_EVERY, DistillConfig, finish, run_dir_for
@@ -68,7 +69,21 @@ def convert(
         ConvertConfig.conv_init
     ),
     chunk_size: Annotated[int | None, typer.Option(help="Mamba2 SSD chunk length (speed only; default 64).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the new parameters.")] = ConvertConfig.seed,
+    select: Annotated[str, typer.Option(help="Which layers: uniform, lazy, random or dynamic (streaming).")] = (
+        ConvertConfig.select
+    ),
+    sinks: Annotated[int | None, typer.Option(help="Streaming: initial tokens kept (default 4).")] = None,
+    window: Annotated[int | None, typer.Option(help="Streaming: recent tokens kept (default 1020).")] = None,
+    w_last: Annotated[int | None, typer.Option(help="Streaming: last queries a lazy ratio averages (default 64).")] = (
+        None
+    ),
+    calibration_docs: Annotated[int, typer.Option(help="--select lazy: calibration documents.")] = (
+        ConvertConfig.calibration_docs
+    ),
+    calibration_len: Annotated[int, typer.Option(help="--select lazy: tokens per calibration document.")] = (
+        ConvertConfig.calibration_len
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the new parameters and of --select random.")] = ConvertConfig.seed,
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
@@ -78,15 +93,56 @@ def convert(
         ratio=ratio,
         attn_layers=_int_list(attn_layers, "--attn-layers"),
         conv_init=conv_init,
-        mixer_settings=_settings(chunk_size=chunk_size),
+        select=select,
+        mixer_settings=_settings(chunk_size=chunk_size, sinks=sinks, window=window, w_last=w_last),
+        calibration_docs=calibration_docs,
+        calibration_len=calibration_len,
         seed=seed,
     )
     hybridize.check_output(output, overwrite=overwrite)
     source, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
-    hybrid = hybridize.convert(source, config, progress=True)
+    hybrid = hybridize.convert(source, config, tokenizer=tokenizer, progress=True)
     hybridize.save(hybrid, output, tokenizer=tokenizer, overwrite=overwrite)
     layers = hybrid.config.mixer_types
-    typer.echo(f"converted {sum(t != 'attention' for t in layers)}/{len(layers)} layers to {mixer}; wrote {output}")
+    typer.echo(
+        f"converted {sum(t != 'attention' for t in layers)}/{len(layers)} layers to {mixer} ({select}); wrote {output}"
+    )
+
+
+@app.command()
+def analyze(
+    model: ModelArg,
+    data: Annotated[str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")] = (
+        AnalyzeConfig.data
+    ),
+    sinks: Annotated[int, typer.Option(help="Initial tokens a streaming layer keeps.")] = AnalyzeConfig.sinks,
+    window: Annotated[int, typer.Option(help="Recent tokens a streaming layer keeps.")] = AnalyzeConfig.window,
+    w_last: Annotated[int, typer.Option(help="Last queries of each document averaged over.")] = AnalyzeConfig.w_last,
+    num_docs: Annotated[int, typer.Option(help="Calibration documents.")] = AnalyzeConfig.num_docs,
+    seq_len: Annotated[int, typer.Option(help="Tokens per document (must exceed sinks + window).")] = (
+        AnalyzeConfig.seq_len
+    ),
+    ratio: Annotated[float, typer.Option(help="Fraction of layers marked as selected (the laziest).")] = (
+        AnalyzeConfig.ratio
+    ),
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Directory for lazy_ratio.json and lazy_ratio.png.")
+    ] = None,
+    overwrite: Overwrite = False,
+    trust_remote_code: TrustRemoteCode = False,
+):
+    """Per-layer lazy ratio (LightTransfer): how much attention each layer puts on sinks + a recent window."""
+    config = AnalyzeConfig(
+        data=data, sinks=sinks, window=window, w_last=w_last, num_docs=num_docs, seq_len=seq_len, ratio=ratio
+    )
+    if output is not None:
+        hybridize.check_output(output, overwrite=overwrite)
+    loaded, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
+    result = hybridize.analyze(loaded, tokenizer, config, progress=True)
+    typer.echo(format_analysis(result))
+    if output is not None:
+        save_analysis(result, output, overwrite=overwrite)
+        typer.echo(f"wrote {output}")
 
 
 @app.command()

@@ -121,3 +121,31 @@ def test_export_of_a_model_without_native_equivalent(llama_dir, tmp_path):
 def test_usage_error_exit_code(tmp_path):
     code, _ = _run("convert", "llama", "--ratio", "half", "-o", tmp_path / "h")
     assert code == 2
+
+
+def test_streaming_conversion_with_lazy_selection(llama_dir, tmp_path):
+    code, out = _run(
+        "convert", llama_dir, "--mixer", "streaming", "--select", "lazy", "--sinks", "2", "--window", "16",
+        "--calibration-docs", "2", "--calibration-len", "64", "-o", tmp_path / "lt",
+    )
+    assert code == 0, out
+    assert "converted 2/4 layers to streaming (lazy)" in out
+    config = AutoModelForCausalLM.from_pretrained(tmp_path / "lt").config
+    assert config.mixers["streaming"] == {"sinks": 2, "window": 16}
+    steps = json.loads((tmp_path / "lt" / "hybridize.json").read_text())["steps"]
+    assert steps[-1]["config"]["select"] == "lazy" and len(steps[-1]["metrics"]["lazy_ratio"]) == 4
+
+
+def test_dynamic_needs_streaming(llama_dir, tmp_path):
+    code, out = _run("convert", llama_dir, "--select", "dynamic", "-o", tmp_path / "d")
+    assert code == 1 and "error: select='dynamic'" in out and not (tmp_path / "d").exists()
+
+
+def test_analyze_prints_writes_and_warns(llama_dir, tmp_path):
+    code, out = _run("analyze", llama_dir, "--sinks", "2", "--window", "16", "--num-docs", "2", "--seq-len", "64",
+                     "-o", tmp_path / "a")
+    assert code == 0, out
+    assert "lazy ratio" in out and "selected (2 laziest" in out and "warning" not in out
+    assert {p.name for p in (tmp_path / "a").iterdir()} == {"lazy_ratio.json", "lazy_ratio.png"}
+    code, out = _run("analyze", llama_dir, "--window", "1020", "--num-docs", "1", "--seq-len", "256")
+    assert code == 0 and "warning: the calibration documents have 256 tokens" in out

@@ -4,6 +4,7 @@ Embeddings, norms, MLPs and the head are copied; the selected layers' attention 
 initialised from it (`INITIALIZERS`), the other layers keep their attention unchanged.
 """
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -11,20 +12,25 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
+from ..calibrate import calibration_blocks
 from ..errors import ConfigError
 from ..families import check_supported
 from ..modeling import MIXERS, HybridConfig, HybridForCausalLM
+from ..modeling.streaming import StreamingMixerConfig
 from ..provenance import record_step
+from .lazy import lazy_frequency, measure_lazy_ratios
 from .mamba2 import init_mamba2_from_attention
-from .selection import select_layers
+from .selection import num_converted, select_layers
+from .streaming import init_streaming_from_attention
 
 logger = logging.getLogger(__name__)
 
 INITIALIZERS = {
     "mamba2": init_mamba2_from_attention,
+    "streaming": init_streaming_from_attention,
 }
 _CONV_INITS = ("random", "delta")
-SELECTIONS = ("uniform",)
+SELECTIONS = ("uniform", "lazy", "random", "dynamic")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,13 +43,23 @@ class ConvertConfig:
             model as it is (as a hybrid), 1 converts every layer. Spread evenly as MambaInLlama does.
         attn_layers (`tuple[int, ...]`, *optional*): explicit layers that keep attention; overrides `ratio`.
         select (`str`, *optional*, defaults to `"uniform"`): how the converted layers are chosen when `attn_layers`
-            is not given: `"uniform"` spreads them evenly, as MambaInLlama does.
+            is not given: `"uniform"` spreads them evenly, as MambaInLlama does; `"lazy"` takes the layers most often
+            among the laziest on calibration text (LightTransfer-Train; needs the tokenizer); `"random"` draws them
+            with `seed`; `"dynamic"` (streaming only) makes every layer a streaming layer with
+            `dynamic_full_layers = num_layers - round(ratio · num_layers)`, so that the lazy layers are chosen per
+            request at prefill (LightTransfer-Test).
         mixer_settings (`dict`, *optional*): settings of the new mixer, stored in `HybridConfig.mixers[mixer]` and
             checked by that mixer's config class (e.g. `{"chunk_size": 64}` for `mamba2`).
         conv_init (`str`, *optional*, defaults to `"delta"`): Mamba2 only: `"delta"` (identity convolution at
             step 0) or `"random"` (PyTorch's default, as published by MambaInLlama). See README for the measured
             difference.
-        seed (`int`, *optional*, defaults to 0): seeds the new parameters (gate, dt, conv), so a conversion repeats.
+        seed (`int`, *optional*, defaults to 0): seeds the new parameters (gate, dt, conv) and `select="random"`, so
+            a conversion repeats.
+        calibration (`str`, *optional*, defaults to `"wiki"`): `select="lazy"` only: the calibration text, `"wiki"`
+            (the packaged corpus' train split) or a data spec as `hybridize distill --data` takes it.
+        calibration_docs (`int`, *optional*, defaults to 8): `select="lazy"` only: calibration documents.
+        calibration_len (`int`, *optional*, defaults to 2048): `select="lazy"` only: tokens per calibration document;
+            must exceed sinks + window (the streaming settings, or 4 + 1020 for other mixers).
 
     Example:
         ```python
@@ -58,6 +74,9 @@ class ConvertConfig:
     mixer_settings: dict = field(default_factory=dict)
     conv_init: str = "delta"
     seed: int = 0
+    calibration: str = "wiki"
+    calibration_docs: int = 8
+    calibration_len: int = 2048
 
     def __post_init__(self):
         if self.mixer not in INITIALIZERS:
@@ -68,6 +87,18 @@ class ConvertConfig:
             raise ConfigError(f"conv_init must be one of {_CONV_INITS}, got {self.conv_init!r}")
         if self.select not in SELECTIONS:
             raise ConfigError(f"select {self.select!r} is not supported; choose one of {SELECTIONS}")
+        if self.select == "dynamic" and self.mixer != "streaming":
+            raise ConfigError(
+                f"select='dynamic' chooses lazy streaming layers per request; mixer is {self.mixer!r}, "
+                "use mixer='streaming'"
+            )
+        if self.select == "dynamic" and self.attn_layers is not None:
+            raise ConfigError("select='dynamic' chooses the layers per request, attn_layers fixes them: give one")
+        if self.calibration_docs < 1 or self.calibration_len < 2:
+            raise ConfigError(
+                f"calibration_docs must be >= 1 and calibration_len >= 2, got {self.calibration_docs} and "
+                f"{self.calibration_len}"
+            )
         if self.attn_layers is not None:
             object.__setattr__(self, "attn_layers", tuple(sorted(set(int(i) for i in self.attn_layers))))
 
@@ -108,8 +139,26 @@ def hybrid_config_for(source: PreTrainedModel, mixer_types: list[str], config: C
     return hybrid_config
 
 
+def _lazy_ratios(model: PreTrainedModel, config: ConvertConfig, tokenizer, progress: bool) -> torch.Tensor:
+    """(num_docs, num_layers) lazy ratios on the calibration text, with the streaming layers' sinks and window."""
+    if tokenizer is None:
+        raise ConfigError("select='lazy' measures lazy ratios on calibration text: pass the model's tokenizer")
+    s = StreamingMixerConfig(**config.mixer_settings) if config.mixer == "streaming" else StreamingMixerConfig()
+    if config.calibration_len <= s.sinks + s.window:
+        raise ConfigError(
+            f"calibration_len={config.calibration_len} must exceed sinks + window = {s.sinks + s.window}: shorter "
+            "documents give every layer a lazy ratio of 1, which ranks nothing; raise calibration_len or lower window"
+        )
+    blocks = calibration_blocks(
+        tokenizer, config.calibration, num_blocks=config.calibration_docs, seq_len=config.calibration_len
+    )
+    return measure_lazy_ratios(model, blocks, sinks=s.sinks, window=s.window, w_last=s.w_last, progress=progress)
+
+
 @torch.no_grad()
-def convert(model: PreTrainedModel, config: ConvertConfig, *, progress: bool = False) -> HybridForCausalLM:
+def convert(
+    model: PreTrainedModel, config: ConvertConfig, *, tokenizer=None, progress: bool = False
+) -> HybridForCausalLM:
     """Build a hybrid of `model`, converting `config.ratio` of its layers to `config.mixer`.
 
     `model` is not modified; the result shares no tensors with it. Works layer by layer.
@@ -117,6 +166,7 @@ def convert(model: PreTrainedModel, config: ConvertConfig, *, progress: bool = F
     Args:
         model (`PreTrainedModel`): a Llama, Mistral or Qwen2 causal LM (or a hybrid with all-attention layers).
         config (`ConvertConfig`): what to convert and how.
+        tokenizer (*optional*): the model's tokenizer; needed by `select="lazy"` to cut its calibration text.
         progress (`bool`, *optional*): show a progress bar over layers.
 
     Returns:
@@ -129,10 +179,30 @@ def convert(model: PreTrainedModel, config: ConvertConfig, *, progress: bool = F
         ```
     """
     num_layers = model.config.num_hidden_layers
-    converted = select_layers(num_layers, ratio=config.ratio, attn_layers=config.attn_layers)
+    hybrid_config_for(model, [config.mixer] * num_layers, config)  # settings checked before any heavy work
+    start = time.perf_counter()
+    metrics = {}
+    if config.select == "dynamic":  # LightTransfer-Test: every layer streams or not, per request
+        converted = list(range(num_layers))
+        full = num_layers - num_converted(num_layers, config.ratio)
+        config = dataclasses.replace(config, mixer_settings={**config.mixer_settings, "dynamic_full_layers": full})
+    else:
+        lazy_ratios = None
+        if config.select == "lazy" and config.attn_layers is None:
+            lazy_ratios = _lazy_ratios(model, config, tokenizer, progress)
+            metrics["lazy_ratio"] = [round(r, 4) for r in lazy_ratios.nanmean(0).tolist()]
+            k = num_converted(num_layers, config.ratio)
+            metrics["lazy_frequency"] = [round(f, 4) for f in lazy_frequency(lazy_ratios, k).tolist()]
+        converted = select_layers(
+            num_layers,
+            ratio=config.ratio,
+            attn_layers=config.attn_layers,
+            select=config.select,
+            seed=config.seed,
+            lazy_ratios=lazy_ratios,
+        )
     mixer_types = [config.mixer if i in converted else "attention" for i in range(num_layers)]
     hybrid_config = hybrid_config_for(model, mixer_types, config)
-    start = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
 
     hybrid = HybridForCausalLM(hybrid_config).to(model.dtype).eval()
@@ -159,7 +229,7 @@ def convert(model: PreTrainedModel, config: ConvertConfig, *, progress: bool = F
         hybrid,
         "convert",
         config,
-        metrics={"seconds": round(time.perf_counter() - start, 2), "converted_layers": converted},
+        metrics={"seconds": round(time.perf_counter() - start, 2), "converted_layers": converted, **metrics},
         source=getattr(model, "name_or_path", None) or None,
     )
     logger.info("converted %d of %d layers to %s", len(converted), num_layers, config.mixer)
