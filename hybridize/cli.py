@@ -363,6 +363,9 @@ def prune(
     ssm_grouping: Annotated[str, typer.Option(help="aware (same heads per group) or ignore (baseline).")] = (
         PruneConfig.ssm_grouping
     ),
+    attn_grouping: Annotated[str, typer.Option(help="aware (heads ranked in their KV group) or ignore.")] = (
+        PruneConfig.attn_grouping
+    ),
     depth_metric: Annotated[str, typer.Option(help="block (1 - cosine) or ppl (loss with the layer skipped).")] = (
         PruneConfig.depth_metric
     ),
@@ -384,6 +387,7 @@ def prune(
         ssm_head_dim=ssm_head_dim,
         drop_layers=drop_layers,
         ssm_grouping=ssm_grouping,
+        attn_grouping=attn_grouping,
         depth_metric=depth_metric,
         data=data,
         num_blocks=num_blocks,

@@ -34,7 +34,9 @@ one per head. So, following the paper's nested order (head channels first, heads
 - never touched: B, the number of groups, the state size and the conv kernel.
 
 `ssm_grouping="ignore"` is the group-unaware baseline of the paper: the best heads of the whole layer are kept in
-their order and regrouped by position, so a head may end up reading another group's x and B.
+their order and regrouped by position, so a head may end up reading another group's x and B. `attn_grouping="ignore"`
+does the same to attention heads (a query head may end up with another KV head): since our SSM heads are attention
+heads (C <- q, B <- k, x <- v), this is the same ablation on the trained attention layers of a dense model.
 
 Shapes are uniform: a `HybridConfig` has one hidden size, one FFN size and one head count per mixer type, so every
 layer is pruned to the same shape (as Minitron's export does); which channels and heads each layer keeps is its own.
@@ -76,7 +78,7 @@ from ..provenance import record_step
 
 logger = logging.getLogger(__name__)
 
-SSM_GROUPINGS = ("aware", "ignore")
+GROUPINGS = ("aware", "ignore")
 DEPTH_METRICS = ("block", "ppl")
 AXES = ("hidden", "ffn", "attn_heads", "ssm_heads", "ssm_head_dim", "drop_layers")
 _WIDTH_STEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
@@ -97,6 +99,8 @@ class PruneConfig:
         drop_layers (`int`, *optional*): number of whole layers to remove.
         ssm_grouping (`str`, *optional*, defaults to `"aware"`): `"aware"` keeps the same heads count in every Mamba2
             group; `"ignore"` keeps the best heads of the layer regardless of their group (the paper's baseline).
+        attn_grouping (`str`, *optional*, defaults to `"aware"`): the same choice for attention heads and their KV
+            groups (Minitron ranks inside each group).
         depth_metric (`str`, *optional*, defaults to `"block"`): `"block"` (1 - cosine of a layer's input and output)
             or `"ppl"` (loss increase on the scoring blocks when the layer is skipped; one pass per layer).
         rescale_norms (`bool`, *optional*, defaults to `True`): multiply norm weights by sqrt(old / new width), so
@@ -127,6 +131,7 @@ class PruneConfig:
     ssm_head_dim: int | None = None
     drop_layers: int | None = None
     ssm_grouping: Literal["aware", "ignore"] = "aware"
+    attn_grouping: Literal["aware", "ignore"] = "aware"
     depth_metric: Literal["block", "ppl"] = "block"
     rescale_norms: bool = True
     data: str = "wiki"
@@ -156,8 +161,9 @@ class PruneConfig:
                 raise ConfigError(
                     f"{name}={value!r} must be a {'non-negative' if name == 'drop_layers' else 'positive'} integer"
                 )
-        if self.ssm_grouping not in SSM_GROUPINGS:
-            raise ConfigError(f"ssm_grouping={self.ssm_grouping!r} is not one of {', '.join(SSM_GROUPINGS)}")
+        for name in ("ssm_grouping", "attn_grouping"):
+            if getattr(self, name) not in GROUPINGS:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(GROUPINGS)}")
         if self.depth_metric not in DEPTH_METRICS:
             raise ConfigError(f"depth_metric={self.depth_metric!r} is not one of {', '.join(DEPTH_METRICS)}")
         for name in ("num_blocks", "score_blocks", "num_candidates"):
@@ -500,7 +506,12 @@ def _top_per_group(scores: torch.Tensor, num_groups: int, k: int) -> torch.Tenso
 
 
 def select(
-    model: HybridForCausalLM, importance: Importance, shape: PruneShape, *, ssm_grouping: str = "aware"
+    model: HybridForCausalLM,
+    importance: Importance,
+    shape: PruneShape,
+    *,
+    ssm_grouping: str = "aware",
+    attn_grouping: str = "aware",
 ) -> KeptIndices:
     """Rank by `importance` and choose what a model of `shape` keeps (see the module docstring for the rules).
 
@@ -514,7 +525,10 @@ def select(
         ffn[i] = _top(importance.ffn[i], shape.ffn)
         if i in importance.attn:
             head_scores = importance.attn[i].norm(dim=1)  # (heads,)
-            attn_heads[i] = _top_per_group(head_scores, config.num_key_value_heads, shape.attn_heads)
+            if attn_grouping == "aware":
+                attn_heads[i] = _top_per_group(head_scores, config.num_key_value_heads, shape.attn_heads)
+            else:  # group-unaware baseline: the best query heads anywhere, regrouped by position onto the KV heads
+                attn_heads[i] = _top(head_scores, shape.attn_heads)
         if i in importance.ssm_x:
             # Minitron-SSM, nested: channels on the x path (shared by all heads), then heads on the kept channels
             channels = _top(importance.ssm_x[i].norm(dim=0), shape.ssm_head_dim)
@@ -727,7 +741,7 @@ def _search(
     candidates = _candidates(model.config, full, order, config)[: config.num_candidates]
     results = []
     for shape, params in candidates:
-        kept = select(model, importance, shape, ssm_grouping=config.ssm_grouping)
+        kept = select(model, importance, shape, ssm_grouping=config.ssm_grouping, attn_grouping=config.attn_grouping)
         pruned = slice_model(model, kept, shape, rescale_norms=config.rescale_norms)
         loss = _loss(pruned, score_blocks)
         del pruned
@@ -800,7 +814,7 @@ def prune(
         shape, search = _search(model, importance, config, scoring)
     else:
         shape = explicit
-    kept = select(model, importance, shape, ssm_grouping=config.ssm_grouping)
+    kept = select(model, importance, shape, ssm_grouping=config.ssm_grouping, attn_grouping=config.attn_grouping)
     pruned = slice_model(model, kept, shape, rescale_norms=config.rescale_norms)
     before, after = _count_model(model), _count_model(pruned)
     metrics = {
@@ -837,7 +851,7 @@ def format_prune(metrics: dict) -> str:
 __all__ = [
     "AXES",
     "DEPTH_METRICS",
-    "SSM_GROUPINGS",
+    "GROUPINGS",
     "Importance",
     "KeptIndices",
     "PruneConfig",

@@ -178,6 +178,8 @@ def test_attention_heads_are_ranked_inside_their_kv_group():
     importance.attn[1] = torch.tensor([1.0, 2.0, 4.0, 3.0], dtype=torch.float64)[:, None].expand(4, 16)
     kept = select(hybrid, importance, _target(hybrid, attn_heads=2))
     assert kept.attn_heads[1].tolist() == [1, 2]
+    kept = select(hybrid, importance, _target(hybrid, attn_heads=2), attn_grouping="ignore")
+    assert kept.attn_heads[1].tolist() == [2, 3]
 
 
 def test_saves_loads_and_generates(tmp_path):
@@ -268,6 +270,7 @@ def test_a_params_target_the_search_cannot_reach():
         ({"params": 1.5}, r"in \(0, 1\]"),
         ({"ffn": 0}, "ffn=0 must be a positive integer"),
         ({"ffn": 64, "ssm_grouping": "groups"}, "ssm_grouping"),
+        ({"ffn": 64, "attn_grouping": "none"}, "attn_grouping"),
         ({"ffn": 64, "depth_metric": "bi"}, "depth_metric"),
         ({"ffn": 64, "num_blocks": 0}, "num_blocks"),
     ],
