@@ -327,7 +327,7 @@ def check_prune(model_config, config: PruneConfig) -> PruneShape | None:
         raise ConfigError(
             f"drop_layers={config.drop_layers} leaves no layer of {full.num_layers}; pass at most {full.num_layers - 1}"
         )
-    return PruneShape(
+    shape = PruneShape(
         hidden=config.hidden or full.hidden,
         ffn=config.ffn or full.ffn,
         attn_heads=config.attn_heads or full.attn_heads,
@@ -335,6 +335,14 @@ def check_prune(model_config, config: PruneConfig) -> PruneShape | None:
         ssm_head_dim=config.ssm_head_dim or full.ssm_head_dim,
         num_layers=full.num_layers - (config.drop_layers or 0),
     )
+    if shape.hidden % shape.attn_heads:
+        # transformers' LlamaConfig (which HybridConfig extends) validates this even when head_dim is explicit
+        below = shape.hidden // shape.attn_heads * shape.attn_heads
+        raise ConfigError(
+            f"hidden={shape.hidden} is not a multiple of the {shape.attn_heads} attention heads, which transformers' "
+            f"Llama config requires; pass hidden={below} or {below + shape.attn_heads}"
+        )
+    return shape
 
 
 # Importance
@@ -670,10 +678,10 @@ def slice_model(
 # Search
 
 
-def _width_choices(size: int, max_pruning: float) -> list[int]:
-    """Sizes from `size` down to (1 - max_pruning) * size in steps of 10%, rounded to a multiple of 32 (8, 1 for
-    small sizes), as Minitron's grid rounds to divisors."""
-    multiple = 32 if size >= 256 else 8 if size >= 32 else 1
+def _width_choices(size: int, max_pruning: float, multiple: int | None = None) -> list[int]:
+    """Sizes from `size` down to (1 - max_pruning) * size in steps of 10%, rounded to a multiple of `multiple` (by
+    default 32, or 8 and 1 for small sizes), as Minitron's grid rounds to divisors."""
+    multiple = multiple or (32 if size >= 256 else 8 if size >= 32 else 1)
     floor = size * (1.0 - max_pruning)
     choices = {size} | {round(size * f / multiple) * multiple for f in _WIDTH_STEPS}
     return sorted((c for c in choices if 1 <= c <= size and c >= floor), reverse=True)
@@ -689,18 +697,18 @@ def _candidates(model_config, full: PruneShape, order: list[int], config: PruneC
     ssm = _ssm_settings(model_config)
     has_attention = any(_is_attention(t) for t in mixer_types)
     w = config.max_width_pruning
+    kv = model_config.num_key_value_heads
     axes = {
-        "hidden": _width_choices(full.hidden, w),
         "ffn": _width_choices(full.ffn, w),
-        "attn_heads": _head_choices(full.attn_heads, model_config.num_key_value_heads, w)
-        if has_attention
-        else [full.attn_heads],
+        "attn_heads": _head_choices(full.attn_heads, kv, w) if has_attention else [full.attn_heads],
         "ssm_heads": _head_choices(full.ssm_heads, ssm.num_groups, w) if ssm else [0],
         "drop": list(range(int(full.num_layers * config.max_depth_pruning) + 1)),
     }
-    budget = config.params * count_params(model_config, full, mixer_types)
-    found = []
-    for hidden, ffn, attn_heads, ssm_heads, drop in itertools.product(*axes.values()):
+
+    def hidden_choices(attn_heads: int) -> list[int]:  # transformers wants hidden to be a multiple of the heads
+        return [h for h in _width_choices(full.hidden, w, math.lcm(8, attn_heads)) if h % attn_heads == 0]
+
+    def counted(hidden: int, ffn: int, attn_heads: int, ssm_heads: int, drop: int) -> tuple[PruneShape, int]:
         shape = PruneShape(
             hidden=hidden,
             ffn=ffn,
@@ -709,21 +717,21 @@ def _candidates(model_config, full: PruneShape, order: list[int], config: PruneC
             ssm_head_dim=full.ssm_head_dim,
             num_layers=full.num_layers - drop,
         )
-        kept_types = [mixer_types[i] for i in sorted(order[: shape.num_layers])]
-        params = count_params(model_config, shape, kept_types)
-        if params <= budget:
-            found.append((shape, params))
+        return shape, count_params(model_config, shape, [mixer_types[i] for i in sorted(order[: shape.num_layers])])
+
+    total = count_params(model_config, full, mixer_types)
+    budget = config.params * total
+    found = [
+        (shape, params)
+        for ffn, attn_heads, ssm_heads, drop in itertools.product(*axes.values())
+        for hidden in hidden_choices(attn_heads)
+        for shape, params in [counted(hidden, ffn, attn_heads, ssm_heads, drop)]
+        if params <= budget
+    ]
     if not found:
-        smallest = PruneShape(
-            hidden=axes["hidden"][-1],
-            ffn=axes["ffn"][-1],
-            attn_heads=axes["attn_heads"][-1],
-            ssm_heads=axes["ssm_heads"][-1],
-            ssm_head_dim=full.ssm_head_dim,
-            num_layers=full.num_layers - axes["drop"][-1],
-        )
-        reach = count_params(model_config, smallest, [mixer_types[i] for i in sorted(order[: smallest.num_layers])])
-        total = count_params(model_config, full, mixer_types)
+        heads = axes["attn_heads"][-1]
+        smallest = [hidden_choices(heads)[-1], axes["ffn"][-1], heads, axes["ssm_heads"][-1], axes["drop"][-1]]
+        reach = counted(*smallest)[1]
         raise ConfigError(
             f"params={config.params} is below what the search reaches (at most {w:.0%} of each width and "
             f"{config.max_depth_pruning:.0%} of the layers removed): {reach:,} parameters, {reach / total:.3f} of "

@@ -244,6 +244,7 @@ def test_dense_source_is_pruned_as_a_ratio_zero_hybrid():
         ({"ssm_head_dim": 17}, "ssm_head_dim=17"),
         ({"drop_layers": 4}, "leaves no layer"),
         ({"params": 0.01}, "below the embedding"),
+        ({"hidden": 42}, "hidden=42 is not a multiple of the 4 attention heads"),
     ],
 )
 def test_impossible_targets(axes, match):
