@@ -145,6 +145,53 @@ def mamba2_scan_chunked(x, dt, A, B, C, D, state=None, *, chunk_size=64):
     return y + D[:, None] * x[:, :l], final_state
 
 
+class Mamba2CacheLayer(LinearAttentionLayer):
+    """Conv state + SSM state (transformers' `LinearAttentionLayer`), which can also roll back for speculative
+    decoding the way MambaInLlama's hardware-aware speculative decoding does (arXiv 2408.15237; research/
+    methods-conversion.md §1.5): an SSM state cannot be truncated, so `begin_verify()` keeps the state at the last
+    verified token, the mixer then records the pre-scan inputs of every step it runs (conv inputs, and x, dt, B, C
+    after the conv), and `commit(n)` replays only the first n steps from those inputs with `mamba2_step`, with no
+    projection recomputed. Nothing is recorded outside a `begin_verify()` ... `commit()` pair.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checkpoint: tuple[torch.Tensor, torch.Tensor] | None = None  # (conv state, SSM state) at begin_verify
+        self.steps: list[tuple[torch.Tensor, ...]] = []  # per call: conv inputs (b, c, l), x, dt, A, B, C, D
+
+    def begin_verify(self) -> None:
+        """Keep the current state; steps run from now on can be undone by `commit`."""
+        if not self.has_previous_state[0]:
+            raise ValueError("a Mamba2 cache layer can only begin verification after a prefill has filled it")
+        self.checkpoint = (self.conv_states[0].clone(), self.recurrent_states[0].clone())
+        self.steps = []
+
+    def record(self, conv_inputs, x, dt, A, B, C, D) -> None:
+        """Called by `Mamba2Mixer.forward` while verifying: the pre-scan inputs of its l steps."""
+        self.steps.append((conv_inputs, x, dt, A, B, C, D))
+
+    def commit(self, num_tokens: int) -> None:
+        """Keep the first `num_tokens` steps run since `begin_verify` and forget the others."""
+        (conv_state, state), steps = self.checkpoint, self.steps
+        self.checkpoint, self.steps = None, []
+        seen = sum(step[0].shape[-1] for step in steps)
+        if not 0 <= num_tokens <= seen:
+            raise ValueError(f"cannot keep {num_tokens} steps: {seen} were run since begin_verify")
+        if num_tokens == seen:  # nothing rejected: the state is already the right one
+            return
+        conv_inputs = torch.cat([step[0] for step in steps], -1)  # (b, c, seen)
+        x, dt, B, C = (torch.cat([step[i] for step in steps], 1) for i in (1, 2, 4, 5))  # (b, seen, ...)
+        A, D = steps[0][3], steps[0][6]
+        # the conv state is the last k inputs; the SSM state advances one accepted step at a time
+        kernel = conv_state.shape[-1]
+        conv_state = torch.cat([conv_state, conv_inputs[..., :num_tokens].to(conv_state.dtype)], -1)[..., -kernel:]
+        state = state.to(x.dtype)
+        for t in range(num_tokens):
+            state, _ = mamba2_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        self.conv_states[0].copy_(conv_state)
+        self.recurrent_states[0].copy_(state)
+
+
 class Mamba2Mixer(nn.Module):
     """Mamba2 token mixer: in_proj -> causal conv over x|B|C -> SSD scan -> gated RMSNorm -> out_proj.
 
@@ -174,16 +221,29 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(self.inner_size, config.hidden_size, bias=config.attention_out_bias)
 
     @staticmethod
-    def new_cache_layer(config: HybridConfig, layer_idx: int) -> LinearAttentionLayer:
-        return LinearAttentionLayer()  # conv state + SSM state, as in transformers' own Mamba2 hybrids
+    def new_cache_layer(config: HybridConfig, layer_idx: int) -> "Mamba2CacheLayer":
+        return Mamba2CacheLayer()  # conv state + SSM state, as in transformers' own Mamba2 hybrids
 
-    def _project_and_convolve(self, hidden_states, attention_mask, conv_state):
-        s = self.settings
-        b, l, _ = hidden_states.shape
+    def _project(self, hidden_states, attention_mask):
+        """in_proj -> gate (b, l, h·p), conv inputs xBC (b, conv_size, l) and dt (b, l, h) before its bias."""
+        l = hidden_states.shape[1]
         if attention_mask is not None:  # zero padded positions so they never enter the state
             hidden_states = hidden_states * attention_mask[:, -l:, None].to(hidden_states.dtype)
-        gate, xBC, dt = self.in_proj(hidden_states).split([self.inner_size, self.conv_size, s.num_heads], dim=-1)
-        xBC, conv_state = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_state)
+        sizes = [self.inner_size, self.conv_size, self.settings.num_heads]
+        gate, xBC, dt = self.in_proj(hidden_states).split(sizes, dim=-1)
+        return gate, xBC.transpose(1, 2), dt
+
+    def _project_and_convolve(self, hidden_states, attention_mask, conv_state):
+        """`_project` then `_convolve`: x, dt, B, C, gate and the new conv state."""
+        gate, xBC, dt = self._project(hidden_states, attention_mask)
+        x, dt, B, C, conv_state = self._convolve(xBC, dt, attention_mask, conv_state)
+        return x, dt, B, C, gate, conv_state
+
+    def _convolve(self, xBC, dt, attention_mask, conv_state):
+        """Conv inputs xBC (b, conv_size, l) -> x (b, l, h, p), dt (b, l, h), B and C (b, l, h, n), new conv state."""
+        s = self.settings
+        b, _, l = xBC.shape
+        xBC, conv_state = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, conv_state)
         xBC = F.silu(xBC.transpose(1, 2))
         if attention_mask is not None:
             xBC = xBC * attention_mask[:, -l:, None].to(xBC.dtype)
@@ -194,18 +254,21 @@ class Mamba2Mixer(nn.Module):
         B = B.view(b, l, s.num_groups, s.state_size).repeat_interleave(repeat, dim=2)  # (b, l, h, n)
         C = C.view(b, l, s.num_heads, s.state_size)  # (b, l, h, n)
         dt = F.softplus(dt + self.dt_bias)  # (b, l, h)
-        return x, dt, B, C, gate, conv_state
+        return x, dt, B, C, conv_state
 
     def forward(self, hidden_states, *, attention_mask=None, cache=None, **kwargs) -> torch.Tensor:
         """hidden_states (b, l, hidden) -> (b, l, hidden). `attention_mask` is the 2-D padding mask (1 = token)."""
         conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
-        x, dt, B, C, gate, conv_state = self._project_and_convolve(hidden_states, attention_mask, conv_state)
+        gate, conv_inputs, dt = self._project(hidden_states, attention_mask)
+        x, dt, B, C, conv_state = self._convolve(conv_inputs, dt, attention_mask, conv_state)
         # the scan runs in float32 at least: exp/cumsum of the decays lose too much in half precision
         scan_dtype = torch.promote_types(x.dtype, torch.float32)
         x, dt, B, C = (t.to(scan_dtype) for t in (x, dt, B, C))
         A = -torch.exp(self.A_log.to(scan_dtype))
         D = self.D.to(scan_dtype)
+        if cache is not None and getattr(cache.layers[self.layer_idx], "checkpoint", None) is not None:
+            cache.layers[self.layer_idx].record(conv_inputs, x, dt, A, B, C, D)  # speculative verification
         if state is not None and x.shape[1] == 1:
             state, y = mamba2_step(state.to(scan_dtype), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
             y = y[:, None]
@@ -223,6 +286,7 @@ class Mamba2Mixer(nn.Module):
 
 
 __all__ = [
+    "Mamba2CacheLayer",
     "Mamba2Mixer",
     "Mamba2MixerConfig",
     "mamba2_scan_chunked",
