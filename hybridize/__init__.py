@@ -7,7 +7,7 @@ Importing the package registers the hybrid model with transformers' Auto classes
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .analyze import AnalyzeConfig, analyze
-from .compress import PruneConfig, prune
+from .compress import FactorizeConfig, FuseConfig, PruneConfig, factorize, fuse, prune
 from .convert import ConvertConfig, convert
 from .distill import DistillConfig, distill
 from .evaluate.bench import BenchConfig, bench
@@ -32,11 +32,13 @@ __all__ = [
     "AnalyzeConfig",
     "BenchConfig",
     "CheckpointError",
-    "EvalConfig",
-    "ExportConfig",
     "ConfigError",
     "ConvertConfig",
     "DistillConfig",
+    "EvalConfig",
+    "ExportConfig",
+    "FactorizeConfig",
+    "FuseConfig",
     "HybridConfig",
     "HybridForCausalLM",
     "HybridizeError",
@@ -51,6 +53,8 @@ __all__ = [
     "distill",
     "evaluate",
     "export",
+    "factorize",
+    "fuse",
     "load",
     "prune",
     "push",

@@ -9,6 +9,8 @@ import typer
 
 import hybridize
 from hybridize.analyze import AnalyzeConfig, format_analysis, save_analysis
+from hybridize.compress.fuse import FuseConfig, check_fuse
+from hybridize.compress.lowrank import FactorizeConfig
 from hybridize.compress.prune import PruneConfig, format_prune
 from hybridize.convert import ConvertConfig
 from hybridize.distill import EVAL_EVERY, SAVE_EVERY, DistillConfig, finish, run_dir_for
@@ -20,7 +22,7 @@ from hybridize.export import ExportConfig
 from hybridize.hub import PushConfig
 from hybridize.pipeline import load_recipe
 from hybridize.provenance import MANIFEST_NAME, append_step
-from hybridize.sources import resolve
+from hybridize.sources import load_config, resolve
 
 app = typer.Typer(
     help="Turn a pretrained Llama-family model into a cheaper hybrid, then evaluate, benchmark and export it.",
@@ -399,6 +401,126 @@ def prune(
     hybridize.save(pruned, output, tokenizer=tokenizer, overwrite=overwrite)
     typer.echo(format_prune(pruned.hybridize_steps[-1]["metrics"]))
     typer.echo(f"wrote {output}")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated numbers, got {text!r}") from None
+
+
+@app.command()
+def factorize(
+    model: ModelArg,
+    output: Output,
+    ratio: Annotated[float, typer.Option(help="Fraction of the targeted linear parameters kept, in (0, 1].")] = (
+        FactorizeConfig.ratio
+    ),
+    method: Annotated[str, typer.Option(help="svd, asvd, fwsvd or svd-llm.")] = FactorizeConfig.method,
+    targets: Annotated[str, typer.Option(help="Comma-separated linears to factorize: attn, mlp, mamba.")] = ",".join(
+        FactorizeConfig.targets
+    ),
+    rank_alloc: Annotated[str, typer.Option(help="uniform, or sensitivity (measured per matrix).")] = (
+        FactorizeConfig.rank_alloc
+    ),
+    alpha: Annotated[float, typer.Option(help="asvd: exponent of the activation scaling.")] = FactorizeConfig.alpha,
+    damp: Annotated[float, typer.Option(help="svd-llm: ridge on the Gram matrix, relative to its mean diagonal.")] = (
+        FactorizeConfig.damp
+    ),
+    calibration: Annotated[str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")] = (
+        FactorizeConfig.calibration
+    ),
+    calibration_docs: Annotated[int, typer.Option(help="Calibration blocks.")] = FactorizeConfig.calibration_docs,
+    calibration_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = (
+        FactorizeConfig.calibration_len
+    ),
+    sensitivity_tokens: Annotated[int, typer.Option(help="--rank-alloc sensitivity: tokens measured per matrix.")] = (
+        FactorizeConfig.sensitivity_tokens
+    ),
+    overwrite: Overwrite = False,
+    trust_remote_code: TrustRemoteCode = False,
+):
+    """Factorize linear layers into low-rank pairs (SVD-LLM, ASVD, FWSVD or plain SVD); a dense model is first
+    converted to a hybrid that keeps every attention layer."""
+    config = FactorizeConfig(
+        ratio=ratio,
+        method=method,
+        targets=_names(targets),
+        rank_alloc=rank_alloc,
+        alpha=alpha,
+        damp=damp,
+        calibration=calibration,
+        calibration_docs=calibration_docs,
+        calibration_len=calibration_len,
+        sensitivity_tokens=sensitivity_tokens,
+    )
+    hybridize.check_output(output, overwrite=overwrite)
+    source, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
+    factorized = hybridize.factorize(source, config, tokenizer=tokenizer, progress=True)
+    hybridize.save(factorized, output, tokenizer=tokenizer, overwrite=overwrite)
+    metrics = factorized.hybridize_steps[-1]["metrics"]
+    typer.echo(
+        f"factorized {metrics['factorized']} linears: {metrics['params_before']:,} -> {metrics['params_after']:,} "
+        f"parameters ({metrics['params_ratio']:.1%}); wrote {output}"
+    )
+
+
+@app.command()
+def fuse(
+    models: Annotated[
+        list[str], typer.Argument(help="Models to fuse (alias, directory, .gguf, Hub id); the first is the anchor.")
+    ],
+    output: Output,
+    align: Annotated[str, typer.Option(help="Ground cost: activations, weights, or none (plain averaging).")] = (
+        FuseConfig.align
+    ),
+    solver: Annotated[str, typer.Option(help="emd (exact) or sinkhorn (soft).")] = FuseConfig.solver,
+    reg: Annotated[float, typer.Option(help="sinkhorn: entropic regularisation.")] = FuseConfig.reg,
+    weights: Annotated[str | None, typer.Option(help="Comma-separated averaging weights, one per model.")] = None,
+    width: Annotated[float, typer.Option(help="Fused width as a fraction of the anchor's, in (0, 1].")] = (
+        FuseConfig.width
+    ),
+    width_axes: Annotated[str, typer.Option(help="Comma-separated axes --width narrows: hidden, mlp, heads.")] = (
+        ",".join(FuseConfig.width_axes)
+    ),
+    calibration: Annotated[str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")] = (
+        FuseConfig.calibration
+    ),
+    calibration_docs: Annotated[int, typer.Option(help="Calibration blocks.")] = FuseConfig.calibration_docs,
+    calibration_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = FuseConfig.calibration_len,
+    overwrite: Overwrite = False,
+    trust_remote_code: TrustRemoteCode = False,
+):
+    """Fuse models of one family by optimal-transport alignment onto the first, then averaging; --width < 1 fuses
+    into a narrower copy of the anchor."""
+    config = FuseConfig(
+        align=align,
+        solver=solver,
+        reg=reg,
+        weights=_floats(weights, "--weights"),
+        width=width,
+        width_axes=_names(width_axes),
+        calibration=calibration,
+        calibration_docs=calibration_docs,
+        calibration_len=calibration_len,
+    )
+    hybridize.check_output(output, overwrite=overwrite)
+    check_fuse([load_config(spec, trust_remote_code=trust_remote_code) for spec in models], config)
+    loaded = [hybridize.load(spec, trust_remote_code=trust_remote_code) for spec in models]
+    tokenizer = loaded[0][1]
+    fused = hybridize.fuse(
+        [m for m, _ in loaded], config, tokenizer=tokenizer, tokenizers=[t for _, t in loaded], progress=True
+    )
+    hybridize.save(fused, output, tokenizer=tokenizer, overwrite=overwrite)
+    params = fused.hybridize_steps[-1]["metrics"]["params"]
+    typer.echo(f"fused {len(models)} models into {params:,} parameters; wrote {output}")
 
 
 @app.command("run")

@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from .compress.fuse import FuseConfig, fuse
+from .compress.lowrank import FactorizeConfig, factorize
 from .compress.prune import PruneConfig, prune
 from .convert import ConvertConfig, convert
 from .distill import DistillConfig, distill, finish, run_dir_for
@@ -93,6 +95,21 @@ def _prune(state: _State, config: PruneConfig, runtime: dict) -> None:
     state.model = prune(state.model, config, tokenizer=state.tokenizer, progress=True)
 
 
+def _factorize(state: _State, config: FactorizeConfig, runtime: dict) -> None:
+    state.model = factorize(state.model, config, tokenizer=state.tokenizer, progress=True)
+
+
+def _fuse(state: _State, config: FuseConfig, runtime: dict) -> None:
+    others = [load(str(spec)) for spec in runtime["models"]]
+    state.model = fuse(
+        [state.model, *(m for m, _ in others)],
+        config,
+        tokenizer=state.tokenizer,
+        tokenizers=[state.tokenizer, *(t for _, t in others)],
+        progress=True,
+    )
+
+
 def _export(state: _State, config: ExportConfig, runtime: dict) -> dict:
     save(export(state.model, config), runtime["output"], tokenizer=state.tokenizer, overwrite=True)
     return {"output": str(runtime["output"])}
@@ -106,12 +123,14 @@ STEPS: dict[str, Step] = {
     "convert": Step(ConvertConfig, _convert),
     "distill": Step(DistillConfig, _distill, runtime=("teacher",)),
     "prune": Step(PruneConfig, _prune),
+    "factorize": Step(FactorizeConfig, _factorize),
+    "fuse": Step(FuseConfig, _fuse, runtime=("models",)),
     "eval": Step(EvalConfig, _eval, runtime=("baseline",), changes_model=False),
     "bench": Step(BenchConfig, _bench, runtime=("baseline",), changes_model=False),
     "export": Step(ExportConfig, _export, runtime=("output",), changes_model=False),
     "push": Step(PushConfig, _push, changes_model=False),
 }
-_REQUIRED_RUNTIME = {"distill": ("teacher",), "export": ("output",)}
+_REQUIRED_RUNTIME = {"distill": ("teacher",), "export": ("output",), "fuse": ("models",)}
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ public transformers API and sibling modules are imported here: these files trave
 from .attention import AttentionMixer
 from .cache import HybridCache
 from .configuration import HybridConfig
+from .lowrank import LowRankLinear
 from .mamba2 import Mamba2Mixer, Mamba2MixerConfig
 from .mixers import MIXERS
 from .model import HybridDecoderLayer, HybridForCausalLM, HybridModel, HybridPreTrainedModel
@@ -18,6 +19,7 @@ __all__ = [
     "HybridForCausalLM",
     "HybridModel",
     "HybridPreTrainedModel",
+    "LowRankLinear",
     "Mamba2Mixer",
     "Mamba2MixerConfig",
 ]

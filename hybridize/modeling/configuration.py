@@ -25,6 +25,9 @@ class HybridConfig(LlamaConfig):
             Whether `o_proj` has a bias. Defaults to `attention_bias` (Llama); Qwen2 has q/k/v biases but none here.
         source_model_type (`str`, *optional*, defaults to `"llama"`):
             The family the model was converted from, kept for export and model cards.
+        lowrank (`dict[str, int]`, *optional*):
+            Linears stored as low-rank factors (`hybridize factorize`): module name, as in `named_modules()` (e.g.
+            `"model.layers.3.mlp.gate_proj"`), -> rank. Each is built as a `LowRankLinear`. Defaults to none.
 
     Example:
         ```python
@@ -38,6 +41,7 @@ class HybridConfig(LlamaConfig):
     mixers: dict | None = None
     attention_out_bias: bool | None = None
     source_model_type: str = "llama"
+    lowrank: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.mixer_types is None:
@@ -46,6 +50,8 @@ class HybridConfig(LlamaConfig):
             self.mixers = {}
         if self.attention_out_bias is None:
             self.attention_out_bias = self.attention_bias
+        if self.lowrank is None:
+            self.lowrank = {}
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
@@ -61,6 +67,14 @@ class HybridConfig(LlamaConfig):
                 f"num_attention_heads ({self.num_attention_heads}) is not a multiple of num_key_value_heads "
                 f"({self.num_key_value_heads})"
             )
+        for name, rank in self.lowrank.items():
+            parts = name.split(".")
+            if parts[:2] != ["model", "layers"] or len(parts) < 5 or not parts[2].isdigit():
+                raise ValueError(f"lowrank entry {name!r} is not a linear inside model.layers.<i>")
+            if int(parts[2]) >= self.num_hidden_layers or not isinstance(rank, int) or rank < 1:
+                raise ValueError(
+                    f"lowrank entry {name!r}: {rank!r} needs a layer < {self.num_hidden_layers} and an integer rank >= 1"
+                )
 
 
 __all__ = ["HybridConfig"]

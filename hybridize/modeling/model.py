@@ -14,6 +14,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, Lla
 
 from .cache import HybridCache
 from .configuration import HybridConfig
+from .lowrank import apply_lowrank
 from .mamba2 import Mamba2Mixer
 from .mixers import MIXERS
 
@@ -29,6 +30,8 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         self.mixer = MIXERS[mixer_type](config, layer_idx)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
+        # Linears factorized by `hybridize factorize` are built as two matmuls, so their saved factors load
+        apply_lowrank(self, config.lowrank, prefix=f"model.layers.{layer_idx}.")
 
     def forward(self, hidden_states, *, position_embeddings, causal_mask, padding_mask, cache=None, **kwargs):
         # Token mixing: attention wants the causal mask, recurrent mixers only which tokens are padding
