@@ -40,6 +40,8 @@ heads (C <- q, B <- k, x <- v), this is the same ablation on the trained attenti
 
 Shapes are uniform: a `HybridConfig` has one hidden size, one FFN size and one head count per mixer type, so every
 layer is pruned to the same shape (as Minitron's export does); which channels and heads each layer keeps is its own.
+transformers' Llama config also wants the hidden size to be a multiple of the attention heads (even with an explicit
+head_dim), so SmolLM2's 576 with 9 heads prunes to 504 or 432, not 512.
 
 Norms: slicing d channels to d' makes an RMSNorm average over fewer channels; with `rescale_norms` the norm weights
 are multiplied by sqrt(d / d') (sqrt(p / p') for the per-head gated norm), so that the pruned model computes exactly
