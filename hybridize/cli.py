@@ -105,9 +105,9 @@ def convert(
     source, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
     hybrid = hybridize.convert(source, config, tokenizer=tokenizer, progress=True)
     hybridize.save(hybrid, output, tokenizer=tokenizer, overwrite=overwrite)
-    layers = hybrid.config.mixer_types
+    layers, chosen = hybrid.config.mixer_types, "explicit" if attn_layers else select
     typer.echo(
-        f"converted {sum(t != 'attention' for t in layers)}/{len(layers)} layers to {mixer} ({select}); wrote {output}"
+        f"converted {sum(t != 'attention' for t in layers)}/{len(layers)} layers to {mixer} ({chosen}); wrote {output}"
     )
 
 
