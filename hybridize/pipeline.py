@@ -64,7 +64,7 @@ class Step:
 
 
 def _convert(state: _State, config: ConvertConfig, runtime: dict) -> None:
-    state.model = convert(state.model, config, progress=True)
+    state.model = convert(state.model, config, tokenizer=state.tokenizer, progress=True)
 
 
 def _distill(state: _State, config: DistillConfig, runtime: dict) -> None:
