@@ -13,6 +13,14 @@ from .distill import DistillConfig, distill
 from .evaluate.bench import BenchConfig, bench
 from .evaluate.perplexity import EvalConfig, evaluate
 from .export import ExportConfig, export
+from .generate import (
+    GenerateConfig,
+    GenerateResult,
+    PromptLookupDraft,
+    compare_generate,
+    early_exit_draft,
+    generate,
+)
 from .hub import PushConfig, push
 from .errors import CheckpointError, ConfigError, HybridizeError, OutputExistsError, UnsupportedModelError
 from .modeling import HybridConfig, HybridForCausalLM
@@ -39,22 +47,28 @@ __all__ = [
     "ExportConfig",
     "FactorizeConfig",
     "FuseConfig",
+    "GenerateConfig",
+    "GenerateResult",
     "HybridConfig",
     "HybridForCausalLM",
     "HybridizeError",
     "OutputExistsError",
+    "PromptLookupDraft",
     "PruneConfig",
     "PushConfig",
     "UnsupportedModelError",
     "analyze",
     "bench",
     "check_output",
+    "compare_generate",
     "convert",
     "distill",
+    "early_exit_draft",
     "evaluate",
     "export",
     "factorize",
     "fuse",
+    "generate",
     "load",
     "prune",
     "push",

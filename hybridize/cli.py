@@ -19,6 +19,7 @@ from hybridize.evaluate import BenchConfig, EvalConfig
 from hybridize.evaluate.bench import format_bench, plot_bench
 from hybridize.evaluate.harness import format_results
 from hybridize.export import ExportConfig
+from hybridize.generate import GenerateConfig, format_compare, format_generate, load_draft
 from hybridize.hub import PushConfig
 from hybridize.pipeline import load_recipe
 from hybridize.provenance import MANIFEST_NAME, append_step
@@ -70,12 +71,20 @@ def convert(
     conv_init: Annotated[str, typer.Option(help="Mamba2 conv initialisation: delta or random.")] = (
         ConvertConfig.conv_init
     ),
-    chunk_size: Annotated[int | None, typer.Option(help="Mamba2 SSD chunk length (speed only; default 64).")] = None,
+    chunk_size: Annotated[
+        int | None, typer.Option(help="Mamba2 / NHA chunk length (speed only; default 64 / 32).")
+    ] = None,
     select: Annotated[str, typer.Option(help="Which layers: uniform, lazy, random or dynamic (streaming).")] = (
         ConvertConfig.select
     ),
     sinks: Annotated[int | None, typer.Option(help="Streaming: initial tokens kept (default 4).")] = None,
-    window: Annotated[int | None, typer.Option(help="Streaming: recent tokens kept (default 1020).")] = None,
+    window: Annotated[
+        int | None, typer.Option(help="Streaming / NHA: recent tokens attended exactly (default 1020 / 64).")
+    ] = None,
+    slots: Annotated[int | None, typer.Option(help="NHA: slot memories per KV head (default 64).")] = None,
+    full_every: Annotated[
+        int | None, typer.Option(help="Keep attention in every N-th layer (N-1, 2N-1, ...); overrides --ratio.")
+    ] = ConvertConfig.full_every,
     w_last: Annotated[int | None, typer.Option(help="Streaming: last queries a lazy ratio averages (default 64).")] = (
         None
     ),
@@ -94,9 +103,10 @@ def convert(
         mixer=mixer,
         ratio=ratio,
         attn_layers=_int_list(attn_layers, "--attn-layers"),
+        full_every=full_every,
         conv_init=conv_init,
         select=select,
-        mixer_settings=_settings(chunk_size=chunk_size, sinks=sinks, window=window, w_last=w_last),
+        mixer_settings=_settings(chunk_size=chunk_size, sinks=sinks, window=window, w_last=w_last, slots=slots),
         calibration_docs=calibration_docs,
         calibration_len=calibration_len,
         seed=seed,
@@ -521,6 +531,85 @@ def fuse(
     hybridize.save(fused, output, tokenizer=tokenizer, overwrite=overwrite)
     params = fused.hybridize_steps[-1]["metrics"]["params"]
     typer.echo(f"fused {len(models)} models into {params:,} parameters; wrote {output}")
+
+
+@app.command()
+def generate(
+    model: ModelArg,
+    prompt: Annotated[str, typer.Option(help="The prompt (with --chat: the user message).")],
+    draft: Annotated[
+        str | None, typer.Option(help="Draft model with the same tokenizer: alias, directory, .gguf or Hub id.")
+    ] = None,
+    draft_layers: Annotated[
+        int | None,
+        typer.Option(help="Draft with the first N layers of --draft (default: of MODEL itself), sharing its weights."),
+    ] = None,
+    prompt_lookup: Annotated[
+        bool, typer.Option(help="Draft without a model: copy what followed the last n-gram earlier in the text.")
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated at most.")] = GenerateConfig.max_new_tokens,
+    draft_tokens: Annotated[int, typer.Option(help="Tokens the draft proposes per round (K).")] = (
+        GenerateConfig.draft_tokens
+    ),
+    adaptive: Annotated[bool, typer.Option(help="Grow K after full acceptance, shrink it after a rejection.")] = (
+        GenerateConfig.adaptive
+    ),
+    max_draft_tokens: Annotated[int, typer.Option(help="Largest K adaptive rounds may reach.")] = (
+        GenerateConfig.max_draft_tokens
+    ),
+    sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = GenerateConfig.do_sample,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = GenerateConfig.temperature,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 keeps every token).")] = GenerateConfig.top_p,
+    seed: Annotated[int, typer.Option(help="Seed of sampling and of the acceptance tests.")] = GenerateConfig.seed,
+    chat: Annotated[bool, typer.Option(help="Apply the tokenizer's chat template to the prompt.")] = (
+        GenerateConfig.chat
+    ),
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeat the option for several).")] = None,
+    ignore_eos: Annotated[bool, typer.Option(help="Go on past end-of-sequence tokens (for timing).")] = (
+        GenerateConfig.ignore_eos
+    ),
+    compare: Annotated[
+        bool, typer.Option(help="Also decode without the draft, interleaved, and print both speeds and their ratio.")
+    ] = False,
+    repeats: Annotated[int, typer.Option(help="With --compare: interleaved runs; medians are reported.")] = 3,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+):
+    """Generate text, speculatively with a draft model (Mamba2/NHA states rolled back by replay, MambaInLlama)."""
+    config = GenerateConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature,
+        top_p=top_p,
+        draft_tokens=draft_tokens,
+        adaptive=adaptive,
+        max_draft_tokens=max_draft_tokens,
+        seed=seed,
+        stop=tuple(stop or ()),
+        chat=chat,
+        ignore_eos=ignore_eos,
+    )
+    target, tokenizer = hybridize.load(model)
+    draft_model, draft_tokenizer = load_draft(target, draft, layers=draft_layers, lookup=prompt_lookup)
+    if compare:
+        result = hybridize.compare_generate(
+            target, tokenizer, prompt, config, draft=draft_model, draft_tokenizer=draft_tokenizer, repeats=repeats
+        )
+        typer.echo(result["speculative"]["first_run"]["text"])
+        typer.echo(format_compare(result))
+    else:
+        output = hybridize.generate(
+            target,
+            tokenizer,
+            prompt,
+            config,
+            draft=draft_model,
+            draft_tokenizer=draft_tokenizer,
+            stream=lambda text: typer.echo(text, nl=False),
+        )
+        typer.echo()
+        typer.echo(format_generate(output))
+        result = output.to_dict()
+    _write_json(result, json_path)
 
 
 @app.command("run")

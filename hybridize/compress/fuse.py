@@ -126,6 +126,12 @@ def _family(config) -> str:
     return config.source_model_type if config.model_type == HybridConfig.model_type else config.model_type
 
 
+def _field(config, name: str):
+    if name == "head_dim":
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return getattr(config, name, None)
+
+
 def _mamba(config: HybridConfig) -> dict:
     from ..modeling.mamba2 import Mamba2MixerConfig
 
@@ -150,10 +156,10 @@ def check_fuse(configs: Sequence, config: FuseConfig, tokenizers: Sequence | Non
                 "one family"
             )
         for name in ("vocab_size", "num_hidden_layers", "num_key_value_heads", "head_dim", "tie_word_embeddings"):
-            if getattr(other, name, None) != getattr(anchor, name, None):
+            if _field(other, name) != _field(anchor, name):
                 raise ConfigError(
-                    f"model {index} has {name}={getattr(other, name, None)} but the anchor has "
-                    f"{getattr(anchor, name, None)}; fuse models that share a vocabulary and a layout"
+                    f"model {index} has {name}={_field(other, name)} but the anchor has {_field(anchor, name)}; fuse "
+                    "models that share a vocabulary and a layout"
                 )
         types = getattr(other, "mixer_types", None) or ["attention"] * other.num_hidden_layers
         anchor_types = getattr(anchor, "mixer_types", None) or ["attention"] * anchor.num_hidden_layers
@@ -380,6 +386,13 @@ def _head_output(layer) -> nn.Module:
     return layer.mixer.o_proj if layer.mixer_type == "attention" else layer.mixer.out_proj
 
 
+def _groups(layer) -> int:
+    """KV groups of an attention layer, or Mamba2 groups (x and B are shared by the heads of a group)."""
+    if layer.mixer_type == "attention":
+        return layer.mixer.config.num_key_value_heads
+    return layer.mixer.settings.num_groups
+
+
 def _head_size(layer) -> int:
     mixer = layer.mixer
     return mixer.head_dim if layer.mixer_type == "attention" else mixer.settings.head_dim
@@ -436,9 +449,12 @@ class _CrossMoments:
         return (self.sums[3] / self.count).sum(-1).sqrt()
 
 
-def activation_costs(models, blocks: torch.Tensor, progress: bool = False) -> list[dict[str, torch.Tensor]]:
-    """For each model, squared-distance costs to the anchor (`models[0]`) per site, plus the anchor's unit RMS
-    (`rms.<site>`): `res` (residual channels, pooled over depths), `mlp.i`, `heads.i`."""
+def activation_costs(
+    models, blocks: torch.Tensor, *, with_anchor: bool = True, progress: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """For each model, distance costs to the anchor (`models[0]`) per site, plus the anchor's unit RMS
+    (`rms.<site>`): `res` (residual channels, pooled over depths), `mlp.i`, `heads.i`. Without `with_anchor` the
+    anchor's costs to itself are skipped (its entry holds only the RMS)."""
     from tqdm.auto import tqdm
 
     moments = [{} for _ in models]
@@ -446,6 +462,8 @@ def activation_costs(models, blocks: torch.Tensor, progress: bool = False) -> li
         anchor = _capture(models[0], block)
         for k, model in enumerate(models):
             acts = anchor if k == 0 else _capture(model, block)
+            if k == 0 and not with_anchor:  # only the anchor's own RMS, per unit
+                acts = {site: x[:, :1] for site, x in acts.items()}
             for site, x in acts.items():
                 moments[k].setdefault(site, _CrossMoments()).update(x, anchor[site])
     costs = []
@@ -541,9 +559,7 @@ def _as_hybrid(model: nn.Module, progress: bool) -> HybridForCausalLM:
     return convert(model, ConvertConfig(ratio=0.0), progress=progress)
 
 
-def _plans_from_costs(
-    models, costs: list[dict], target: HybridConfig, config: FuseConfig
-) -> tuple[list[ModelPlans], dict]:
+def _plans_from_costs(models, costs: list[dict], target: HybridConfig, config: FuseConfig) -> list[ModelPlans]:
     """Activation mode: every plan of every model, from the precomputed costs."""
     anchor = models[0]
     kept = _kept_units(anchor, target, {site[4:]: v for site, v in costs[0].items() if site.startswith("rms.")})
@@ -557,11 +573,11 @@ def _plans_from_costs(
         for i, layer in enumerate(model.model.layers):
             mlp = solve(cost[f"mlp.{i}"][:, kept[f"mlp.{i}"]], config.solver, config.reg)
             groups, heads = grouped_plan(
-                cost[f"heads.{i}"], target.num_key_value_heads, kept[f"heads.{i}"], config.solver, config.reg
+                cost[f"heads.{i}"], _groups(layer), kept[f"heads.{i}"], config.solver, config.reg
             )
             model_plans.layers.append(LayerPlans(mlp=mlp, groups=groups, heads=heads))
         plans.append(model_plans)
-    return plans, kept
+    return plans
 
 
 def _kept_units(anchor: HybridForCausalLM, target: HybridConfig, importance: dict) -> dict[str, list[int]]:
@@ -573,7 +589,7 @@ def _kept_units(anchor: HybridForCausalLM, target: HybridConfig, importance: dic
             heads = target.num_attention_heads
         else:
             heads = _mamba(target)["num_heads"]
-        kept[f"heads.{i}"] = _kept(importance[f"heads.{i}"], heads, target.num_key_value_heads)
+        kept[f"heads.{i}"] = _kept(importance[f"heads.{i}"], heads, _groups(layer))
     return kept
 
 
@@ -613,7 +629,7 @@ def _weight_plans(models, target: HybridConfig, config: FuseConfig) -> list[Mode
             head_cost = _distance(ours["heads"], theirs["heads"])
             group_cost = _distance(ours["groups"], theirs["groups"])
             groups, heads = grouped_plan(  # the groups' own k/v (x/B) rows count too
-                head_cost, target.num_key_value_heads, kept[f"heads.{i}"], config.solver, config.reg, group_cost
+                head_cost, _groups(layer), kept[f"heads.{i}"], config.solver, config.reg, group_cost
             )
             model_plans.layers.append(LayerPlans(mlp=mlp, groups=groups, heads=heads))
         plans.append(model_plans)
@@ -680,8 +696,8 @@ def fuse(
             calibration = calibration_blocks(
                 tokenizer, config.calibration, num_blocks=config.calibration_docs, seq_len=config.calibration_len
             )
-        costs = activation_costs(models, calibration, progress)
-        plans, _ = _plans_from_costs(models, costs, target, config)
+        costs = activation_costs(models, calibration, with_anchor=config.width < 1, progress=progress)
+        plans = _plans_from_costs(models, costs, target, config)
         metrics["calibration_tokens"] = int(calibration.numel())
     metrics["matched_residual"] = [_matched(p.residual) for p in plans]
 

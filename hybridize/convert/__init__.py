@@ -20,6 +20,7 @@ from ..modeling.streaming import StreamingMixerConfig
 from ..provenance import record_step
 from .lazy import lazy_frequency, measure_lazy_ratios
 from .mamba2 import init_mamba2_from_attention
+from .nha import init_nha_from_attention
 from .selection import num_converted, select_layers
 from .streaming import init_streaming_from_attention
 
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 INITIALIZERS = {
     "mamba2": init_mamba2_from_attention,
+    "nha": init_nha_from_attention,
     "streaming": init_streaming_from_attention,
 }
 _CONV_INITS = ("random", "delta")
@@ -42,6 +44,9 @@ class ConvertConfig:
         ratio (`float`, *optional*, defaults to 0.5): fraction of layers converted, in [0, 1]; 0 keeps the source
             model as it is (as a hybrid), 1 converts every layer. Spread evenly as MambaInLlama does.
         attn_layers (`tuple[int, ...]`, *optional*): explicit layers that keep attention; overrides `ratio`.
+        full_every (`int`, *optional*): keep attention in every `full_every`-th layer, layers N-1, 2N-1, ...
+            (NHA's block pattern: 8 keeps 7, 15, 23 of 30 layers) and convert the others; it fills in
+            `attn_layers`, so it overrides `ratio` and cannot be combined with `attn_layers` or a `select`.
         select (`str`, *optional*, defaults to `"uniform"`): how the converted layers are chosen when `attn_layers`
             is not given: `"uniform"` spreads them evenly, as MambaInLlama does; `"lazy"` takes the layers most often
             among the laziest on calibration text (LightTransfer-Train; needs the tokenizer); `"random"` draws them
@@ -70,6 +75,7 @@ class ConvertConfig:
     mixer: str = "mamba2"
     ratio: float = 0.5
     attn_layers: tuple[int, ...] | None = None
+    full_every: int | None = None
     select: str = "uniform"
     mixer_settings: dict = field(default_factory=dict)
     conv_init: str = "delta"
@@ -85,6 +91,13 @@ class ConvertConfig:
             raise ConfigError(f"ratio must be in [0, 1] (the fraction of layers converted), got {self.ratio}")
         if self.conv_init not in _CONV_INITS:
             raise ConfigError(f"conv_init must be one of {_CONV_INITS}, got {self.conv_init!r}")
+        if self.full_every is not None and self.full_every < 1:
+            raise ConfigError(f"full_every must be >= 1 (attention in every N-th layer), got {self.full_every}")
+        if self.full_every is not None and (self.attn_layers is not None or self.select != "uniform"):
+            raise ConfigError(
+                f"full_every={self.full_every} fixes the attention layers; attn_layers={self.attn_layers} and "
+                f"select={self.select!r} choose them too: give only one"
+            )
         if self.select not in SELECTIONS:
             raise ConfigError(f"select {self.select!r} is not supported; choose one of {SELECTIONS}")
         if self.select == "dynamic" and self.mixer != "streaming":
@@ -179,6 +192,9 @@ def convert(
         ```
     """
     num_layers = model.config.num_hidden_layers
+    if config.full_every is not None:  # recorded as the explicit layers it keeps
+        kept = tuple(range(config.full_every - 1, num_layers, config.full_every))
+        config = dataclasses.replace(config, attn_layers=kept, full_every=None)
     hybrid_config_for(model, [config.mixer] * num_layers, config)  # settings checked before any heavy work
     start = time.perf_counter()
     metrics = {}

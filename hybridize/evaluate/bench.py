@@ -5,6 +5,7 @@ On a CPU, decoding a small model is memory-bandwidth bound (weights + cache byte
 move with the machine's load; only ratios measured in one run mean anything.
 """
 
+import ctypes
 import gc
 import os
 import statistics
@@ -72,6 +73,16 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _return_free_memory_to_the_os() -> None:
+    """glibc keeps freed heap pages resident and reuses them without RSS growing, which would hide an allocation
+    from the growth measured below; `malloc_trim(0)` hands them back first. A no-op where glibc is absent."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _PeakRSS:
     """Samples this process's RSS every few milliseconds in a thread; `peak` is the highest seen. Both models of a
     side-by-side run live in one process, so what is reported is the peak *growth* over the RSS before the run:
@@ -81,6 +92,7 @@ class _PeakRSS:
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
 
     def __enter__(self) -> "_PeakRSS":
+        _return_free_memory_to_the_os()
         self.start = self.peak = _rss_bytes()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -98,7 +110,6 @@ class _PeakRSS:
 
 @torch.inference_mode()
 def _run_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
-    gc.collect()
     with _PeakRSS() as rss:
         result = _prefill_and_decode(model, prompt, new_tokens)
     return {**result, "peak_rss_growth_bytes": rss.peak - rss.start}

@@ -2,11 +2,13 @@
 
 from .attention import AttentionMixer
 from .mamba2 import Mamba2Mixer
+from .nha import NHAMixer
 from .streaming import StreamingMixer
 
 MIXERS = {
     "attention": AttentionMixer,
     "mamba2": Mamba2Mixer,
+    "nha": NHAMixer,
     "streaming": StreamingMixer,
 }
 
