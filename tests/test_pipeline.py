@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import make_tiny
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+import yaml
+from tiny import save_tiny
+from transformers import AutoModelForCausalLM
 
 import hybridize
 from hybridize import pipeline
@@ -19,12 +19,7 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
 @pytest.fixture
 def llama_dir(tmp_path):
-    path = tmp_path / "llama"
-    make_tiny("llama").save_pretrained(path)
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1").save_pretrained(path)
-    return path
+    return save_tiny(tmp_path / "llama")
 
 
 def _recipe(tmp_path, llama_dir, steps: str) -> Path:
@@ -125,3 +120,51 @@ def test_output_made_otherwise_is_refused(tmp_path, llama_dir):
 def test_shipped_recipes_validate(path):
     recipe = pipeline.load_recipe(path)
     assert recipe.steps and recipe.steps[0].name == "convert"
+
+
+# What a shipped recipe's heavy options become on the tiny model: same steps and methods, toy budgets.
+_TINY_BUDGETS = {
+    "convert": {"calibration_docs": 2, "calibration_len": 64},
+    "distill": {"tokens": 256, "seq_len": 16, "batch_size": 2, "eval_tokens": 32},
+    "eval": {"seq_len": 16, "max_tokens": 64},
+}
+_TINY_MIXER_SETTINGS = {"streaming": {"sinks": 2, "window": 8}, "nha": {"slots": 4, "window": 8}}
+
+
+def _shrink(recipe: dict, source: Path, out: Path) -> dict:
+    """The recipe on the tiny model: `llama` becomes `source`, outputs go under `out`, budgets shrink."""
+    steps = []
+    for i, entry in enumerate(recipe["steps"]):
+        ((name, options),) = entry.items()
+        options = {k: str(source) if v == "llama" else v for k, v in (options or {}).items()}
+        if name == "eval" and options.get("tasks"):
+            options["limit"] = 1
+        else:
+            options.update({k: v for k, v in _TINY_BUDGETS.get(name, {}).items()})
+        if name == "convert" and options.get("mixer") in _TINY_MIXER_SETTINGS:
+            options["mixer_settings"] = _TINY_MIXER_SETTINGS[options["mixer"]]
+        if name == "export":
+            options["output"] = str(out / f"export{i}")
+        steps.append({name: options})
+    return {"model": str(source), "output": str(out / "model"), "steps": steps}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipes_run_on_a_tiny_model(path, tmp_path, llama_dir):
+    recipe = yaml.safe_load(path.read_text())
+    tiny = tmp_path / "recipe.yaml"
+    tiny.write_text(yaml.safe_dump(_shrink(recipe, llama_dir, tmp_path)))
+    report = hybridize.run(tiny)
+    names = [next(iter(entry)) for entry in recipe["steps"]]
+    assert [(r["step"], r["status"]) for r in report] == [(name, "ran") for name in names]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    mixer = recipe["steps"][0]["convert"].get("mixer", "mamba2")
+    assert mixer in model.config.mixer_types  # the recipe's mixer really replaced attention somewhere
+    assert torch.isfinite(model(torch.randint(0, 128, (1, 12))).logits).all()
+    assert [s["step"] for s in read_manifest(tmp_path / "model")["steps"]] == names
+    again = hybridize.run(tiny)  # a second run resumes past every completed step
+    assert [(r["step"], r["status"]) for r in again] == [(name, "skipped (done)") for name in names]
+    for planned, result in zip(recipe["steps"], report):
+        if planned.get("eval", {}).get("tasks"):  # lm-eval ran every task the recipe names
+            assert sorted(result["result"]["tasks"]) == sorted(planned["eval"]["tasks"])
+            assert all(0 <= scores["acc"] <= 1 for scores in result["result"]["tasks"].values())

@@ -40,3 +40,21 @@ def make_tiny(family: str = "llama", seed: int = 0, **overrides):
                     proj.bias.normal_(0, 0.1)
     return model
 
+
+
+def word_tokenizer(vocab_size: int = 128, eos: str = "w1"):
+    """A real fast tokenizer over the words `w0` .. `w{vocab_size - 1}` (`w0` is unknown), split on whitespace and
+    punctuation, so that any text (real articles included) tokenizes into ids a tiny model accepts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", eos_token=eos)
+
+
+def save_tiny(path, family: str = "llama", **overrides):
+    """A tiny random model of `family` and `word_tokenizer()` saved in `path`, loadable like any checkpoint."""
+    make_tiny(family, **overrides).save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
