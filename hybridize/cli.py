@@ -71,6 +71,9 @@ def convert(
     conv_init: Annotated[str, typer.Option(help="Mamba2 conv initialisation: delta or random.")] = (
         ConvertConfig.conv_init
     ),
+    mixer_init: Annotated[
+        str, typer.Option(help="Mamba2 weights: attention (reuse q/k/v/o) or random (the ablation).")
+    ] = ConvertConfig.mixer_init,
     chunk_size: Annotated[
         int | None, typer.Option(help="Mamba2 / NHA chunk length (speed only; default 64 / 32).")
     ] = None,
@@ -105,6 +108,7 @@ def convert(
         attn_layers=_int_list(attn_layers, "--attn-layers"),
         full_every=full_every,
         conv_init=conv_init,
+        mixer_init=mixer_init,
         select=select,
         mixer_settings=_settings(chunk_size=chunk_size, sinks=sinks, window=window, w_last=w_last, slots=slots),
         calibration_docs=calibration_docs,

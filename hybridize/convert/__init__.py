@@ -32,6 +32,7 @@ INITIALIZERS = {
     "streaming": init_streaming_from_attention,
 }
 _CONV_INITS = ("random", "delta")
+_MIXER_INITS = ("attention", "random")
 SELECTIONS = ("uniform", "lazy", "random", "dynamic")
 
 
@@ -58,6 +59,8 @@ class ConvertConfig:
         conv_init (`str`, *optional*, defaults to `"delta"`): Mamba2 only: `"delta"` (identity convolution at
             step 0) or `"random"` (PyTorch's default, as published by MambaInLlama). See README for the measured
             difference.
+        mixer_init (`str`, *optional*, defaults to `"attention"`): Mamba2 only: `"attention"` reuses the attention
+            weights (MambaInLlama's mapping); `"random"` draws them fresh, the ablation that shows what the reuse buys.
         seed (`int`, *optional*, defaults to 0): seeds the new parameters (gate, dt, conv) and `select="random"`, so
             a conversion repeats.
         calibration (`str`, *optional*, defaults to `"wiki"`): `select="lazy"` only: the calibration text, `"wiki"`
@@ -79,6 +82,7 @@ class ConvertConfig:
     select: str = "uniform"
     mixer_settings: dict = field(default_factory=dict)
     conv_init: str = "delta"
+    mixer_init: str = "attention"
     seed: int = 0
     calibration: str = "wiki"
     calibration_docs: int = 8
@@ -91,6 +95,10 @@ class ConvertConfig:
             raise ConfigError(f"ratio must be in [0, 1] (the fraction of layers converted), got {self.ratio}")
         if self.conv_init not in _CONV_INITS:
             raise ConfigError(f"conv_init must be one of {_CONV_INITS}, got {self.conv_init!r}")
+        if self.mixer_init not in _MIXER_INITS:
+            raise ConfigError(f"mixer_init must be one of {_MIXER_INITS}, got {self.mixer_init!r}")
+        if self.mixer_init == "random" and self.mixer != "mamba2":
+            raise ConfigError(f"mixer_init='random' is a Mamba2 ablation; the {self.mixer} mixer reuses attention as is")
         if self.full_every is not None and self.full_every < 1:
             raise ConfigError(f"full_every must be >= 1 (attention in every N-th layer), got {self.full_every}")
         if self.full_every is not None and (self.attn_layers is not None or self.select != "uniform"):

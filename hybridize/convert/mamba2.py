@@ -5,6 +5,8 @@ New parameters follow mamba_ssm's defaults, as MambaInLlama does: dt_bias = soft
 [dt_min, dt_max], A = -U[1, 16], D = 1, gated-norm weight 1, z and dt rows nn.Linear's default. The convolution is
 either PyTorch's random default (`conv_init="random"`, as published) or a delta (`"delta"`: last tap 1, bias 0), which
 passes x, B and C through unchanged at step 0 so the converted layer starts closer to linear attention.
+`mixer_init="random"` draws x, B, C and out_proj like the new rows instead of copying attention (the ablation that
+measures what the weight reuse is worth); everything else is initialised the same way.
 """
 
 import math
@@ -34,17 +36,28 @@ def init_mamba2_from_attention(
          s.num_heads]
     )
     z.uniform_(-bound, bound, generator=generator)
-    x.copy_(attn.v_proj.weight)  # MambaInLlama: x <- W_v
-    B.copy_(attn.k_proj.weight)  #              B <- W_k
-    C.copy_(attn.q_proj.weight)  #              C <- W_q
     dt.uniform_(-bound, bound, generator=generator)
-    if mixer.in_proj.bias is not None:
-        zb, xb, Bb, Cb, dtb = mixer.in_proj.bias.split([len(z), len(x), len(B), len(C), len(dt)])
-        zb.zero_(), dtb.zero_()
-        xb.copy_(attn.v_proj.bias), Bb.copy_(attn.k_proj.bias), Cb.copy_(attn.q_proj.bias)
-    mixer.out_proj.weight.copy_(attn.o_proj.weight)  # out <- W_o
-    if mixer.out_proj.bias is not None:
-        mixer.out_proj.bias.copy_(attn.o_proj.bias)
+    if convert_config.mixer_init == "random":
+        # a generator of their own, so every other parameter equals the attention-initialised conversion's
+        own = torch.Generator().manual_seed(convert_config.seed * 1_000 + layer_idx)
+        for w in (x, B, C):
+            w.uniform_(-bound, bound, generator=own)
+        out_bound = 1 / math.sqrt(mixer.inner_size)
+        mixer.out_proj.weight.uniform_(-out_bound, out_bound, generator=own)
+        for b in (mixer.in_proj.bias, mixer.out_proj.bias):
+            if b is not None:
+                b.zero_()
+    else:
+        x.copy_(attn.v_proj.weight)  # MambaInLlama: x <- W_v
+        B.copy_(attn.k_proj.weight)  #              B <- W_k
+        C.copy_(attn.q_proj.weight)  #              C <- W_q
+        if mixer.in_proj.bias is not None:
+            zb, xb, Bb, Cb, dtb = mixer.in_proj.bias.split([len(z), len(x), len(B), len(C), len(dt)])
+            zb.zero_(), dtb.zero_()
+            xb.copy_(attn.v_proj.bias), Bb.copy_(attn.k_proj.bias), Cb.copy_(attn.q_proj.bias)
+        mixer.out_proj.weight.copy_(attn.o_proj.weight)  # out <- W_o
+        if mixer.out_proj.bias is not None:
+            mixer.out_proj.bias.copy_(attn.o_proj.bias)
 
     # mamba_ssm defaults for the SSM parameters
     dt_min, dt_max = 1e-3, 1e-1

@@ -46,6 +46,25 @@ def test_mambainllama_mapping(tiny_source):
             assert torch.equal(p, hybrid.model.layers[i].mixer.get_parameter(name))
 
 
+def test_random_mixer_init_changes_only_the_reused_weights(tiny_source):
+    reused = convert(tiny_source, ConvertConfig(ratio=0.5, seed=5))
+    fresh = convert(tiny_source, ConvertConfig(ratio=0.5, seed=5, mixer_init="random"))
+    for i in (0, 2):
+        a, b = reused.model.layers[i].mixer, fresh.model.layers[i].mixer
+        attn = tiny_source.model.layers[i].self_attn
+        za, xa, Ba, Ca, dta = a.in_proj.weight.split([64, 32, 32, 64, 4])
+        zb, xb, Bb, Cb, dtb = b.in_proj.weight.split([64, 32, 32, 64, 4])
+        assert torch.equal(za, zb) and torch.equal(dta, dtb)  # the new rows are drawn the same way
+        for name in ("dt_bias", "A_log", "D", "conv1d.weight", "norm.weight"):
+            assert torch.equal(a.get_parameter(name), b.get_parameter(name)), name
+        assert not torch.equal(xb, attn.v_proj.weight) and not torch.equal(b.out_proj.weight, attn.o_proj.weight)
+        assert xb.abs().max() <= 64**-0.5 and b.out_proj.weight.abs().max() <= 64**-0.5  # nn.Linear's default bound
+    with pytest.raises(ConfigError, match="Mamba2 ablation"):
+        ConvertConfig(mixer="streaming", mixer_init="random")
+    with pytest.raises(ConfigError, match="mixer_init"):
+        ConvertConfig(mixer_init="zeros")
+
+
 def test_delta_conv_makes_the_mixer_linear_attention_with_decay(tiny_llama):
     """With a delta conv, D = 0 and the gate/norm bypassed, the converted layer is causal linear attention over
     silu(q), silu(k), silu(v) with per-head decay: MambaInLlama's warm start, checked by hand."""
