@@ -6,6 +6,8 @@ not survive a save/load round trip there. Mixer settings live in `mixers[name]` 
 and are parsed by each mixer's own frozen dataclass.
 """
 
+import dataclasses
+
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
@@ -77,4 +79,13 @@ class HybridConfig(LlamaConfig):
                 )
 
 
-__all__ = ["HybridConfig"]
+def mixer_settings(settings_class: type, config: HybridConfig, name: str, defaults: dict | None = None):
+    """`settings_class` built from `config.mixers[name]` over `defaults`; unknown keys are named, not ignored."""
+    settings = config.mixers.get(name, {})
+    known = {f.name for f in dataclasses.fields(settings_class)}
+    if unknown := set(settings) - known:
+        raise ValueError(f"unknown {name} settings {sorted(unknown)}; known: {sorted(known)}")
+    return settings_class(**{**(defaults or {}), **settings})
+
+
+__all__ = ["HybridConfig", "mixer_settings"]

@@ -8,7 +8,7 @@ by chunk) and `mamba2_step` (one decode token) compute one function and are test
 The recurrence, per head: H_t = exp(dt_t A) H_{t-1} + dt_t x_t B_t^T (H is p x n), y_t = H_t C_t + D x_t.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 from transformers.cache_utils import LinearAttentionLayer
 
 from .common import RMSNormGated, causal_conv1d
-from .configuration import HybridConfig
+from .configuration import HybridConfig, mixer_settings
 
 try:  # the Triton SSD kernel of state-spaces/mamba, used on CUDA when installed; torch is the fallback
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -65,12 +65,7 @@ class Mamba2MixerConfig:
             "head_dim": config.head_dim,
             "state_size": config.head_dim,
         }
-        settings = config.mixers.get("mamba2", {})
-        known = {f.name for f in fields(cls)}
-        unknown = set(settings) - known
-        if unknown:
-            raise ValueError(f"unknown mamba2 settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{**defaults, **settings})
+        return mixer_settings(cls, config, "mamba2", defaults)
 
 
 def mamba2_step(state, x, dt, A, B, C, D):

@@ -31,7 +31,7 @@ holds the state between calls: the slots and the last w - 1 tokens' (raw k, RoPE
 the window. Keys are cached after RoPE, at their own positions, so decode equals the full forward.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
@@ -40,7 +40,7 @@ from torch import nn
 from transformers.cache_utils import LinearAttentionAndSlidingWindowAttentionLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .configuration import HybridConfig
+from .configuration import HybridConfig, mixer_settings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,12 +87,7 @@ class NHAMixerConfig:
     @classmethod
     def from_hybrid_config(cls, config: HybridConfig) -> "NHAMixerConfig":
         """The settings in `config.mixers["nha"]`; the others keep their defaults."""
-        settings = config.mixers.get("nha", {})
-        known = {f.name for f in fields(cls)}
-        unknown = set(settings) - known
-        if unknown:
-            raise ValueError(f"unknown nha settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**settings)
+        return mixer_settings(cls, config, "nha")
 
 
 class NHAState(NamedTuple):
@@ -119,7 +114,7 @@ def nha_initial_state(
 ) -> NHAState:
     """Empty slots and an empty window."""
     b, n, K, M = batch_size, num_kv_heads, head_dim, slots
-    zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+    zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)
     return NHAState(
         hk=zeros(b, n, K, M),
         hv=zeros(b, n, M, K),
@@ -138,7 +133,7 @@ def _pending(state: NHAState, k, k_rot, v, g, mask):
     mask = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device) if mask is None else mask.bool()
     ms = torch.cat([state.mask, mask], dim=1)  # (b, P + l)
     gs = torch.cat([state.gates, g * mask[:, None, :, None].to(g.dtype)], dim=2)
-    cat = lambda old, new: torch.cat([old.to(new.dtype), new], dim=2)  # noqa: E731
+    cat = lambda old, new: torch.cat([old.to(new.dtype), new], dim=2)
     return cat(state.keys, k), cat(state.keys_rot, k_rot), cat(state.values, v), gs, ms
 
 
@@ -250,7 +245,7 @@ def nha_chunked(
 
     # 1. The slot path over X, one chunk per row: (b, n, nc, C, ·)
     front = window - P
-    chunks = lambda x: _shift(x, front, L, 2).unflatten(2, (nc, C))  # noqa: E731
+    chunks = lambda x: _shift(x, front, L, 2).unflatten(2, (nc, C))
     xk, xv, xg = chunks(keys), chunks(values), chunks(gates)
     xm = _shift(ms, front, L, 1).view(b, nc, C)
     g_cum = torch.cumsum(xg, dim=3)  # log decay from the chunk start through each token  (b, n, nc, C, M)
@@ -270,14 +265,14 @@ def nha_chunked(
 
     # 2. The window: keys Y[i : i + w] for query i, a band of C + w - 1 keys per chunk
     span = C + max(window, 1) - 1
-    band = lambda x, dim: _shift(x, max(window - 1 - P, 0), L + span - C, dim).unfold(dim, span, C)  # noqa: E731
+    band = lambda x, dim: _shift(x, max(window - 1 - P, 0), L + span - C, dim).unfold(dim, span, C)
     yk, yv = band(keys_rot, 2).transpose(-1, -2), band(values, 2).transpose(-1, -2)  # (b, n, nc, span, K)
     ym = band(ms, 1)  # (b, nc, span)
     offset = torch.arange(span, device=q.device)[None, :] - torch.arange(C, device=q.device)[:, None]  # r - t
     in_band = (offset >= 0) & (offset < window)  # (C, span); empty when w = 0
 
     # 3. Queries, chunk by chunk in groups: one softmax over [slots ; window]
-    pad_q = lambda x: F.pad(x, (0, 0, 0, L - l)).view(b, n, G, nc, C, K)  # noqa: E731
+    pad_q = lambda x: F.pad(x, (0, 0, 0, L - l)).view(b, n, G, nc, C, K)
     qc, qrc = pad_q(q), pad_q(q_rot)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     outputs = []
@@ -447,7 +442,7 @@ class NHAMixer(nn.Module):
 
         layer = cache.layers[self.layer_idx] if cache is not None else None
         state = layer.get_state() if layer is not None else None
-        options = dict(window=s.window, scale=self.scaling, mask_empty_slots=s.mask_empty_slots)
+        options = {"window": s.window, "scale": self.scaling, "mask_empty_slots": s.mask_empty_slots}
         if state is not None and l == 1:
             o, state = nha_step(q, k, v, q_rot, k_rot, g, mask, state, **options)
         elif s.impl == "ref":

@@ -24,7 +24,7 @@ full caches exist during prefill. Decoding then streams in the popped (lazy) lay
 the P others. The lazy set is chosen per request (per batch: the ratio is averaged over its sequences).
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -33,7 +33,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .attention import AttentionMixer
-from .configuration import HybridConfig
+from .configuration import HybridConfig, mixer_settings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,12 +82,7 @@ class StreamingMixerConfig:
     @classmethod
     def from_hybrid_config(cls, config: HybridConfig) -> "StreamingMixerConfig":
         """The settings in `config.mixers["streaming"]`; missing ones keep their defaults."""
-        settings = config.mixers.get("streaming", {})
-        known = {f.name for f in fields(cls)}
-        unknown = set(settings) - known
-        if unknown:
-            raise ValueError(f"unknown streaming settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**settings)
+        return mixer_settings(cls, config, "streaming")
 
 
 def token_indices(

@@ -109,7 +109,8 @@ def test_trust_remote_code_loads_without_hybridize(mixer, tmp_path):
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "m")!r}, trust_remote_code=True).eval()
         assert "hybridize" not in type(model).__module__, type(model).__module__
         io = torch.load({str(tmp_path / "io.pt")!r})
-        torch.testing.assert_close(model(io["ids"]).logits, io["expected"], rtol=0, atol=0)
+        # float32 tolerance: this process may run another number of threads, so another summation order
+        torch.testing.assert_close(model(io["ids"]).logits, io["expected"], rtol=1e-4, atol=1e-5)
         model.generate(io["ids"], max_new_tokens=3, do_sample=False)
         print("ok")
         """
