@@ -1,57 +1,27 @@
 """The command line end to end on tiny real checkpoints: outputs, exit codes and messages for bad input, and that
 bad input writes nothing and leaves the input untouched."""
 
-import contextlib
 import hashlib
-import io
 import json
-import sys
 
 import pytest
 import torch
-from tiny import make_tiny
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-from hybridize.cli import main
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(128)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1")
+from tiny import run_cli, save_tiny
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 
 @pytest.fixture
 def llama_dir(tmp_path):
-    path = tmp_path / "llama"
-    make_tiny("llama").save_pretrained(path)
-    _tokenizer().save_pretrained(path)
-    return path
+    return save_tiny(tmp_path / "llama")
 
 
 def _digest(directory):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
 
 
-def _run(*args):
-    """Run `hybridize ARGS` through `main`, as the console script does; return (exit code, stdout + stderr)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["hybridize", *map(str, args)])
-        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
-            try:
-                main()
-                code = 0
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else 1
-    return code, out.getvalue() + err.getvalue()
-
-
 def test_convert_then_export(llama_dir, tmp_path):
     before = _digest(llama_dir)
-    code, out = _run("convert", llama_dir, "--ratio", "0.5", "-o", tmp_path / "h")
+    code, out = run_cli("convert", llama_dir, "--ratio", "0.5", "-o", tmp_path / "h")
     assert code == 0, out
     assert "converted 2/4 layers" in out
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "h")
@@ -59,7 +29,7 @@ def test_convert_then_export(llama_dir, tmp_path):
     assert (tmp_path / "h" / "tokenizer.json").read_bytes() == (llama_dir / "tokenizer.json").read_bytes()
     assert _digest(llama_dir) == before
 
-    code, out = _run("export", tmp_path / "h", "-o", tmp_path / "native")
+    code, out = run_cli("export", tmp_path / "h", "-o", tmp_path / "native")
     assert code == 0, out
     native = AutoModelForCausalLM.from_pretrained(tmp_path / "native")
     ids = torch.randint(0, 128, (1, 9))
@@ -69,7 +39,7 @@ def test_convert_then_export(llama_dir, tmp_path):
 
 
 def test_explicit_attention_layers(llama_dir, tmp_path):
-    code, out = _run("convert", llama_dir, "--attn-layers", "0,3", "-o", tmp_path / "h")
+    code, out = run_cli("convert", llama_dir, "--attn-layers", "0,3", "-o", tmp_path / "h")
     assert code == 0, out
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "h").config.mixer_types == [
         "attention", "mamba2", "mamba2", "attention"
@@ -78,20 +48,20 @@ def test_explicit_attention_layers(llama_dir, tmp_path):
 
 @pytest.mark.parametrize("ratio", ["1.5", "-0.25"])
 def test_bad_ratio(llama_dir, tmp_path, ratio):
-    code, out = _run("convert", llama_dir, "--ratio", ratio, "-o", tmp_path / "h")
+    code, out = run_cli("convert", llama_dir, "--ratio", ratio, "-o", tmp_path / "h")
     assert code == 1 and "error: ratio must be in [0, 1]" in out
     assert not (tmp_path / "h").exists()
 
 
 def test_unsupported_architecture(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
-    code, out = _run("convert", tmp_path / "gpt2", "-o", tmp_path / "h")
+    code, out = run_cli("convert", tmp_path / "gpt2", "-o", tmp_path / "h")
     assert code == 1 and "model_type 'gpt2' is not supported" in out and "llama" in out
     assert not (tmp_path / "h").exists()
 
 
 def test_missing_path(tmp_path):
-    code, out = _run("convert", tmp_path / "nowhere", "-o", tmp_path / "h")
+    code, out = run_cli("convert", tmp_path / "nowhere", "-o", tmp_path / "h")
     assert code == 1 and "nowhere" in out
     assert not (tmp_path / "h").exists()
 
@@ -100,31 +70,31 @@ def test_corrupt_safetensors(llama_dir, tmp_path):
     weights = llama_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     before = _digest(llama_dir)
-    code, out = _run("convert", llama_dir, "-o", tmp_path / "h")
+    code, out = run_cli("convert", llama_dir, "-o", tmp_path / "h")
     assert code == 1 and "model.safetensors" in out
     assert not (tmp_path / "h").exists() and _digest(llama_dir) == before
 
 
 def test_existing_output(llama_dir, tmp_path):
     (tmp_path / "h").mkdir()
-    code, out = _run("convert", llama_dir, "-o", tmp_path / "h")
+    code, out = run_cli("convert", llama_dir, "-o", tmp_path / "h")
     assert code == 1 and "already exists" in out and "--overwrite" in out
     assert list((tmp_path / "h").iterdir()) == []
 
 
 def test_export_of_a_model_without_native_equivalent(llama_dir, tmp_path):
-    assert _run("convert", llama_dir, "--ratio", "1", "-o", tmp_path / "h")[0] == 0
-    code, out = _run("export", tmp_path / "h", "-o", tmp_path / "native")
+    assert run_cli("convert", llama_dir, "--ratio", "1", "-o", tmp_path / "h")[0] == 0
+    code, out = run_cli("export", tmp_path / "h", "-o", tmp_path / "native")
     assert code == 1 and "no attention layer" in out and not (tmp_path / "native").exists()
 
 
 def test_usage_error_exit_code(tmp_path):
-    code, _ = _run("convert", "llama", "--ratio", "half", "-o", tmp_path / "h")
+    code, _ = run_cli("convert", "llama", "--ratio", "half", "-o", tmp_path / "h")
     assert code == 2
 
 
 def test_streaming_conversion_with_lazy_selection(llama_dir, tmp_path):
-    code, out = _run(
+    code, out = run_cli(
         "convert", llama_dir, "--mixer", "streaming", "--select", "lazy", "--sinks", "2", "--window", "16",
         "--calibration-docs", "2", "--calibration-len", "64", "-o", tmp_path / "lt",
     )
@@ -137,15 +107,15 @@ def test_streaming_conversion_with_lazy_selection(llama_dir, tmp_path):
 
 
 def test_dynamic_needs_streaming(llama_dir, tmp_path):
-    code, out = _run("convert", llama_dir, "--select", "dynamic", "-o", tmp_path / "d")
+    code, out = run_cli("convert", llama_dir, "--select", "dynamic", "-o", tmp_path / "d")
     assert code == 1 and "error: select='dynamic'" in out and not (tmp_path / "d").exists()
 
 
 def test_analyze_prints_writes_and_warns(llama_dir, tmp_path):
-    code, out = _run("analyze", llama_dir, "--sinks", "2", "--window", "16", "--num-docs", "2", "--seq-len", "64",
+    code, out = run_cli("analyze", llama_dir, "--sinks", "2", "--window", "16", "--num-docs", "2", "--seq-len", "64",
                      "-o", tmp_path / "a")
     assert code == 0, out
     assert "lazy ratio" in out and "selected (2 laziest" in out and "warning" not in out
     assert {p.name for p in (tmp_path / "a").iterdir()} == {"lazy_ratio.json", "lazy_ratio.png"}
-    code, out = _run("analyze", llama_dir, "--window", "1020", "--num-docs", "1", "--seq-len", "256")
+    code, out = run_cli("analyze", llama_dir, "--window", "1020", "--num-docs", "1", "--seq-len", "256")
     assert code == 0 and "warning: the calibration documents have 256 tokens" in out

@@ -2,21 +2,16 @@
 target distribution, caches after a rollback equal to those of a run that never saw the rejected tokens, and the
 errors a user can hit."""
 
-import contextlib
 import copy
 import dataclasses
-import io
 import json
-import sys
 
 import pytest
 import torch
 from scipy import stats
-from tiny import TINY, make_tiny
-from transformers import PreTrainedTokenizerFast
+from tiny import TINY, make_tiny, run_cli, word_tokenizer
 
 from hybridize import save
-from hybridize.cli import main
 from hybridize.errors import ConfigError
 from hybridize.generate import (
     GenerateConfig,
@@ -62,15 +57,6 @@ def _noisy_copy(model, scale: float, seed: int = 1):
     return draft
 
 
-def _tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w2")
-
-
 @pytest.fixture(params=sorted(MIXERS))
 def mixer(request):
     return request.param
@@ -83,7 +69,7 @@ def test_greedy_speculation_equals_target_greedy(mixer, draft_tokens):
     expected = model.generate(prompt, max_new_tokens=30, do_sample=False)[0, 9:].tolist()
     config = GenerateConfig(max_new_tokens=30, draft_tokens=draft_tokens, adaptive=False, ignore_eos=False)
     for draft in (_noisy_copy(model, 0.05), early_exit_draft(model, 2)):
-        result = generate(model, _tokenizer(), prompt[0].tolist(), config, draft=draft)
+        result = generate(model, word_tokenizer(eos="w2"), prompt[0].tolist(), config, draft=draft)
         assert list(result.token_ids) == expected
         assert 0 < result.accepted < result.drafted  # some drafts were accepted, some rolled back
 
@@ -93,7 +79,7 @@ def test_adaptive_draft_length_keeps_greedy_output(mixer):
     prompt = torch.randint(3, 128, (1, 6))
     expected = model.generate(prompt, max_new_tokens=40, do_sample=False)[0, 6:].tolist()
     config = GenerateConfig(max_new_tokens=40, draft_tokens=2, max_draft_tokens=6, adaptive=True)
-    result = generate(model, _tokenizer(), prompt[0].tolist(), config, draft=_noisy_copy(model, 0.05))
+    result = generate(model, word_tokenizer(eos="w2"), prompt[0].tolist(), config, draft=_noisy_copy(model, 0.05))
     assert list(result.token_ids) == expected
     assert len(set(result.draft_tokens)) > 1 and max(result.draft_tokens) <= 6
 
@@ -103,11 +89,15 @@ def test_any_causal_lm_with_the_same_vocabulary_drafts():
     prompt = torch.randint(3, 128, (1, 7))
     expected = model.generate(prompt, max_new_tokens=20, do_sample=False)[0, 7:].tolist()
     llama = make_tiny("llama")  # a plain transformers model: a DynamicCache, cropped
-    result = generate(model, _tokenizer(), prompt[0].tolist(), GenerateConfig(max_new_tokens=20), draft=llama)
+    result = generate(
+        model, word_tokenizer(eos="w2"), prompt[0].tolist(), GenerateConfig(max_new_tokens=20), draft=llama
+    )
     assert list(result.token_ids) == expected
     # and a plain transformers target with a hybrid draft
     expected = llama.generate(prompt, max_new_tokens=20, do_sample=False)[0, 7:].tolist()
-    result = generate(llama, _tokenizer(), prompt[0].tolist(), GenerateConfig(max_new_tokens=20), draft=model)
+    result = generate(
+        llama, word_tokenizer(eos="w2"), prompt[0].tolist(), GenerateConfig(max_new_tokens=20), draft=model
+    )
     assert list(result.token_ids) == expected
 
 
@@ -208,7 +198,7 @@ def test_sampled_tokens_follow_the_target_distribution(kind):
     for seed in range(500):
         result = generate(
             model,
-            _tokenizer(vocab),
+            word_tokenizer(vocab, eos="w2"),
             prompt,
             dataclasses.replace(config, seed=seed),
             draft=draft if kind == "model" else PromptLookupDraft(),
@@ -233,7 +223,9 @@ def test_prompt_lookup_draft():
     model = _hybrid("mamba2", dtype=torch.float32)
     prompt = torch.randint(3, 128, (1, 12))
     expected = model.generate(prompt, max_new_tokens=20, do_sample=False)[0, 12:].tolist()
-    result = generate(model, _tokenizer(), prompt[0].tolist(), GenerateConfig(max_new_tokens=20), draft=lookup)
+    result = generate(
+        model, word_tokenizer(eos="w2"), prompt[0].tolist(), GenerateConfig(max_new_tokens=20), draft=lookup
+    )
     assert list(result.token_ids) == expected
     with pytest.raises(ConfigError, match="min_ngram <= max_ngram"):
         PromptLookupDraft(min_ngram=3, max_ngram=2)
@@ -242,22 +234,37 @@ def test_prompt_lookup_draft():
 def test_mismatched_vocabulary_is_a_clear_error():
     model = _hybrid("mamba2")
     with pytest.raises(ConfigError, match="draft predicts 64 tokens and the target 128"):
-        generate(model, _tokenizer(), [5, 6], GenerateConfig(max_new_tokens=4), draft=_hybrid("mamba2", vocab_size=64))
+        generate(
+            model,
+            word_tokenizer(eos="w2"),
+            [5, 6],
+            GenerateConfig(max_new_tokens=4),
+            draft=_hybrid("mamba2", vocab_size=64),
+        )
     with pytest.raises(ConfigError, match="draft's tokenizer .* differs"):
-        generate(model, _tokenizer(), [5, 6], GenerateConfig(), draft=model, draft_tokenizer=_tokenizer(100))
+        generate(
+            model,
+            word_tokenizer(eos="w2"),
+            [5, 6],
+            GenerateConfig(),
+            draft=model,
+            draft_tokenizer=word_tokenizer(100, eos="w2"),
+        )
 
 
 def test_too_many_draft_tokens_for_a_window_is_a_clear_error():
     model = _hybrid("streaming")  # window 8: a round may hold 7 tokens, so K <= 6
     with pytest.raises(ConfigError, match="draft_tokens <= 6"):
-        generate(model, _tokenizer(), [5, 6], GenerateConfig(draft_tokens=7, adaptive=False), draft=model)
-    result = generate(model, _tokenizer(), [5, 6], GenerateConfig(draft_tokens=7, max_draft_tokens=12), draft=model)
+        generate(model, word_tokenizer(eos="w2"), [5, 6], GenerateConfig(draft_tokens=7, adaptive=False), draft=model)
+    result = generate(
+        model, word_tokenizer(eos="w2"), [5, 6], GenerateConfig(draft_tokens=7, max_draft_tokens=12), draft=model
+    )
     assert max(result.draft_tokens) <= 6
 
 
 def test_stop_strings_and_streamed_text():
     model = _hybrid("mamba2")
-    tokenizer = _tokenizer()
+    tokenizer = word_tokenizer(eos="w2")
     prompt = [5, 9, 17]
     full = generate(model, tokenizer, prompt, GenerateConfig(max_new_tokens=20, ignore_eos=True))
     words = full.text.split()
@@ -274,16 +281,18 @@ def test_stop_strings_and_streamed_text():
 
 def test_eos_ends_generation():
     model = _hybrid("mamba2")
-    full = generate(model, _tokenizer(), [5, 9], GenerateConfig(max_new_tokens=12, ignore_eos=True))
+    full = generate(model, word_tokenizer(eos="w2"), [5, 9], GenerateConfig(max_new_tokens=12, ignore_eos=True))
     eos = full.token_ids[4]
     model.generation_config.eos_token_id = eos
-    result = generate(model, _tokenizer(), [5, 9], GenerateConfig(max_new_tokens=12), draft=_noisy_copy(model, 0.3))
+    result = generate(
+        model, word_tokenizer(eos="w2"), [5, 9], GenerateConfig(max_new_tokens=12), draft=_noisy_copy(model, 0.3)
+    )
     assert result.stop_reason == "eos"
     assert result.token_ids == full.token_ids[: full.token_ids.index(eos) + 1]
 
 
 def test_chat_template_wraps_the_prompt():
-    tokenizer = _tokenizer()
+    tokenizer = word_tokenizer(eos="w2")
     tokenizer.chat_template = "{% for m in messages %}w10 {{ m['content'] }} w11 {% endfor %}w12"
     model = _hybrid("attention")
     chat = generate(model, tokenizer, "w5 w6", GenerateConfig(max_new_tokens=3, chat=True))
@@ -301,7 +310,7 @@ def test_early_exit_draft_shares_the_targets_weights():
     assert draft.config.num_hidden_layers == 2 and draft.config.mixer_types == model.config.mixer_types[:2]
     assert draft.model.layers[1] is model.model.layers[1] and draft.lm_head is model.lm_head
     assert all(p.device.type == "cpu" for p in draft.parameters())
-    generate(model, _tokenizer(), [5, 6, 7], GenerateConfig(max_new_tokens=8), draft=draft)
+    generate(model, word_tokenizer(eos="w2"), [5, 6, 7], GenerateConfig(max_new_tokens=8), draft=draft)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ConfigError, match=r"draft layers must be in \[1, 3\]"):
         early_exit_draft(model, 4)
@@ -310,7 +319,12 @@ def test_early_exit_draft_shares_the_targets_weights():
 def test_compare_reports_both_speeds():
     model = _hybrid("mamba2", dtype=torch.float32)
     result = compare_generate(
-        model, _tokenizer(), [5, 6, 7], GenerateConfig(max_new_tokens=10), draft=early_exit_draft(model, 2), repeats=2
+        model,
+        word_tokenizer(eos="w2"),
+        [5, 6, 7],
+        GenerateConfig(max_new_tokens=10),
+        draft=early_exit_draft(model, 2),
+        repeats=2,
     )
     assert result["same_tokens"] and result["speedup"] > 0
     assert result["plain"]["first_run"]["acceptance_rate"] is None
@@ -326,19 +340,6 @@ def test_config_errors_name_the_value():
         GenerateConfig(max_draft_tokens=2)
 
 
-def _cli(*args):
-    """Run `hybridize ARGS` through `main`, as the console script does; return (exit code, stdout + stderr)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["hybridize", *map(str, args)])
-        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
-            try:
-                main()
-                code = 0
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else 1
-    return code, out.getvalue() + err.getvalue()
-
-
 @pytest.fixture
 def saved(tmp_path):
     """A tiny Mamba2 hybrid, a noisy copy (a draft) and a model with another vocabulary, saved with tokenizers."""
@@ -350,23 +351,23 @@ def saved(tmp_path):
         ("other", _hybrid("mamba2", dtype=torch.float32, vocab_size=64), 64),
     ):
         paths[name] = tmp_path / name
-        save(m, paths[name], tokenizer=_tokenizer(vocab))
+        save(m, paths[name], tokenizer=word_tokenizer(vocab, eos="w2"))
     return paths
 
 
 def test_cli_generates_with_a_draft_and_compares(saved, tmp_path):
-    code, out = _cli("generate", saved["target"], "--prompt", "w5 w6 w7", "--max-new-tokens", "12", "--ignore-eos")
+    code, out = run_cli("generate", saved["target"], "--prompt", "w5 w6 w7", "--max-new-tokens", "12", "--ignore-eos")
     assert code == 0, out
     plain_text = out.splitlines()[0]
     assert "12 tokens (length)" in out and "tokens/s" in out
-    code, out = _cli(
+    code, out = run_cli(
         "generate", saved["target"], "--prompt", "w5 w6 w7", "--max-new-tokens", "12", "--ignore-eos",
         "--draft", saved["draft"], "--draft-tokens", "3", "--no-adaptive", "--json", tmp_path / "r.json",
     )  # fmt: skip
     assert code == 0, out
     assert out.splitlines()[0] == plain_text and "acceptance" in out
     assert json.loads((tmp_path / "r.json").read_text())["new_tokens"] == 12
-    code, out = _cli(
+    code, out = run_cli(
         "generate", saved["target"], "--prompt", "w5 w6", "--max-new-tokens", "6", "--draft-layers", "2",
         "--compare", "--repeats", "1",
     )  # fmt: skip
@@ -375,7 +376,7 @@ def test_cli_generates_with_a_draft_and_compares(saved, tmp_path):
 
 
 def test_cli_errors(saved):
-    code, out = _cli("generate", saved["target"], "--prompt", "w5", "--draft", saved["other"])
+    code, out = run_cli("generate", saved["target"], "--prompt", "w5", "--draft", saved["other"])
     assert code == 1 and "error: the draft's tokenizer (64 tokens) differs from the target's (128 tokens)" in out
-    code, out = _cli("generate", saved["target"], "--prompt", "w5", "--compare")
+    code, out = run_cli("generate", saved["target"], "--prompt", "w5", "--compare")
     assert code == 1 and "give --draft, --draft-layers or --prompt-lookup" in out

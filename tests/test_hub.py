@@ -9,15 +9,12 @@ is installed; Xet's chunk store is not faked, so these tests switch Xet off and 
 """
 
 import base64
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import math
 import re
 import shutil
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -26,12 +23,9 @@ import pytest
 from huggingface_hub import EvalResult, ModelCard
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
-from tiny import make_tiny
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from tiny import make_tiny, run_cli, word_tokenizer
 
 import hybridize
-from hybridize.cli import main
 from hybridize.errors import CheckpointError, ConfigError
 from hybridize.hub import PushConfig, eval_results, model_card, push
 
@@ -235,20 +229,13 @@ def no_token(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {f"w{i}": i for i in range(128)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0", eos_token="w1")
-
-
 @pytest.fixture(scope="module")
 def saved_hybrid(tmp_path_factory):
     """A tiny Llama converted at ratio 0.5 and saved by hybridize with a tokenizer (written once for the module;
     tests that modify it work on a copy, `hybrid_dir`)."""
     path = tmp_path_factory.mktemp("hub") / "tiny-mamba50"
     hybrid = hybridize.convert(make_tiny("llama"), hybridize.ConvertConfig(ratio=0.5))
-    hybridize.save(hybrid, path, tokenizer=_tokenizer())
+    hybridize.save(hybrid, path, tokenizer=word_tokenizer())
     return path
 
 
@@ -275,19 +262,6 @@ def _set_source(directory, source):
 
 def _digest(directory):
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def _run(*args):
-    """Run `hybridize ARGS` through `main`, as the console script does; return (exit code, stdout + stderr)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["hybridize", *map(str, args)])
-        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
-            try:
-                main()
-                code = 0
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else 1
-    return code, out.getvalue() + err.getvalue()
 
 
 # The model card
@@ -438,7 +412,7 @@ def test_push_uploads_every_file(fake_hub, hybrid_dir, no_token, caplog):
 def test_push_cli(fake_hub, hybrid_dir, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     args = ("push", hybrid_dir, "someone/tiny-mamba50", "--private", "--revision", "dev", "--message", "first cut")
-    code, out = _run(*args)
+    code, out = run_cli(*args)
     assert code == 0, out
     assert f"{fake_hub.url}/someone/tiny-mamba50/tree/dev" in out.splitlines()
     assert TOKEN not in out
@@ -449,7 +423,7 @@ def test_push_cli(fake_hub, hybrid_dir, monkeypatch):
     assert all(TOKEN.encode() not in data for data in repo["branches"]["dev"].values())
 
     # a second push to the existing repository and branch updates it (create_repo and create_branch answer 409)
-    code, out = _run(*args)
+    code, out = run_cli(*args)
     assert code == 0, out
     assert len(fake_hub.commits) == 2 and not fake_hub.unexpected
 
@@ -479,7 +453,7 @@ def test_token_refused(fake_hub, hybrid_dir, no_token):
 
 
 def test_missing_token(fake_hub, hybrid_dir, no_token):
-    code, out = _run("push", hybrid_dir, "someone/tiny-mamba50")
+    code, out = run_cli("push", hybrid_dir, "someone/tiny-mamba50")
     assert code == 1 and "no Hugging Face token" in out and "hf auth login" in out and "HF_TOKEN" in out
     assert not fake_hub.requests
 
@@ -487,7 +461,7 @@ def test_missing_token(fake_hub, hybrid_dir, no_token):
 @pytest.mark.parametrize("repo_id", ["tiny-mamba50", "some one/tiny", "a/b/c", "someone/-bad--name-", "someone/"])
 def test_bad_repo_id(fake_hub, hybrid_dir, monkeypatch, repo_id):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    code, out = _run("push", hybrid_dir, repo_id)
+    code, out = run_cli("push", hybrid_dir, repo_id)
     assert code == 1 and f"repo id {repo_id!r} is not valid" in out and "owner/name" in out
     assert not fake_hub.requests
 
@@ -505,7 +479,7 @@ def test_not_a_model_directory(fake_hub, hybrid_dir, tmp_path, monkeypatch, what
     elif what == "corrupt weights":
         weights = hybrid_dir / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
-    code, out = _run("push", target, "someone/tiny-mamba50")
+    code, out = run_cli("push", target, "someone/tiny-mamba50")
     expected = {
         "missing": "not a directory",
         "empty": "config.json",

@@ -1,6 +1,11 @@
 """Tiny random models of each supported family (hidden 64, 4 layers, 4 query / 2 KV heads,
 vocab 128) and float tolerances per dtype."""
 
+import contextlib
+import io
+import sys
+
+import pytest
 import torch
 from transformers import (
     LlamaConfig,
@@ -41,7 +46,6 @@ def make_tiny(family: str = "llama", seed: int = 0, **overrides):
     return model
 
 
-
 def word_tokenizer(vocab_size: int = 128, eos: str = "w1"):
     """A real fast tokenizer over the words `w0` .. `w{vocab_size - 1}` (`w0` is unknown), split on whitespace and
     punctuation, so that any text (real articles included) tokenizes into ids a tiny model accepts."""
@@ -58,3 +62,18 @@ def save_tiny(path, family: str = "llama", **overrides):
     make_tiny(family, **overrides).save_pretrained(path)
     word_tokenizer().save_pretrained(path)
     return path
+
+
+def run_cli(*args) -> tuple[int, str]:
+    """Run `hybridize ARGS` through `main`, as the console script does; return (exit code, stdout + stderr)."""
+    from hybridize.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["hybridize", *map(str, args)])
+        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
+            try:
+                main()
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+    return code, out.getvalue() + err.getvalue()

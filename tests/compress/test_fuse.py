@@ -1,14 +1,10 @@
 """fuse(): a model fused with a copy of itself whose every permutable axis is permuted gives the model back (and plain
 averaging does not), the transport maps, heterogeneous fusion, families, any number of models, errors and the CLI."""
 
-import contextlib
-import io
-import sys
-
 import pytest
 import torch
-from tiny import make_tiny
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from tiny import make_tiny, run_cli, word_tokenizer
+from transformers import AutoModelForCausalLM
 
 import hybridize
 from hybridize.compress.fuse import (
@@ -202,38 +198,17 @@ def test_config_errors(kwargs, match):
         FuseConfig(**kwargs)
 
 
-def _cli(*args) -> tuple[int, str]:
-    from hybridize.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["hybridize", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, out.getvalue() + err.getvalue()
-
-
 def test_cli(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1")
+    tokenizer = word_tokenizer()
     model = _hybrid()
     hybridize.save(model, tmp_path / "a", tokenizer=tokenizer)
     hybridize.save(_permuted(model), tmp_path / "b", tokenizer=tokenizer)
-    code, out = _cli(
+    code, out = run_cli(
         "fuse", tmp_path / "a", tmp_path / "b", "--align", "weights", "--weights", "0.5,0.5", "-o", tmp_path / "f"
     )
     assert code == 0, out
     assert "fused 2 models" in out
     fused = AutoModelForCausalLM.from_pretrained(tmp_path / "f")
     torch.testing.assert_close(fused(IDS).logits, model(IDS).logits, rtol=1e-4, atol=1e-4)
-    code, out = _cli("fuse", tmp_path / "a", tmp_path / "b", "--width", "2", "-o", tmp_path / "bad")
+    code, out = run_cli("fuse", tmp_path / "a", tmp_path / "b", "--width", "2", "-o", tmp_path / "bad")
     assert code == 1 and "width must be in (0, 1]" in out and not (tmp_path / "bad").exists()

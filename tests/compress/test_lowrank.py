@@ -1,15 +1,12 @@
 """factorize(): the decomposition identities (full rank reproduces W; SVD-LLM's truncation theorem), every method and
 rank allocation on tiny hybrids, save/load/generate, dense sources, errors and the CLI."""
 
-import contextlib
-import io
 import math
-import sys
 
 import pytest
 import torch
-from tiny import make_tiny
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from tiny import make_tiny, run_cli, word_tokenizer
+from transformers import AutoModelForCausalLM
 
 import hybridize
 from hybridize.compress.lowrank import (
@@ -200,38 +197,13 @@ def test_model_errors():
         factorize(_hybrid(), FactorizeConfig(method="svd-llm"))
 
 
-def _cli(*args) -> tuple[int, str]:
-    from hybridize.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["hybridize", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, out.getvalue() + err.getvalue()
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1")
-
-
 def test_cli(tmp_path):
-    hybridize.save(_hybrid(), tmp_path / "hybrid", tokenizer=_tokenizer())
+    hybridize.save(_hybrid(), tmp_path / "hybrid", tokenizer=word_tokenizer())
     args = ["--ratio", "0.7", "--method", "svd", "--targets", "mlp,mamba", "-o", tmp_path / "lr"]
-    code, out = _cli("factorize", tmp_path / "hybrid", *args)
+    code, out = run_cli("factorize", tmp_path / "hybrid", *args)
     assert code == 0, out
     assert "factorized 16 linears" in out and "wrote" in out
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "lr")
     assert len(loaded.config.lowrank) == 16 and math.isfinite(loaded(IDS).logits.sum().item())
-    code, out = _cli("factorize", tmp_path / "hybrid", "--ratio", "0", "-o", tmp_path / "bad")
+    code, out = run_cli("factorize", tmp_path / "hybrid", "--ratio", "0", "-o", tmp_path / "bad")
     assert code == 1 and "ratio must be in (0, 1]" in out and not (tmp_path / "bad").exists()

@@ -1,16 +1,13 @@
 """prune(): full size is the identity, a pruned model equals the original with the pruned channels zeroed, group
 structure, the parameter formula, the `params` search, save/load/generate, dense sources, errors and the CLI."""
 
-import contextlib
 import copy
-import io
 import json
-import sys
 
 import pytest
 import torch
-from tiny import make_tiny
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from tiny import make_tiny, run_cli, word_tokenizer
+from transformers import AutoModelForCausalLM
 
 import hybridize
 from hybridize.compress.prune import (
@@ -296,34 +293,14 @@ def test_importance_shapes():
     assert importance.ffn[3].shape == (128,)
 
 
-def _cli(*args):
-    from hybridize.cli import main
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["hybridize", *map(str, args)])
-        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
-            try:
-                main()
-                code = 0
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else 1
-    return code, out.getvalue() + err.getvalue()
-
-
 def test_cli(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     hybridize.save(
-        convert(make_tiny("llama"), ConvertConfig(ratio=0.5)),
-        tmp_path / "hybrid",
-        tokenizer=PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1"),
+        convert(make_tiny("llama"), ConvertConfig(ratio=0.5)), tmp_path / "hybrid", tokenizer=word_tokenizer()
     )
     args = ["--ssm-heads", "2", "--ffn", "64", "--num-blocks", "2", "--seq-len", "16", "-o", tmp_path / "p"]
-    code, out = _cli("prune", tmp_path / "hybrid", *args)
+    code, out = run_cli("prune", tmp_path / "hybrid", *args)
     assert code == 0, out
     assert "ssm_heads  4 -> 2" in out and "wrote" in out
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "p").config.mixers["mamba2"]["num_heads"] == 2
-    code, out = _cli("prune", tmp_path / "hybrid", "--ssm-heads", "3", "-o", tmp_path / "q")
+    code, out = run_cli("prune", tmp_path / "hybrid", "--ssm-heads", "3", "-o", tmp_path / "q")
     assert code == 1 and "ssm_heads=3 is not a multiple of 2" in out and not (tmp_path / "q").exists()

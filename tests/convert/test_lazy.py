@@ -5,8 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny import make_tiny
-from transformers import PreTrainedTokenizerFast
+from tiny import make_tiny, word_tokenizer
 
 from hybridize.analyze import AnalyzeConfig, analyze, format_analysis, save_analysis
 from hybridize.calibrate import calibration_blocks
@@ -15,14 +14,6 @@ from hybridize.convert.lazy import laziest_layers, lazy_frequency, measure_lazy_
 from hybridize.convert.selection import random_layers
 from hybridize.errors import ConfigError
 from hybridize.modeling.streaming import StreamingMixer
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1")
 
 
 def _brute_force(model, blocks, sinks, window, w_last):
@@ -77,7 +68,7 @@ def test_streaming_conversion_copies_attention_and_adds_nothing(tiny_source):
 
 
 def test_lazy_selection_takes_the_laziest_layers(tiny_llama):
-    tokenizer, settings = _tokenizer(), {"sinks": 2, "window": 16, "w_last": 8}
+    tokenizer, settings = word_tokenizer(), {"sinks": 2, "window": 16, "w_last": 8}
     config = ConvertConfig(
         mixer="streaming", ratio=0.5, select="lazy", mixer_settings=settings, calibration_docs=3, calibration_len=64
     )
@@ -114,7 +105,9 @@ def test_selection_errors(tiny_llama):
         convert(tiny_llama, ConvertConfig(mixer="streaming", select="lazy"))
     with pytest.raises(ConfigError, match="must exceed sinks \\+ window = 1024"):
         convert(
-            tiny_llama, ConvertConfig(mixer="streaming", select="lazy", calibration_len=1024), tokenizer=_tokenizer()
+            tiny_llama,
+            ConvertConfig(mixer="streaming", select="lazy", calibration_len=1024),
+            tokenizer=word_tokenizer(),
         )
     with pytest.raises(ConfigError, match="bad streaming settings"):
         convert(tiny_llama, ConvertConfig(mixer="streaming", mixer_settings={"window": 0}))
@@ -122,7 +115,7 @@ def test_selection_errors(tiny_llama):
 
 def test_analyze_writes_table_json_and_plot(tiny_llama, tmp_path):
     config = AnalyzeConfig(sinks=2, window=16, w_last=8, num_docs=2, seq_len=64)
-    result = analyze(tiny_llama, _tokenizer(), config)
+    result = analyze(tiny_llama, word_tokenizer(), config)
     assert [row["layer"] for row in result["layers"]] == [0, 1, 2, 3] and len(result["selected"]) == 2
     assert not result["warnings"] and all(0 < row["lazy_ratio"] < 1 for row in result["layers"])
     table = format_analysis(result)
@@ -133,7 +126,7 @@ def test_analyze_writes_table_json_and_plot(tiny_llama, tmp_path):
 
 
 def test_analyze_says_short_documents_rank_nothing(tiny_llama):
-    result = analyze(tiny_llama, _tokenizer(), AnalyzeConfig(sinks=4, window=60, num_docs=1, seq_len=64))
+    result = analyze(tiny_llama, word_tokenizer(), AnalyzeConfig(sinks=4, window=60, num_docs=1, seq_len=64))
     assert all(row["lazy_ratio"] == 1.0 for row in result["layers"])
     assert "every lazy ratio is 1" in result["warnings"][0]
     assert "warning: the calibration documents have 64 tokens" in format_analysis(result)

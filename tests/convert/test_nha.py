@@ -3,7 +3,7 @@ covers the text (empty slots masked), `full_every`, and the conversion's config 
 
 import pytest
 import torch
-from tiny import make_tiny
+from tiny import make_tiny, save_tiny
 
 from hybridize.convert import ConvertConfig, convert
 from hybridize.errors import ConfigError
@@ -94,16 +94,12 @@ def test_cli_convert_nha(tmp_path):
     import io
     import sys
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
     from hybridize.cli import main
 
     source = tmp_path / "llama"
-    make_tiny("llama", num_hidden_layers=6).save_pretrained(source)
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1").save_pretrained(source)
+    save_tiny(source, num_hidden_layers=6)
 
     def run(*args):
         with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as out:

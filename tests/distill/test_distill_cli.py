@@ -1,27 +1,11 @@
 """`hybridize distill` through the command line's `main`: output, messages, exit codes, and nothing left behind on
 bad input."""
 
-import contextlib
-import io
-import sys
-
 import pytest
+from tiny import run_cli
 from transformers import AutoModelForCausalLM
 
 import hybridize
-from hybridize.cli import main
-
-
-def _run(*args):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["hybridize", *map(str, args)])
-        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
-            try:
-                main()
-                code = 0
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else 1
-    return code, out.getvalue() + err.getvalue()
 
 
 @pytest.fixture
@@ -35,7 +19,7 @@ def model_dirs(teacher, make_student, tokenizer, tmp_path):
 def test_distill_command(model_dirs, text_file, tmp_path):
     student, teacher = model_dirs
     out = tmp_path / "out"
-    code, text = _run(
+    code, text = run_cli(
         "distill", student, "--teacher", teacher, "--data", text_file, "--stage", "layerwise", "--tokens", "0.25K",
         "--seq-len", "16", "--eval-tokens", "32", "-o", out,
     )  # fmt: skip
@@ -56,12 +40,12 @@ def test_distill_command(model_dirs, text_file, tmp_path):
 )
 def test_distill_errors_leave_nothing(model_dirs, text_file, tmp_path, args, message):
     student, teacher = model_dirs
-    code, text = _run("distill", student, "--teacher", teacher, "--data", text_file, *args, "-o", tmp_path / "out")
+    code, text = run_cli("distill", student, "--teacher", teacher, "--data", text_file, *args, "-o", tmp_path / "out")
     assert code == 1 and message in text, text
     assert not (tmp_path / "out").exists()
 
 
 def test_student_that_is_not_a_hybrid(model_dirs, text_file, tmp_path):
     _, teacher = model_dirs
-    code, text = _run("distill", teacher, "--teacher", teacher, "--data", text_file, "-o", tmp_path / "out")
+    code, text = run_cli("distill", teacher, "--teacher", teacher, "--data", text_file, "-o", tmp_path / "out")
     assert code == 1 and "not a hybrid" in text and not (tmp_path / "out").exists()

@@ -4,26 +4,17 @@ import time
 
 import pytest
 import torch
-from tiny import TINY, make_tiny
-from transformers import PreTrainedTokenizerFast
+from tiny import TINY, make_tiny, word_tokenizer
 
 import hybridize
 from hybridize.errors import ConfigError
 from hybridize.evaluate.bench import BenchConfig, bench, cache_bytes, format_bench, plot_bench
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1")
-
-
 def test_bench_reports_every_field_and_ratio(tmp_path):
     source = make_tiny("llama")
     hybrid = hybridize.convert(source, hybridize.ConvertConfig(ratio=0.5))
-    result = bench(hybrid, _tokenizer(), BenchConfig(contexts=(16, 64), new_tokens=3, repeats=2, batch_sizes=(1, 3)), baseline=source)
+    result = bench(hybrid, word_tokenizer(), BenchConfig(contexts=(16, 64), new_tokens=3, repeats=2, batch_sizes=(1, 3)), baseline=source)
     assert [(row["context"], row["batch_size"]) for row in result["rows"]] == [(16, 1), (16, 3), (64, 1), (64, 3)]
     for row in result["rows"]:
         for name in ("model", "baseline"):

@@ -5,9 +5,7 @@ working directory, and (slow) the real SmolLM2."""
 from __future__ import annotations
 
 import collections
-import contextlib
 import gzip
-import io
 import json
 import math
 import os
@@ -18,12 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import make_tiny
+from tiny import make_tiny, run_cli
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import hybridize
-from hybridize.cli import main
 from hybridize.errors import ConfigError
 from hybridize.evaluate import EvalConfig, load_corpus
 from hybridize.evaluate.harness import OFFLINE_TASKS, TASK_LENGTHS, TASKS_DIR, _compact, format_results, run_tasks
@@ -176,21 +173,9 @@ def test_wiki_ppl_on_a_tiny_hybrid_matches_a_hand_computation(hybrid_dir):
     assert result["bits_per_byte"] == pytest.approx(math.log2(result["byte_perplexity"]), rel=1e-6)
 
 
-def _run_cli(*args) -> tuple[int, str]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["hybridize", *map(str, args)])
-        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
-            try:
-                main()
-                code = 0
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else 1
-    return code, out.getvalue() + err.getvalue()
-
-
 def test_cli_eval_tasks_prints_writes_json_and_records(hybrid_dir, tmp_path):
     weights = (hybrid_dir / "model.safetensors").read_bytes()
-    code, out = _run_cli(
+    code, out = run_cli(
         "eval", hybrid_dir, "--tasks", "lambada_wiki,passkey_2k", "--max-length", "2048", "--limit", "2",
         "--json", tmp_path / "out.json",
     )  # fmt: skip
