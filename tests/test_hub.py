@@ -27,7 +27,8 @@ from tiny import make_tiny, run_cli, word_tokenizer
 
 import hybridize
 from hybridize.errors import CheckpointError, ConfigError
-from hybridize.hub import PushConfig, eval_results, model_card, push
+from hybridize.hub import PushConfig, push
+from hybridize.model_card import eval_results, model_card
 
 TOKEN = "hf_fakeTokenForTheLocalHub0123456789"
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
