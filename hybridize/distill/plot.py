@@ -85,6 +85,7 @@ def plot_curves(runs: Sequence[str | Path], output: str | Path, *, labels: Seque
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     labels = list(labels) if labels is not None else [Path(run).name for run in runs]
     figure, (ppl_axis, kl_axis) = plt.subplots(1, 2, figsize=(11, 4))
@@ -101,6 +102,7 @@ def plot_curves(runs: Sequence[str | Path], output: str | Path, *, labels: Seque
     ppl_axis.set(xlabel="tokens seen", ylabel="held-out perplexity", yscale="log", title="perplexity")
     kl_axis.set(xlabel="tokens seen", ylabel="KL(teacher || student), nats/token", yscale="log", title="KL")
     for axis in (ppl_axis, kl_axis):
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}K"))
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
     figure.tight_layout()
