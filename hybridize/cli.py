@@ -303,6 +303,9 @@ def distill(
     ce_weight: Annotated[float, typer.Option(help="e2e: weight of next-token cross-entropy.")] = (
         DistillConfig.ce_weight
     ),
+    kl_weight: Annotated[
+        float, typer.Option(help="e2e: weight of the KL; 0 with --ce-weight 1 is plain fine-tuning on --data.")
+    ] = DistillConfig.kl_weight,
     lora_rank: Annotated[int, typer.Option(help="e2e: LoRA rank on kept layers (0: full training).")] = (
         DistillConfig.lora_rank
     ),
@@ -330,6 +333,7 @@ def distill(
         freeze=freeze,
         loss=loss,
         ce_weight=ce_weight,
+        kl_weight=kl_weight,
         lora_rank=lora_rank,
         eval_tokens=eval_tokens,
         seed=seed,

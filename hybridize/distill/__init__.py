@@ -115,6 +115,8 @@ class DistillConfig:
         kl_reduction (`str`, *optional*, defaults to `"token"`): `"token"` averages the KL per position;
             `"batchmean"` reproduces MambaInLlama's per-sequence sum (see `hybridize.distill.losses`).
         ce_weight (`float`, *optional*, defaults to 0.0): weight of the next-token cross-entropy added to the KL.
+        kl_weight (`float`, *optional*, defaults to 1.0): weight of the e2e KL. 0 with `ce_weight` > 0 is plain
+            fine-tuning on the data (the teacher is then not run in training, only in evaluation).
         layer_loss (`str`, *optional*, defaults to `"l2"`): layerwise loss per token, `"l2"` (MaTVLM's unsquared L2
             norm) or `"mse"`.
         freeze (`str`, *optional*, defaults to `"mixers"`): e2e freezing preset, named after what trains: `"mixers"`
@@ -151,6 +153,7 @@ class DistillConfig:
     loss: Literal["forward_kl", "reverse_kl"] = "forward_kl"
     kl_reduction: Literal["token", "batchmean"] = "token"
     ce_weight: float = 0.0
+    kl_weight: float = 1.0
     layer_loss: Literal["l2", "mse"] = "l2"
     freeze: Literal["mixers", "all-but-mlp", "all"] = "mixers"
     lora_rank: int = 0
@@ -186,9 +189,11 @@ class DistillConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1]")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas={self.betas} must be two numbers in [0, 1)")
-        for name in ("weight_decay", "max_grad_norm", "ce_weight", "eval_tokens", "lora_rank"):
+        for name in ("weight_decay", "max_grad_norm", "ce_weight", "kl_weight", "eval_tokens", "lora_rank"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must not be negative")
+        if self.stage == "e2e" and not (self.kl_weight or self.ce_weight):
+            raise ConfigError("kl_weight and ce_weight are both 0: nothing to train on; give one of them a weight")
         if self.stage == "layerwise" and self.freeze != "mixers":
             raise ConfigError(
                 f"freeze={self.freeze!r} does not apply to the layerwise stage, which trains only the converted "
@@ -399,7 +404,9 @@ def distill(
         if config.lora_rank:
             trained_model = add_lora(student, config.freeze, rank=config.lora_rank, alpha=config.lora_alpha)
         objective = LogitsObjective(
-            trained_model, teacher, kind=config.loss, reduction=config.kl_reduction, ce_weight=config.ce_weight
+            trained_model, teacher, kind=config.loss, reduction=config.kl_reduction,
+            ce_weight=config.ce_weight,
+            kl_weight=config.kl_weight,
         )
 
     trained_parameters = sum(p.numel() for p in objective.parameters() if p.requires_grad)

@@ -95,30 +95,43 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 class LogitsObjective(nn.Module):
-    """`forward(input_ids)`: the teacher's and the student's logits on the same packed blocks, and the KL between
-    them (plus `ce_weight` times the student's next-token cross-entropy).
+    """`forward(input_ids)`: `kl_weight` times the KL between the teacher's and the student's logits on the same
+    packed blocks, plus `ce_weight` times the student's next-token cross-entropy.
 
     Args:
         student (`nn.Module`): the hybrid (or its LoRA wrapper); registered, so it trains and synchronises.
-        teacher (`nn.Module`): the frozen teacher, kept outside the module tree.
+        teacher (`nn.Module`): the frozen teacher, kept outside the module tree; not run when `kl_weight` is 0.
         kind (`str`): `"forward_kl"` or `"reverse_kl"`.
         reduction (`str`): `"token"` or `"batchmean"` (see `kl_loss`).
         ce_weight (`float`): weight of the cross-entropy term; 0 leaves pure distillation (Minitron).
+        kl_weight (`float`, *optional*, defaults to 1.0): weight of the KL term; 0 is plain fine-tuning.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, *, kind: str, reduction: str, ce_weight: float):
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        *,
+        kind: str,
+        reduction: str,
+        ce_weight: float,
+        kl_weight: float = 1.0,
+    ):
         super().__init__()
         self.student = student
         self._teacher = (teacher,)  # a tuple is not registered as a submodule
-        self.kind, self.reduction, self.ce_weight = kind, reduction, ce_weight
+        self.kind, self.reduction, self.ce_weight, self.kl_weight = kind, reduction, ce_weight, kl_weight
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        with torch.no_grad():
-            teacher_logits = self._teacher[0](input_ids=input_ids, use_cache=False).logits
         student_logits = self.student(input_ids=input_ids, use_cache=False).logits
-        kl = kl_loss(student_logits, teacher_logits, kind=self.kind, reduction=self.reduction)
-        logs = {"kl": kl.item()}
-        loss = kl
+        loss = student_logits.new_zeros(())
+        logs: dict[str, float] = {}
+        if self.kl_weight:
+            with torch.no_grad():
+                teacher_logits = self._teacher[0](input_ids=input_ids, use_cache=False).logits
+            kl = kl_loss(student_logits, teacher_logits, kind=self.kind, reduction=self.reduction)
+            loss = loss + self.kl_weight * kl
+            logs["kl"] = kl.item()
         if self.ce_weight:
             ce = next_token_loss(student_logits, input_ids)
             loss = loss + self.ce_weight * ce

@@ -178,6 +178,15 @@ def test_nothing_to_train(teacher, tokenizer, text_file):
         distill(all_attention, _config(text_file, stage="layerwise"), teacher=teacher, tokenizer=tokenizer)
 
 
+def test_plain_fine_tuning_of_an_all_attention_model(teacher, tokenizer, text_file):
+    """kl_weight 0, ce_weight 1, freeze all: ordinary next-token fine-tuning (the fusion experiment's parents)."""
+    model = hybridize.convert(teacher, hybridize.ConvertConfig(ratio=0.0))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = _config(text_file, freeze="all", kl_weight=0.0, ce_weight=1.0, lr=1e-2)
+    distill(model, config, teacher=teacher, tokenizer=tokenizer)
+    assert _changed(before, model) == set(before)
+
+
 def test_sequence_longer_than_the_context(teacher, make_student, tokenizer, text_file):
     with pytest.raises(ConfigError, match=r"seq_len=1024 is longer than the models' context \(512"):
         distill(make_student(), _config(text_file, seq_len=1024, eval_tokens=0), teacher=teacher, tokenizer=tokenizer)
@@ -218,6 +227,8 @@ def test_empty_data(teacher, make_student, tokenizer, tmp_path):
         ({"lora_rank": 8}, "needs stage e2e with freeze all-but-mlp or all"),
         ({"freeze": "mlp"}, "freeze='mlp' is not one of"),
         ({"batch_size": 0}, "batch_size=0"),
+        ({"kl_weight": 0.0}, "nothing to train on"),
+        ({"kl_weight": -1.0}, "kl_weight=-1.0 must not be negative"),
         ({"eval_tokens": 8, "seq_len": 16}, "eval_tokens=8 is less than seq_len=16"),
     ],
 )

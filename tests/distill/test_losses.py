@@ -23,6 +23,20 @@ def test_kl_of_identical_models_is_zero(teacher, make_student):
     assert loss.item() == pytest.approx(0.0, abs=1e-6) and logs["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_fine_tuning_weights_skip_the_teacher(teacher):
+    class Untouchable(torch.nn.Module):
+        def forward(self, **kwargs):
+            raise AssertionError("the teacher must not run when kl_weight is 0")
+
+    ids = torch.randint(0, 128, (2, 9))
+    objective = LogitsObjective(
+        teacher, Untouchable(), kind="forward_kl", reduction="token", ce_weight=1.0, kl_weight=0.0
+    )
+    loss, logs = objective(ids)
+    expected = next_token_loss(teacher(input_ids=ids).logits, ids)
+    assert set(logs) == {"ce"} and loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_kl_by_hand():
     # teacher p = (1/4, 3/4), student q = (1/2, 1/2), one position
     teacher = torch.tensor([[[0.0, math.log(3.0)]]])
