@@ -10,6 +10,7 @@ from .analyze import AnalyzeConfig, analyze
 from .compress import FactorizeConfig, FuseConfig, PruneConfig, factorize, fuse, prune
 from .convert import ConvertConfig, convert
 from .distill import DistillConfig, distill
+from .errors import CheckpointError, ConfigError, HybridizeError, OutputExistsError, UnsupportedModelError
 from .evaluate.bench import BenchConfig, bench
 from .evaluate.perplexity import EvalConfig, evaluate
 from .export import ExportConfig, export
@@ -22,11 +23,10 @@ from .generate import (
     generate,
 )
 from .hub import PushConfig, push
-from .errors import CheckpointError, ConfigError, HybridizeError, OutputExistsError, UnsupportedModelError
 from .modeling import HybridConfig, HybridForCausalLM
+from .pipeline import run
 from .saving import check_output, save
 from .sources import load
-from .pipeline import run
 
 AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
 AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)

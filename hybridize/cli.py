@@ -195,8 +195,21 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(help="With --tasks: only the first N items of each task.")] = (
         EvalConfig.limit
     ),
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Text to measure instead of the built-in held-out split: a .txt/.jsonl/.parquet file or folder."
+        ),
+    ] = EvalConfig.data,
     seq_len: Annotated[int, typer.Option(help="Tokens per evaluation block.")] = EvalConfig.seq_len,
     max_tokens: Annotated[int, typer.Option(help="Held-out tokens evaluated.")] = EvalConfig.max_tokens,
+    prompt_len: Annotated[
+        int,
+        typer.Option(
+            help="Prefill the first N tokens of each block through the cache and score only the rest, as generation "
+            "would see it (what a dynamic or streaming cache decides at prefill shows only this way)."
+        ),
+    ] = EvalConfig.prompt_len,
     batch_size: Annotated[int, typer.Option(help="Blocks (or lm-eval requests) per forward pass.")] = (
         EvalConfig.batch_size
     ),
@@ -206,8 +219,10 @@ def evaluate(
     """Held-out perplexity on the built-in Wikipedia corpus (with --baseline, KL and top-1 agreement too), or
     lm-eval tasks with --tasks. Results on a model directory are recorded in its hybridize.json."""
     config = EvalConfig(
+        data=data,
         seq_len=seq_len,
         max_tokens=max_tokens,
+        prompt_len=prompt_len,
         batch_size=batch_size,
         tasks=tuple(name.strip() for name in (tasks or "").split(",") if name.strip()),
         max_length=max_length,
@@ -452,9 +467,9 @@ def factorize(
     damp: Annotated[float, typer.Option(help="svd-llm: ridge on the Gram matrix, relative to its mean diagonal.")] = (
         FactorizeConfig.damp
     ),
-    calibration: Annotated[str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")] = (
-        FactorizeConfig.calibration
-    ),
+    calibration: Annotated[
+        str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")
+    ] = (FactorizeConfig.calibration),
     calibration_docs: Annotated[int, typer.Option(help="Calibration blocks.")] = FactorizeConfig.calibration_docs,
     calibration_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = (
         FactorizeConfig.calibration_len
@@ -508,9 +523,9 @@ def fuse(
     width_axes: Annotated[str, typer.Option(help="Comma-separated axes --width narrows: hidden, mlp, heads.")] = (
         ",".join(FuseConfig.width_axes)
     ),
-    calibration: Annotated[str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")] = (
-        FuseConfig.calibration
-    ),
+    calibration: Annotated[
+        str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")
+    ] = (FuseConfig.calibration),
     calibration_docs: Annotated[int, typer.Option(help="Calibration blocks.")] = FuseConfig.calibration_docs,
     calibration_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = FuseConfig.calibration_len,
     overwrite: Overwrite = False,

@@ -126,14 +126,19 @@ def export(model: HybridForCausalLM, config: ExportConfig) -> GraniteMoeHybridFo
     """
     check_export(model, config)
     native = GraniteMoeHybridForCausalLM(_granite_config(model)).to(model.dtype).eval()
-    state = {"model.embed_tokens.weight": model.model.embed_tokens.weight, "model.norm.weight": model.model.norm.weight}
+    state = {
+        "model.embed_tokens.weight": model.model.embed_tokens.weight,
+        "model.norm.weight": model.model.norm.weight,
+    }
     if not model.config.tie_word_embeddings:
         state["lm_head.weight"] = model.lm_head.weight
     for i, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{i}."
         state[prefix + "input_layernorm.weight"] = layer.input_layernorm.weight
         state[prefix + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
-        state[prefix + "shared_mlp.input_linear.weight"] = torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight])
+        state[prefix + "shared_mlp.input_linear.weight"] = torch.cat(
+            [layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]
+        )
         state[prefix + "shared_mlp.output_linear.weight"] = layer.mlp.down_proj.weight
         if layer.mixer_type == "attention":
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -150,4 +155,4 @@ def export(model: HybridForCausalLM, config: ExportConfig) -> GraniteMoeHybridFo
     return native
 
 
-__all__ = ["ExportConfig", "TARGETS", "check_export", "export"]
+__all__ = ["TARGETS", "ExportConfig", "check_export", "export"]

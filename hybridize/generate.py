@@ -34,15 +34,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from .errors import ConfigError
-from .modeling import HybridCache, HybridForCausalLM
+from .modeling import HybridCache, new_cache
+from .modeling.nha import NHACacheLayer, nha_step
 from .modeling.streaming import StreamingCacheLayer
 from .sources import load
-
-from .modeling.nha import NHACacheLayer, nha_step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -278,9 +277,7 @@ class _Decoder:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.cache = (
-            HybridCache(model.config) if isinstance(model, HybridForCausalLM) else DynamicCache(config=model.config)
-        )
+        self.cache = new_cache(model)
         self.seen = 0
         self.rollbacks: list | None = None
         self.seen_at_begin = 0

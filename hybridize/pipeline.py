@@ -203,7 +203,7 @@ def parse_recipe(text: str) -> Recipe:
         line = node.start_mark.line + 1
         if not isinstance(entry, dict) or len(entry) != 1:
             raise ConfigError(f"line {line}: each step is one mapping like '- convert: {{ratio: 0.5}}'")
-        (name, options), = entry.items()
+        ((name, options),) = entry.items()
         if name not in STEPS:
             raise ConfigError(f"line {line}: unknown step '{name}'; known steps: {sorted(STEPS)}")
         config, runtime = _build_config(name, options or {}, line)

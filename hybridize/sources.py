@@ -36,8 +36,8 @@ from transformers import (
 )
 
 from .errors import CheckpointError
-from .provenance import read_manifest
 from .families import check_supported
+from .provenance import read_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -119,3 +119,21 @@ def test_analyze_prints_writes_and_warns(llama_dir, tmp_path):
     assert {p.name for p in (tmp_path / "a").iterdir()} == {"lazy_ratio.json", "lazy_ratio.png"}
     code, out = run_cli("analyze", llama_dir, "--window", "1020", "--num-docs", "1", "--seq-len", "256")
     assert code == 0 and "warning: the calibration documents have 256 tokens" in out
+
+
+def test_eval_on_a_data_file_after_a_prompt(llama_dir, tmp_path):
+    import hybridize
+    from hybridize.evaluate import EvalConfig
+
+    data = tmp_path / "docs.txt"
+    data.write_text(" ".join(f"w{i % 50}" for i in range(400)))
+    code, out = run_cli(
+        "eval", llama_dir, "--data", data, "--seq-len", "32", "--max-tokens", "64", "--prompt-len", "8",
+        "--json", tmp_path / "r.json",
+    )  # fmt: skip
+    assert code == 0, out
+    result = json.loads((tmp_path / "r.json").read_text())
+    model, tokenizer = hybridize.load(str(llama_dir))
+    config = EvalConfig(data=str(data), seq_len=32, max_tokens=64, prompt_len=8)
+    assert result == {**hybridize.evaluate(model, tokenizer, config), "data": str(data)}
+    assert result["prompt_len"] == 8 and result["num_blocks"] == 2

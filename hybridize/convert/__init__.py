@@ -98,7 +98,9 @@ class ConvertConfig:
         if self.mixer_init not in _MIXER_INITS:
             raise ConfigError(f"mixer_init must be one of {_MIXER_INITS}, got {self.mixer_init!r}")
         if self.mixer_init == "random" and self.mixer != "mamba2":
-            raise ConfigError(f"mixer_init='random' is a Mamba2 ablation; the {self.mixer} mixer reuses attention as is")
+            raise ConfigError(
+                f"mixer_init='random' is a Mamba2 ablation; the {self.mixer} mixer reuses attention as is"
+            )
         if self.full_every is not None and self.full_every < 1:
             raise ConfigError(f"full_every must be >= 1 (attention in every N-th layer), got {self.full_every}")
         if self.full_every is not None and (self.attn_layers is not None or self.select != "uniform"):

@@ -12,7 +12,6 @@ measures what the weight reuse is worth); everything else is initialised the sam
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..modeling import HybridConfig, Mamba2Mixer
@@ -32,8 +31,13 @@ def init_mamba2_from_attention(
 
     # in_proj rows: z | x | B | C | dt
     z, x, B, C, dt = mixer.in_proj.weight.split(
-        [mixer.inner_size, s.num_groups * s.head_dim, s.num_groups * s.state_size, s.num_heads * s.state_size,
-         s.num_heads]
+        [
+            mixer.inner_size,
+            s.num_groups * s.head_dim,
+            s.num_groups * s.state_size,
+            s.num_heads * s.state_size,
+            s.num_heads,
+        ]
     )
     z.uniform_(-bound, bound, generator=generator)
     dt.uniform_(-bound, bound, generator=generator)

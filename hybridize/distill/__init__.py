@@ -404,7 +404,10 @@ def distill(
         if config.lora_rank:
             trained_model = add_lora(student, config.freeze, rank=config.lora_rank, alpha=config.lora_alpha)
         objective = LogitsObjective(
-            trained_model, teacher, kind=config.loss, reduction=config.kl_reduction,
+            trained_model,
+            teacher,
+            kind=config.loss,
+            reduction=config.kl_reduction,
             ce_weight=config.ce_weight,
             kl_weight=config.kl_weight,
         )

@@ -7,13 +7,13 @@ from .harness import OFFLINE_TASKS, TASKS_DIR, format_results, run_tasks
 from .perplexity import EvalConfig, compare_logits, evaluate, perplexity
 
 __all__ = [
+    "OFFLINE_TASKS",
+    "SPLITS",
+    "TASKS_DIR",
     "BenchConfig",
+    "EvalConfig",
     "bench",
     "cache_bytes",
-    "SPLITS",
-    "EvalConfig",
-    "OFFLINE_TASKS",
-    "TASKS_DIR",
     "compare_logits",
     "evaluate",
     "format_results",

@@ -183,7 +183,11 @@ def bench(
 def _machine() -> dict[str, Any]:
     import platform
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 __all__ = ["BenchConfig", "bench", "cache_bytes", "format_bench", "plot_bench"]

@@ -6,6 +6,10 @@ on many tokens. KL(source || hybrid) per token, the quantity distillation minimi
 most likely next token is the same, measure the drift directly. Both models see the same blocks in one pass, so the
 numbers are paired. Sums are accumulated in float64 so that long runs do not lose precision.
 
+`EvalConfig.prompt_len` scores only what follows a prompt, fed through the cache the way generation feeds it: what a
+model decides at prefill (LightTransfer's dynamic layer choice, a streaming cache's eviction) is invisible to a single
+full-sequence forward and shows up only there.
+
 `evaluate` with `EvalConfig.tasks` runs lm-eval tasks instead, through the bridge in `harness.py`.
 """
 
@@ -23,7 +27,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..modeling.cache import new_cache
 from .corpus import SPLITS, load_corpus, token_blocks
+
+# Tokens per cached forward after the prompt in prompt + continuation scoring: one token at a time is exactly
+# decoding, but slow; every mixer's cache accepts chunks and gives the same logits (tested).
+CONTINUATION_CHUNK = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +41,11 @@ class EvalConfig:
 
     Args:
         split (`str`, *optional*, defaults to `"heldout"`): the corpus split, `"heldout"` or `"train"`.
+        data (`str`, *optional*): evaluate on this text instead of the packaged split: a local `.txt`/`.jsonl`/
+            `.parquet` file or folder, or a Hub dataset `name[:config]` (the specs `distill --data` reads).
+        prompt_len (`int`, *optional*, defaults to 0): when > 0, the first `prompt_len` tokens of each block are a
+            prompt, run as one cached prefill; the rest of the block goes through that cache in chunks, and only
+            its tokens are scored (perplexity, KL and agreement).
         seq_len (`int`, *optional*, defaults to 512): tokens per block; each block is scored independently.
         max_tokens (`int`, *optional*, defaults to 16384): at most this many tokens in all blocks.
         batch_size (`int`, *optional*, defaults to 1): blocks (or, with `tasks`, lm-eval requests) per forward
@@ -46,12 +60,14 @@ class EvalConfig:
     """
 
     split: str = "heldout"
+    data: str | None = None
     seq_len: int = 512
     max_tokens: int = 16384
     batch_size: int = 1
     tasks: tuple[str, ...] = ()
     max_length: int | None = None
     limit: int | None = None
+    prompt_len: int = 0
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -62,6 +78,11 @@ class EvalConfig:
             raise ConfigError(f"max_tokens={self.max_tokens} is less than seq_len={self.seq_len}; raise max_tokens")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
+        if not 0 <= self.prompt_len < self.seq_len - 1:
+            raise ConfigError(
+                f"prompt_len={self.prompt_len} must be in [0, seq_len - 1) = [0, {self.seq_len - 1}) so that a "
+                "continuation is left to score"
+            )
         if isinstance(self.tasks, str) or not all(isinstance(task, str) and task.strip() for task in self.tasks):
             raise ConfigError(f"tasks={self.tasks!r} must be a tuple of task names, e.g. ('wiki_ppl', 'passkey_4k')")
         if self.max_length is not None and self.max_length < 2:
@@ -70,15 +91,19 @@ class EvalConfig:
             raise ConfigError(f"limit={self.limit} must be at least 1 (or None for every item)")
 
 
-def perplexity(model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 1, progress: bool = False) -> float:
+def perplexity(
+    model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 1, prompt_len: int = 0, progress: bool = False
+) -> float:
     """Perplexity of a causal LM on token blocks: exp of the mean next-token negative log-likelihood.
 
-    Every position but the last of each block is scored against the next token; blocks do not see each other.
+    Every position but the last of each block is scored against the next token (with a `prompt_len`, only the
+    tokens after the prompt); blocks do not see each other.
 
     Args:
         model (`nn.Module`): any Hugging Face causal LM (its output has `.logits`).
         blocks (`torch.LongTensor` of shape `(num_blocks, seq_len)`): from `token_blocks`.
         batch_size (`int`, *optional*, defaults to 1): blocks per forward pass.
+        prompt_len (`int`, *optional*, defaults to 0): prefill this many tokens, score the rest (`EvalConfig`).
         progress (`bool`, *optional*, defaults to `False`): show a tqdm bar.
 
     Returns:
@@ -90,25 +115,33 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 1, p
     nll, count = 0.0, 0
     with _eval_mode(model), torch.inference_mode():
         for batch in _batches(blocks, batch_size, progress):
-            logits = _logits(model, batch)
+            logits = _logits(model, batch, prompt_len)
             nll += _nll_sum(logits, batch.to(logits.device))
-            count += batch.shape[0] * (batch.shape[1] - 1)
+            count += batch.shape[0] * (batch.shape[1] - max(prompt_len, 1))
     return math.exp(nll / count)
 
 
 def compare_logits(
-    model: nn.Module, baseline: nn.Module, blocks: torch.Tensor, *, batch_size: int = 1, progress: bool = False
+    model: nn.Module,
+    baseline: nn.Module,
+    blocks: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    prompt_len: int = 0,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Distance of `model`'s next-token distributions from `baseline`'s on the same blocks, in one pass.
 
     KL and agreement are averaged over every position of every block (each position predicts a next token);
-    perplexities over every position but the last, as in `perplexity`.
+    perplexities over every position but the last, as in `perplexity`. With a `prompt_len`, both models run the
+    prompt as a cached prefill and only the positions from the prompt's last token on count.
 
     Args:
         model (`nn.Module`): the model under test, a Hugging Face causal LM.
         baseline (`nn.Module`): the reference (usually the source model), with the same vocabulary.
         blocks (`torch.LongTensor` of shape `(num_blocks, seq_len)`): from `token_blocks`.
         batch_size (`int`, *optional*, defaults to 1): blocks per forward pass.
+        prompt_len (`int`, *optional*, defaults to 0): prefill this many tokens, score the rest (`EvalConfig`).
         progress (`bool`, *optional*, defaults to `False`): show a tqdm bar.
 
     Returns:
@@ -121,8 +154,8 @@ def compare_logits(
     kl, agree, nll, baseline_nll = 0.0, 0, 0.0, 0.0
     with _eval_mode(model, baseline), torch.inference_mode():
         for batch in _batches(blocks, batch_size, progress):
-            logits = _logits(model, batch)
-            baseline_logits = _logits(baseline, batch).to(logits.device)
+            logits = _logits(model, batch, prompt_len)
+            baseline_logits = _logits(baseline, batch, prompt_len).to(logits.device)
             if baseline_logits.shape != logits.shape:
                 raise ConfigError(
                     f"model logits {tuple(logits.shape)} and baseline logits {tuple(baseline_logits.shape)} differ; "
@@ -136,8 +169,8 @@ def compare_logits(
             # KL(p || q) = sum_v p (log p - log q); p = 0 contributes 0.
             kl += (log_p.exp() * (log_p - log_q)).sum(-1).double().sum().item()
             agree += int((logits.argmax(-1) == baseline_logits.argmax(-1)).sum().item())
-    positions = blocks.numel()
-    predictions = blocks.shape[0] * (blocks.shape[1] - 1)
+    positions = blocks.shape[0] * (blocks.shape[1] - max(prompt_len - 1, 0))
+    predictions = blocks.shape[0] * (blocks.shape[1] - max(prompt_len, 1))
     return {
         "kl": kl / positions,
         "top1_agreement": agree / positions,
@@ -168,18 +201,25 @@ def evaluate(
     """
     if config.tasks:
         return _evaluate_tasks(model, tokenizer, config, baseline=baseline)
-    blocks = token_blocks(tokenizer, load_corpus(config.split), seq_len=config.seq_len, max_tokens=config.max_tokens)
-    result: dict[str, Any] = {
-        "split": config.split,
-        "seq_len": config.seq_len,
-        "num_blocks": blocks.shape[0],
-        "num_tokens": blocks.numel(),
-    }
+    blocks = token_blocks(tokenizer, _texts(config), seq_len=config.seq_len, max_tokens=config.max_tokens)
+    result: dict[str, Any] = {"split": config.split} if config.data is None else {"data": config.data}
+    result.update(seq_len=config.seq_len, num_blocks=blocks.shape[0], num_tokens=blocks.numel())
+    if config.prompt_len:
+        result["prompt_len"] = config.prompt_len
+    options = {"batch_size": config.batch_size, "prompt_len": config.prompt_len, "progress": progress}
     if baseline is None:
-        result["perplexity"] = perplexity(model, blocks, batch_size=config.batch_size, progress=progress)
+        result["perplexity"] = perplexity(model, blocks, **options)
     else:
-        result.update(compare_logits(model, baseline, blocks, batch_size=config.batch_size, progress=progress))
+        result.update(compare_logits(model, baseline, blocks, **options))
     return result
+
+
+def _texts(config: EvalConfig) -> list[str]:
+    if config.data is None:
+        return load_corpus(config.split)
+    from ..distill.data import read_documents  # the distill package imports this module: import on use
+
+    return list(read_documents(config.data)[0])
 
 
 def _evaluate_tasks(
@@ -209,15 +249,24 @@ def _batches(blocks: torch.Tensor, batch_size: int, progress: bool) -> Iterator[
         yield blocks[start : start + batch_size]
 
 
-def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return model(input_ids=batch.to(device), use_cache=False).logits
+def _logits(model: nn.Module, batch: torch.Tensor, prompt_len: int = 0) -> torch.Tensor:
+    """Logits from the prompt's last position on (every position without a prompt): `(b, l - max(p - 1, 0), v)`."""
+    ids = batch.to(next(model.parameters()).device)
+    if not prompt_len:
+        return model(input_ids=ids, use_cache=False).logits
+    cache = new_cache(model)
+    pieces = [model(input_ids=ids[:, :prompt_len], cache=cache, use_cache=True, logits_to_keep=1).logits]
+    for start in range(prompt_len, ids.shape[1], CONTINUATION_CHUNK):
+        chunk = ids[:, start : start + CONTINUATION_CHUNK]
+        pieces.append(model(input_ids=chunk, cache=cache, use_cache=True).logits)
+    return torch.cat(pieces, dim=1)
 
 
 def _nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
-    """Sum of next-token negative log-likelihoods: position t predicts token t + 1."""
-    predicted = logits[:, :-1].float().flatten(0, 1)  # (b * (l - 1), v)
-    targets = input_ids[:, 1:].flatten()  # (b * (l - 1),)
+    """Sum of next-token negative log-likelihoods of the last `logits.shape[1] - 1` tokens: the logits' first
+    position predicts the token after the block's first `l - logits.shape[1] + 1`."""
+    predicted = logits[:, :-1].float().flatten(0, 1)  # (b * (k - 1), v)
+    targets = input_ids[:, input_ids.shape[1] - logits.shape[1] + 1 :].flatten()  # (b * (k - 1),)
     return F.cross_entropy(predicted, targets, reduction="none").double().sum().item()
 
 

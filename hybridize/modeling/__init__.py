@@ -3,7 +3,7 @@ public transformers API and sibling modules are imported here: these files trave
 (`auto_map`) and must run where hybridize is not installed."""
 
 from .attention import AttentionMixer
-from .cache import HybridCache
+from .cache import HybridCache, new_cache
 from .configuration import HybridConfig
 from .lowrank import LowRankLinear
 from .mamba2 import Mamba2Mixer, Mamba2MixerConfig
@@ -22,4 +22,5 @@ __all__ = [
     "LowRankLinear",
     "Mamba2Mixer",
     "Mamba2MixerConfig",
+    "new_cache",
 ]

@@ -1,5 +1,7 @@
 """`HybridCache`: one cache layer per model layer, each made by its mixer (`new_cache_layer`)."""
 
+from torch import nn
+from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .configuration import HybridConfig
@@ -12,9 +14,7 @@ class HybridCache(Cache):
     track a sequence length (transformers' `get_seq_length` raises for those)."""
 
     def __init__(self, config: HybridConfig):
-        super().__init__(
-            layers=[MIXERS[name].new_cache_layer(config, i) for i, name in enumerate(config.mixer_types)]
-        )
+        super().__init__(layers=[MIXERS[name].new_cache_layer(config, i) for i, name in enumerate(config.mixer_types)])
         self.num_seen_tokens = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -28,3 +28,10 @@ class HybridCache(Cache):
 
 
 __all__ = ["HybridCache"]
+
+
+def new_cache(model: nn.Module) -> Cache:
+    """An empty cache for `model`: a `HybridCache` for a hybrid, transformers' `DynamicCache` for anything else."""
+    if isinstance(model.config, HybridConfig):
+        return HybridCache(model.config)
+    return DynamicCache(config=model.config)

@@ -50,7 +50,9 @@ class Mamba2MixerConfig:
 
     def __post_init__(self):
         if self.num_heads % self.num_groups != 0:
-            raise ValueError(f"mamba2 num_heads ({self.num_heads}) must be a multiple of num_groups ({self.num_groups})")
+            raise ValueError(
+                f"mamba2 num_heads ({self.num_heads}) must be a multiple of num_groups ({self.num_groups})"
+            )
         if min(self.head_dim, self.state_size, self.conv_kernel, self.chunk_size) < 1:
             raise ValueError(f"mamba2 sizes must be positive, got {self}")
         if self.impl not in ("auto", "ref"):
@@ -206,9 +208,7 @@ class Mamba2Mixer(nn.Module):
         self.in_proj = nn.Linear(
             config.hidden_size, self.inner_size + self.conv_size + s.num_heads, bias=config.attention_bias
         )
-        self.conv1d = nn.Conv1d(
-            self.conv_size, self.conv_size, s.conv_kernel, groups=self.conv_size
-        )
+        self.conv1d = nn.Conv1d(self.conv_size, self.conv_size, s.conv_kernel, groups=self.conv_size)
         self.dt_bias = nn.Parameter(torch.ones(s.num_heads))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, s.num_heads + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(s.num_heads))

@@ -150,7 +150,9 @@ def _joint_softmax(slot_logits, window_logits, slot_visible, window_visible):
     that sees nothing (padding) gets weights 0 instead of NaN; any visible logit makes the hidden weights exactly 0."""
     low = torch.finfo(slot_logits.dtype).min
     slot_visible, window_visible = slot_visible.expand_as(slot_logits), window_visible.expand_as(window_logits)
-    logits = torch.cat([slot_logits.masked_fill(~slot_visible, low), window_logits.masked_fill(~window_visible, low)], -1)
+    logits = torch.cat(
+        [slot_logits.masked_fill(~slot_visible, low), window_logits.masked_fill(~window_visible, low)], -1
+    )
     p = torch.softmax(logits, dim=-1) * torch.cat([slot_visible, window_visible], dim=-1)
     return p.split([slot_logits.shape[-1], window_logits.shape[-1]], dim=-1)
 
@@ -165,18 +167,32 @@ def nha_step(q, k, v, q_rot, k_rot, g, mask, state: NHAState, *, window: int, sc
     # 1. Absorb what has left the window: with w = 0 the current token itself
     if window == 0:
         hk, hv, num = _absorb_token(hk, hv, num, keys[:, :, 0], values[:, :, 0], gates[:, :, 0], ms[:, 0])
-        keys, keys_rot, values, gates, ms = keys[:, :, 1:], keys_rot[:, :, 1:], values[:, :, 1:], gates[:, :, 1:], ms[:, 1:]
+        keys, keys_rot, values, gates, ms = (
+            keys[:, :, 1:],
+            keys_rot[:, :, 1:],
+            values[:, :, 1:],
+            gates[:, :, 1:],
+            ms[:, 1:],
+        )
     # 2. One softmax over the slots (raw q) and the window (RoPE'd q)
     qg, qrg = q.reshape(b, n, h // n, K), q_rot.reshape(b, n, h // n, K)  # (b, n, G, K)
     slot_logits = scale * torch.einsum("bngk,bnkm->bngm", qg, hk)
     window_logits = scale * torch.einsum("bngk,bnjk->bngj", qrg, keys_rot)
-    slot_visible = (num > 0)[:, None, None, None] if mask_empty_slots else torch.ones_like(slot_logits, dtype=torch.bool)
+    slot_visible = (
+        (num > 0)[:, None, None, None] if mask_empty_slots else torch.ones_like(slot_logits, dtype=torch.bool)
+    )
     p_slot, p_window = _joint_softmax(slot_logits, window_logits, slot_visible, ms[:, None, None, :])
     o = torch.einsum("bngm,bnmv->bngv", p_slot, hv) + torch.einsum("bngj,bnjv->bngv", p_window, values)
     # 3. Keep w - 1 tokens: the oldest leaves the window and enters the slots (pop-on-shift)
     if window > 0 and keys.shape[2] > window - 1:
         hk, hv, num = _absorb_token(hk, hv, num, keys[:, :, 0], values[:, :, 0], gates[:, :, 0], ms[:, 0])
-        keys, keys_rot, values, gates, ms = keys[:, :, 1:], keys_rot[:, :, 1:], values[:, :, 1:], gates[:, :, 1:], ms[:, 1:]
+        keys, keys_rot, values, gates, ms = (
+            keys[:, :, 1:],
+            keys_rot[:, :, 1:],
+            values[:, :, 1:],
+            gates[:, :, 1:],
+            ms[:, 1:],
+        )
     return o.reshape(b, h, 1, -1), NHAState(hk, hv, num, keys, keys_rot, values, gates, ms)
 
 
@@ -261,7 +277,9 @@ def nha_chunked(
         hk = hk * chunk_decay[:, :, c, None, :] + chunk_k[:, :, c]
         hv = hv * chunk_decay[:, :, c, :, None] + chunk_v[:, :, c]
     entering_k, entering_v = torch.stack(entering_k, 2), torch.stack(entering_v, 2)  # (b, n, nc, K, M), (.., M, V)
-    counts = state.num_absorbed[:, None, None] + torch.cumsum(xm.flatten(1).long(), dim=1).view(b, nc, C)  # after X[..i]
+    counts = state.num_absorbed[:, None, None] + torch.cumsum(xm.flatten(1).long(), dim=1).view(
+        b, nc, C
+    )  # after X[..i]
 
     # 2. The window: keys Y[i : i + w] for query i, a band of C + w - 1 keys per chunk
     span = C + max(window, 1) - 1

@@ -14,7 +14,12 @@ from hybridize.evaluate.bench import BenchConfig, bench, cache_bytes, format_ben
 def test_bench_reports_every_field_and_ratio(tmp_path):
     source = make_tiny("llama")
     hybrid = hybridize.convert(source, hybridize.ConvertConfig(ratio=0.5))
-    result = bench(hybrid, word_tokenizer(), BenchConfig(contexts=(16, 64), new_tokens=3, repeats=2, batch_sizes=(1, 3)), baseline=source)
+    result = bench(
+        hybrid,
+        word_tokenizer(),
+        BenchConfig(contexts=(16, 64), new_tokens=3, repeats=2, batch_sizes=(1, 3)),
+        baseline=source,
+    )
     assert [(row["context"], row["batch_size"]) for row in result["rows"]] == [(16, 1), (16, 3), (64, 1), (64, 3)]
     for row in result["rows"]:
         for name in ("model", "baseline"):

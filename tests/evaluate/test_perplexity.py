@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import TINY, make_tiny
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hybridize.convert import ConvertConfig, convert
 from hybridize.errors import ConfigError
 from hybridize.evaluate import EvalConfig, compare_logits, evaluate, load_corpus, perplexity, token_blocks
+from hybridize.evaluate.perplexity import CONTINUATION_CHUNK
+from hybridize.modeling import HybridForCausalLM
 
 
 def _hand_logits(model, blocks: torch.Tensor) -> torch.Tensor:
@@ -98,6 +104,7 @@ def test_bad_blocks_are_refused(tiny_llama, bad):
         ({"seq_len": 1}, "seq_len=1"),
         ({"seq_len": 512, "max_tokens": 100}, "max_tokens=100"),
         ({"split": "test"}, "split='test'"),
+        ({"prompt_len": 15, "seq_len": 16}, r"prompt_len=15 must be in \[0, seq_len - 1\)"),
         ({"batch_size": 0}, "batch_size=0"),
     ],
 )
@@ -127,3 +134,68 @@ def test_evaluate_on_the_heldout_corpus(tiny_llama, other_llama, char_tokenizer)
     assert compared["perplexity"] == pytest.approx(result["perplexity"], rel=1e-6)
     assert compared["kl"] > 0 and 0 <= compared["top1_agreement"] <= 1
     assert math.isfinite(compared["baseline_perplexity"])
+
+
+def _continuation_perplexity_by_hand(model, blocks, prompt_len):
+    logits = _hand_logits(model, blocks)[:, prompt_len - 1 : -1]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, prompt_len:].reshape(-1))
+    return math.exp(nll.item())
+
+
+@pytest.mark.parametrize(
+    "mixer, settings",
+    [
+        ("source", {}),
+        ("mamba2", {}),
+        ("streaming", {"sinks": 2, "window": 8}),
+        ("nha", {"slots": 4, "window": 8}),
+    ],
+)
+def test_prompt_then_cached_chunks_equal_one_forward(mixer, settings):
+    """Scoring through the cache (a prefill, then chunks spanning several CONTINUATION_CHUNKs) changes nothing for
+    a model whose cached decoding equals its full forward: every mixer's."""
+    model = make_tiny("llama").double()
+    if mixer != "source":
+        model = convert(model, ConvertConfig(mixer=mixer, ratio=0.5, mixer_settings=settings))
+    prompt_len = 20
+    blocks = torch.randint(
+        0, 128, (2, prompt_len + 2 * CONTINUATION_CHUNK + 5), generator=torch.Generator().manual_seed(0)
+    )
+    expected = _continuation_perplexity_by_hand(model, blocks, prompt_len)
+    assert perplexity(model, blocks, prompt_len=prompt_len, batch_size=2) == pytest.approx(expected, rel=1e-6)
+    result = compare_logits(model, model, blocks, prompt_len=prompt_len)
+    assert result["kl"] == pytest.approx(0.0, abs=1e-12) and result["perplexity"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_prompt_scoring_sees_what_dynamic_selection_decided():
+    """LightTransfer-Test attends fully at prefill, so one forward cannot tell it from the source; after a prompt,
+    its truncated caches show. With every layer kept full it is the source again."""
+    source = make_tiny("llama").double()
+    blocks = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(1))
+
+    static = convert(source, ConvertConfig(mixer="streaming", ratio=1.0, mixer_settings={"sinks": 2, "window": 8}))
+
+    def dynamic(full_layers):
+        config = copy.deepcopy(static.config)
+        config.mixers["streaming"].update(w_last=4, dynamic_full_layers=full_layers)
+        model = HybridForCausalLM(config).double().eval()
+        model.load_state_dict(static.state_dict())
+        return model
+
+    everything_full = dynamic(full_layers=TINY["num_hidden_layers"])
+    truncated = dynamic(full_layers=0)
+    expected = _continuation_perplexity_by_hand(source, blocks, 40)
+    assert perplexity(everything_full, blocks, prompt_len=40) == pytest.approx(expected, rel=1e-6)
+    assert perplexity(truncated, blocks) == pytest.approx(perplexity(source, blocks), rel=1e-6)
+    assert perplexity(truncated, blocks, prompt_len=40) != pytest.approx(expected, rel=1e-3)
+
+
+def test_evaluate_on_a_data_file(tiny_llama, char_tokenizer, tmp_path):
+    texts = ["the first document " * 20, "and a second one " * 20]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    result = evaluate(
+        tiny_llama, char_tokenizer, EvalConfig(data=str(tmp_path / "docs.jsonl"), seq_len=32, max_tokens=256)
+    )
+    expected = perplexity(tiny_llama, token_blocks(char_tokenizer, texts, seq_len=32, max_tokens=256))
+    assert result["data"] == str(tmp_path / "docs.jsonl") and "split" not in result
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-6)
