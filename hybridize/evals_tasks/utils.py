@@ -41,3 +41,8 @@ def load_test_split(data_file: str, **metadata: Any) -> dict[str, datasets.Datas
     with _data_file(data_file).open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
         records = [json.loads(line) for line in lines if line.strip()]
     return {"test": datasets.Dataset.from_list(records)}
+
+
+def passkey_found(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """`acc` of one pass key item: 1.0 when the greedy continuation, leading spaces aside, starts with the key."""
+    return {"acc": float(results[0].lstrip().startswith(doc["target"]))}

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerFast
 import hybridize
 from hybridize.errors import ConfigError
 from hybridize.evaluate import EvalConfig, load_corpus
+from hybridize.evals_tasks.utils import passkey_found
 from hybridize.evaluate.harness import OFFLINE_TASKS, TASK_LENGTHS, TASKS_DIR, _compact, format_results, run_tasks
 from hybridize.provenance import append_step, read_manifest
 
@@ -81,9 +82,17 @@ def test_passkeys_are_hidden_once_and_fit_their_length(task):
         assert re.fullmatch(r"\d{5}", doc["target"])
         assert doc["context"].count(f"The pass key is {doc['target']}. Remember it.") == 1
         assert doc["context"].endswith("What is the pass key? The pass key is")
-        assert TASK_LENGTHS[task] * 0.8 < doc["num_tokens"] <= TASK_LENGTHS[task]
+        # generation keeps max_length - max_gen_toks (8) tokens of context: the whole item must fit in that
+        assert TASK_LENGTHS[task] * 0.8 < doc["num_tokens"] <= TASK_LENGTHS[task] - 8
     depths = sorted(doc["depth"] for doc in docs)
     assert depths[0] < 0.1 and depths[-1] > 0.85  # spread over the whole text
+
+
+@pytest.mark.parametrize(
+    ("generated", "found"), [(" 47856", 1.0), ("47856. Remember it.", 1.0), (" 47855", 0.0), (" the key 47856", 0.0)]
+)
+def test_passkey_is_found_only_at_the_start_of_the_continuation(generated, found):
+    assert passkey_found({"target": "47856"}, [generated]) == {"acc": found}
 
 
 # Validation before any work
