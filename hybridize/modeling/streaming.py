@@ -14,8 +14,9 @@ queries, each attending to the sink keys plus the band of keys its window can re
 one function and are tested equal. Decoding needs no separate step: one query is a block of one. `lazy_ratio` is
 LightTransfer's per-layer laziness, from log-sum-exps over key blocks.
 
-`StreamingCacheLayer` keeps the sinks and the last `window - 1` tokens of each sequence, all that a later query can
-see besides itself, so its memory stops growing with the context.
+`StreamingCacheLayer` keeps the sinks and the last `window` tokens of each sequence (at most; it drops the oldest
+when the next token arrives, so that a decode step copies the cache once), so its memory stops growing with the
+context.
 
 LightTransfer-Test (`dynamic_full_layers = P`): every streaming layer prefills with full attention and keeps its
 full cache while a priority queue holds the P least lazy layers seen so far; when a layer's push makes the queue
@@ -137,6 +138,10 @@ def streaming_attention_chunked(
             query, key, value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=True
         )
         return out.transpose(1, 2)
+    if lq == 1 and bool((q_idx >= 0).all()) and bool(_visible(q_idx, k_idx, sinks, window).all()):
+        # a decode step over a cache holding only what it can see: no mask at all
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2)
     offset = lk - lq  # query i is key offset + i
     num_sinks = 0
     if window is not None and sinks > 0:
@@ -222,9 +227,10 @@ def lazy_ratio(query, key, q_idx, k_idx, *, sinks, window, scaling, block_size=1
 
 
 class StreamingCacheLayer(DynamicSlidingWindowLayer):
-    """The KV cache of a streaming layer: per sequence, the sink tokens and the last `window - 1` tokens (all a later
-    query can see besides itself), so at most `sinks + window - 1` entries however long the context, with each
-    entry's token index (`token_indices`, -1 for padding). Kept entries are right-aligned and in order.
+    """The KV cache of a streaming layer: per sequence, the sink tokens and at most the last `window` tokens (the
+    oldest of them is dropped when the next token arrives, since its query cannot see it), so at most
+    `sinks + window` entries however long the context, with each entry's token index (`token_indices`, -1 for
+    padding). Kept entries are right-aligned and in order.
 
     With `bounded=False` it keeps everything, like a `DynamicLayer`: a dynamic layer until LightTransfer-Test pops it
     as lazy (`truncate`), and for good when it stays among the full layers.
@@ -237,6 +243,7 @@ class StreamingCacheLayer(DynamicSlidingWindowLayer):
         self.sinks, self.window, self.bounded = sinks, window, bounded
         self.bounded_at_start = bounded
         self.token_indices: torch.Tensor | None = None  # (b, n)
+        self.update_indices: torch.Tensor | None = None  # (b, n) of the keys the last update returned
         self.num_tokens: torch.Tensor | None = None  # (b,) real tokens seen
         self.lazy_ratio: float | None = None  # dynamic mode: measured at prefill
         self.pending = False  # dynamic mode: full, and in the priority queue
@@ -256,21 +263,38 @@ class StreamingCacheLayer(DynamicSlidingWindowLayer):
         token_indices: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new keys and values (with their token indices; default: no padding) and return the cached ones
-        followed by the new ones, as this step's attention needs them; then evict what no later query can see."""
+        """Drop what the new queries cannot see, append the new keys and values (with their token indices; default:
+        no padding) and return the cached ones followed by the new ones, as this step's attention needs them
+        (`update_indices` holds their token indices). A decode step thus copies the cache once, as a full KV cache
+        does; only a chunk that leaves more than sinks + window entries is evicted again right away."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length = key_states.shape[-2]
         if token_indices is None:
             token_indices = self.num_tokens[:, None] + torch.arange(length, device=self.device)
+        kept = self._still_visible() if self.bounded else [slice(None)]
         self.cumulative_length += length
-        keys, values = torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
-        self.keys, self.values = keys, values
-        self.token_indices = torch.cat([self.token_indices, token_indices.to(self.device)], 1)
+        keys = torch.cat([self.keys[:, :, part] for part in kept] + [key_states], -2)
+        values = torch.cat([self.values[:, :, part] for part in kept] + [value_states], -2)
+        indices = torch.cat([self.token_indices[:, part] for part in kept] + [token_indices.to(self.device)], 1)
+        self.keys, self.values, self.token_indices, self.update_indices = keys, values, indices, indices
         self.num_tokens = self.num_tokens + (token_indices >= 0).sum(1).to(self.device)
-        if self.bounded:
+        if self.bounded and indices.shape[1] > self.sinks + self.window:
             self._evict()
         return keys, values
+
+    def _still_visible(self) -> list[slice]:
+        """The cached entries the next query can still see, as slices: without padding, the sinks and the newest
+        tokens (views, no copy); with padding, everything after a general eviction."""
+        idx = self.token_indices
+        stale = (idx >= self.sinks) & (idx <= (self.num_tokens - self.window)[:, None])
+        if not bool(stale.any()):
+            return [slice(None)]
+        if bool((idx >= 0).all()):  # no padding: every sequence has the same tokens, the stale ones right after sinks
+            first, count = int(stale[0].int().argmax()), int(stale[0].sum())
+            return [slice(0, first), slice(first + count, None)]
+        self._evict()
+        return [slice(None)]
 
     def _evict(self) -> None:
         idx = self.token_indices
@@ -290,14 +314,14 @@ class StreamingCacheLayer(DynamicSlidingWindowLayer):
             self._evict()
 
     def get_max_length(self) -> int:
-        return self.sinks + self.window - 1 if self.bounded else -1
+        return self.sinks + self.window if self.bounded else -1
 
     def crop(self, tokens_to_remove: int) -> None:
         raise RuntimeError("a streaming cache cannot be cropped: the tokens it evicted are gone")
 
     def reset(self) -> None:
         super().reset()
-        self.token_indices = self.num_tokens = self.lazy_ratio = None
+        self.token_indices = self.update_indices = self.num_tokens = self.lazy_ratio = None
         self.bounded, self.pending = self.bounded_at_start, False
 
     def _select_batch(self, index: torch.Tensor) -> None:
@@ -358,9 +382,8 @@ class StreamingMixer(AttentionMixer):
         q_idx = token_indices(padding, layer.num_tokens if started else 0, batch, length, hidden_states.device)
         k_idx = q_idx
         if layer is not None:
-            past_idx = layer.token_indices if started else q_idx[:, :0]
             key, value = cache.update(key, value, self.layer_idx, token_indices=q_idx)
-            k_idx = torch.cat([past_idx, q_idx], 1)
+            k_idx = layer.update_indices
 
         # LightTransfer-Test: prefill attends to everything; afterwards only the layers popped as lazy stream
         window = s.window

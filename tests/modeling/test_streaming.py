@@ -114,7 +114,8 @@ def test_cached_decode_equals_full_forward_and_the_cache_stays_bounded():
         for i in (0, 2, 3):
             layer = cache.layers[i]
             assert isinstance(layer, StreamingCacheLayer)
-            assert layer.keys.shape[2] <= sinks + window - 1 and layer.token_indices.shape[1] == layer.keys.shape[2]
+            assert layer.keys.shape[2] <= sinks + window and layer.token_indices.shape[1] == layer.keys.shape[2]
+            assert (layer.keys.shape[2] == sinks + window) == (t >= sinks + window - 1)  # full, never more
             assert cache.get_seq_length() == t + 1
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
     assert cache.layers[1].keys.shape[2] == 90  # the attention layer keeps everything
