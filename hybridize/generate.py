@@ -14,7 +14,8 @@ inputs of the steps run since, and replays only the accepted steps (`Mamba2Cache
 projection is recomputed). Streaming (sink + window) and NHA layers evict or absorb old tokens, so they are not
 croppable either; their caches already hold the step inputs of their last w - 1 tokens (keys and values after the
 projections; for NHA also the raw keys and gates), so they are restored from a snapshot and the accepted tokens'
-entries, read back from that tail, are replayed (a streaming `update`, an `nha_step`). That bounds the tokens one
+entries, read back from that tail, are replayed (a streaming `update`, an `nha_step`), by the same
+`begin_verify`/`commit` pair. That bounds the tokens one
 round may roll back to w - 1, hence K <= w - 2 for such models (`max_rollback`).
 
 `GenerateConfig` holds everything that changes the output; `generate(model, tokenizer, prompt, config, draft=...)`
@@ -39,8 +40,6 @@ from transformers.cache_utils import DynamicLayer
 
 from .errors import ConfigError
 from .modeling import HybridCache, new_cache
-from .modeling.nha import NHACacheLayer, nha_step
-from .modeling.streaming import StreamingCacheLayer
 from .sources import load
 
 
@@ -159,18 +158,18 @@ class GenerateResult:
         }
 
 
-# Rollback: one adapter per kind of cache layer, all with begin() and commit(num_tokens), where commit keeps the first
-# num_tokens tokens run since begin and forgets the others. `max_rollback` is how many tokens one begin..commit span may
-# hold.
+# Rollback: hybrid cache layers roll themselves back (begin_verify, commit); transformers' plain KV layers are cropped.
+# Both adapters have begin() and commit(num_tokens), where commit keeps the first num_tokens tokens run since begin and
+# forgets the others, and `max_rollback`: how many tokens one begin..commit span may hold.
 
 
 class _NativeRollback:
-    """A layer that rolls itself back (`Mamba2CacheLayer`: snapshot + replay of recorded steps)."""
-
-    max_rollback = float("inf")
+    """A layer that rolls itself back: `begin_verify()`, `commit(n)` and `max_rollback` (Mamba2: snapshot and replay of
+    recorded steps; streaming and NHA: snapshot, then the accepted tokens re-added from what the window holds)."""
 
     def __init__(self, layer):
         self.layer = layer
+        self.max_rollback = getattr(layer, "max_rollback", float("inf"))
 
     def begin(self) -> None:
         self.layer.begin_verify()
@@ -194,76 +193,10 @@ class _CropRollback:
         self.layer.crop(-(self.layer.get_seq_length() - self.length - num_tokens))
 
 
-class _StreamingRollback:
-    """`StreamingCacheLayer` (sinks + window, evicting): restore the snapshot taken at `begin`, then `update` it with
-    the accepted tokens' keys and values, read back from the cache's newest entries (no projection recomputed)."""
-
-    def __init__(self, layer: StreamingCacheLayer):
-        self.layer, self.snapshot = layer, None
-        self.max_rollback = layer.window - 1 if layer.bounded else float("inf")
-
-    def begin(self) -> None:
-        layer = self.layer  # every field is replaced on update, never written in place: references suffice
-        self.snapshot = (layer.keys, layer.values, layer.token_indices, layer.num_tokens, layer.cumulative_length)
-
-    def commit(self, num_tokens: int) -> None:
-        layer = self.layer
-        seen = layer.cumulative_length - self.snapshot[4]
-        if num_tokens == seen:
-            return
-        # the tokens run since begin are the newest entries, in order, unless the window has evicted some of them
-        expected = self.snapshot[3][:, None] + torch.arange(seen, device=layer.device)  # (b, seen)
-        if seen > layer.token_indices.shape[1] or not torch.equal(layer.token_indices[:, -seen:], expected):
-            raise ValueError(f"streaming layer no longer holds the {seen} tokens to roll back (window {layer.window})")
-        keep = slice(-seen, -seen + num_tokens if num_tokens < seen else None)
-        keys, values, indices = layer.keys[:, :, keep], layer.values[:, :, keep], layer.token_indices[:, keep]
-        layer.keys, layer.values, layer.token_indices, layer.num_tokens, layer.cumulative_length = self.snapshot
-        layer.update(keys, values, token_indices=indices)
-
-
-class _NHARollback:
-    """`NHACacheLayer` (slots + window): restore the state kept at `begin`, then replay the accepted tokens with
-    `nha_step` from their raw keys, RoPE'd keys, values and gates, read back from the window (the queries only make
-    outputs, which are not needed, so zeros stand in for them)."""
-
-    def __init__(self, layer: NHACacheLayer):
-        self.layer, self.snapshot = layer, None
-        self.max_rollback = max(layer.sliding_window - 1, 0)
-
-    def begin(self) -> None:
-        self.snapshot = (self.layer.get_state(), self.layer.cumulative_length)
-
-    def commit(self, num_tokens: int) -> None:
-        layer, (state, length) = self.layer, self.snapshot
-        seen = layer.cumulative_length - length
-        if num_tokens == seen:
-            return
-        if seen > layer.raw_keys.shape[2]:
-            raise ValueError(
-                f"NHA layer no longer holds the {seen} tokens to roll back (window {layer.sliding_window})"
-            )
-        keep = slice(-seen, -seen + num_tokens)  # the newest entries are the tokens run since begin
-        keys, keys_rot, values = layer.raw_keys[:, :, keep], layer.keys[:, :, keep], layer.values[:, :, keep]
-        gates, mask = layer.gates[:, :, keep], layer.window_mask[:, keep]
-        for t in range(num_tokens):
-            step = slice(t, t + 1)
-            query = torch.zeros_like(keys[:, :, step])
-            _, state = nha_step(
-                query, keys[:, :, step], values[:, :, step], query, keys_rot[:, :, step], gates[:, :, step],
-                mask[:, step], state, window=layer.sliding_window, scale=1.0,
-            )  # fmt: skip
-        layer.cumulative_length = length
-        layer.set_state(state, num_tokens)
-
-
 def _rollback_for(layer, index: int):
     """The rollback adapter of one cache layer; the first that fits wins."""
     if hasattr(layer, "begin_verify") and hasattr(layer, "commit"):
         return _NativeRollback(layer)
-    if isinstance(layer, StreamingCacheLayer):
-        return _StreamingRollback(layer)
-    if isinstance(layer, NHACacheLayer):
-        return _NHARollback(layer)
     if type(layer) is DynamicLayer:  # its subclasses (sliding windows) evict, so cannot always be cropped
         return _CropRollback(layer)
     raise ConfigError(

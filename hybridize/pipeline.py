@@ -195,7 +195,7 @@ def parse_recipe(text: str) -> Recipe:
     for key in ("model", "output", "steps"):
         if key not in data:
             raise ConfigError(f"the recipe needs a top-level '{key}'")
-    steps_node = dict((key.value, value) for key, value in root.value)["steps"]
+    steps_node = {key.value: value for key, value in root.value}["steps"]
     if not isinstance(data["steps"], list) or not data["steps"]:
         raise ConfigError(f"line {lines['steps']}: steps must be a non-empty list")
     planned = []

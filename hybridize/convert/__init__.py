@@ -123,7 +123,7 @@ class ConvertConfig:
                 f"{self.calibration_len}"
             )
         if self.attn_layers is not None:
-            object.__setattr__(self, "attn_layers", tuple(sorted(set(int(i) for i in self.attn_layers))))
+            object.__setattr__(self, "attn_layers", tuple(sorted({int(i) for i in self.attn_layers})))
 
 
 def hybrid_config_for(source: PreTrainedModel, mixer_types: list[str], config: ConvertConfig) -> HybridConfig:

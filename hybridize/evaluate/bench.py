@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -91,7 +91,7 @@ class _PeakRSS:
     def __init__(self, interval: float = 0.002):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
 
-    def __enter__(self) -> "_PeakRSS":
+    def __enter__(self) -> Self:
         _return_free_memory_to_the_os()
         self.start = self.peak = _rss_bytes()
         self._thread = threading.Thread(target=self._sample, daemon=True)

@@ -348,6 +348,41 @@ class NHACacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
     def __init__(self, window: int):
         super().__init__(sliding_window=window, number_of_states=2)
         self.raw_keys = self.gates = self.window_mask = self.num_absorbed = None
+        self.checkpoint: tuple | None = None  # speculative decoding: the state at begin_verify
+
+    @property
+    def max_rollback(self) -> int:
+        """Tokens one `begin_verify` ... `commit` span may hold: the window's last w - 1."""
+        return max(self.sliding_window - 1, 0)
+
+    def begin_verify(self) -> None:
+        """Keep the current state (speculative decoding); tokens run from now on can be undone by `commit`."""
+        self.checkpoint = (self.get_state(), self.cumulative_length)
+
+    def commit(self, num_tokens: int) -> None:
+        """Keep the first `num_tokens` tokens run since `begin_verify`: restore the checkpoint, then replay them with
+        `nha_step` from their raw keys, RoPE'd keys, values and gates, read back from the window (queries only make
+        outputs, which are not needed, so zeros stand in for them)."""
+        (state, length), self.checkpoint = self.checkpoint, None
+        seen = self.cumulative_length - length
+        if num_tokens == seen:
+            return
+        if seen > self.raw_keys.shape[2]:
+            raise ValueError(
+                f"NHA layer no longer holds the {seen} tokens to roll back (window {self.sliding_window})"
+            )
+        keep = slice(-seen, -seen + num_tokens)  # the newest entries are the tokens run since begin
+        keys, keys_rot, values = self.raw_keys[:, :, keep], self.keys[:, :, keep], self.values[:, :, keep]
+        gates, mask = self.gates[:, :, keep], self.window_mask[:, keep]
+        for t in range(num_tokens):
+            step = slice(t, t + 1)
+            query = torch.zeros_like(keys[:, :, step])
+            _, state = nha_step(
+                query, keys[:, :, step], values[:, :, step], query, keys_rot[:, :, step], gates[:, :, step],
+                mask[:, step], state, window=self.sliding_window, scale=1.0,
+            )  # fmt: skip
+        self.cumulative_length = length
+        self.set_state(state, num_tokens)
 
     def get_state(self) -> NHAState | None:
         if self.num_absorbed is None:

@@ -244,6 +244,7 @@ class StreamingCacheLayer(DynamicSlidingWindowLayer):
         self.bounded_at_start = bounded
         self.token_indices: torch.Tensor | None = None  # (b, n)
         self.update_indices: torch.Tensor | None = None  # (b, n) of the keys the last update returned
+        self.checkpoint: tuple | None = None  # speculative decoding: the state at begin_verify
         self.num_tokens: torch.Tensor | None = None  # (b,) real tokens seen
         self.lazy_ratio: float | None = None  # dynamic mode: measured at prefill
         self.pending = False  # dynamic mode: full, and in the priority queue
@@ -306,6 +307,32 @@ class StreamingCacheLayer(DynamicSlidingWindowLayer):
         order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, idx.shape[1] - count :]  # kept last
         self.keys, self.values = _gather_keys(self.keys, order), _gather_keys(self.values, order)
         self.token_indices = idx.gather(1, order).masked_fill(~keep.gather(1, order), -1)
+
+    @property
+    def max_rollback(self) -> float:
+        """Tokens one `begin_verify` ... `commit` span may hold: the window keeps the last w - 1 besides the newest."""
+        return self.window - 1 if self.bounded else float("inf")
+
+    def begin_verify(self) -> None:
+        """Keep the current state (speculative decoding); tokens run from now on can be undone by `commit`."""
+        # every field is replaced on update, never written in place: references suffice
+        self.checkpoint = (self.keys, self.values, self.token_indices, self.num_tokens, self.cumulative_length)
+
+    def commit(self, num_tokens: int) -> None:
+        """Keep the first `num_tokens` tokens run since `begin_verify`: restore the checkpoint, then `update` it with
+        their keys and values, read back from the newest entries (no projection recomputed)."""
+        checkpoint, self.checkpoint = self.checkpoint, None
+        seen = self.cumulative_length - checkpoint[4]
+        if num_tokens == seen:
+            return
+        # the tokens run since begin are the newest entries, in order, unless the window has evicted some of them
+        expected = checkpoint[3][:, None] + torch.arange(seen, device=self.device)  # (b, seen)
+        if seen > self.token_indices.shape[1] or not torch.equal(self.token_indices[:, -seen:], expected):
+            raise ValueError(f"streaming layer no longer holds the {seen} tokens to roll back (window {self.window})")
+        keep = slice(-seen, -seen + num_tokens if num_tokens < seen else None)
+        keys, values, indices = self.keys[:, :, keep], self.values[:, :, keep], self.token_indices[:, keep]
+        self.keys, self.values, self.token_indices, self.num_tokens, self.cumulative_length = checkpoint
+        self.update(keys, values, token_indices=indices)
 
     def truncate(self) -> None:
         """Bound this layer from now on (LightTransfer-Test pops it as lazy), dropping what the window left behind."""
