@@ -1,5 +1,5 @@
 """Tiny random models of each supported family (hidden 64, 4 layers, 4 query / 2 KV heads,
-vocab 128) and float tolerances per dtype."""
+vocab 128), tiny hybrids, and float tolerances per dtype."""
 
 import contextlib
 import io
@@ -32,6 +32,31 @@ FAMILIES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
 }
 TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+
+
+# NHA settings that exercise its corners: slots and window, slots only, a one-token window with the paper's unmasked
+# empty slots, and a window covering every tiny length (softmax attention)
+NHA_SETTINGS = [
+    {"window": 4, "slots": 6, "chunk_size": 8},
+    {"window": 0, "slots": 16, "chunk_size": 3},
+    {"window": 1, "slots": 3, "chunk_size": 5, "mask_empty_slots": False},
+    {"window": 64},
+]
+
+
+def tiny_hybrid(mixer_types, dtype=torch.float32, mixers=None):
+    """A random tiny hybrid with these layer types; 1-D parameters (norms, SSM terms) moved off their defaults so
+    that every term matters."""
+    from hybridize.modeling import HybridConfig, HybridForCausalLM
+
+    torch.manual_seed(0)
+    config = HybridConfig(**TINY, mixer_types=list(mixer_types), mixers=mixers or {})
+    model = HybridForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
 
 
 def make_tiny(family: str = "llama", seed: int = 0, **overrides):

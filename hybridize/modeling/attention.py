@@ -28,6 +28,17 @@ class AttentionMixerConfig:
         return cls()
 
 
+def add_attention_projections(module: nn.Module, config: HybridConfig) -> None:
+    """Give `module` the source attention's q/k/v/o linears (GQA sizes, biases as the family has them): shared by
+    every mixer that keeps the source's projections, so conversion copies the same tensors into each."""
+    q_size = config.num_attention_heads * config.head_dim
+    kv_size = config.num_key_value_heads * config.head_dim
+    module.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
+    module.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+    module.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+    module.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_out_bias)
+
+
 class AttentionMixer(nn.Module):
     """Multi-head attention with grouped KV heads; keeps a growing KV cache."""
 
@@ -43,11 +54,7 @@ class AttentionMixer(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_out_bias)
+        add_attention_projections(self, config)
 
     @staticmethod
     def new_cache_layer(config: HybridConfig, layer_idx: int) -> DynamicLayer:

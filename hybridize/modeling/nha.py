@@ -40,6 +40,7 @@ from torch import nn
 from transformers.cache_utils import LinearAttentionAndSlidingWindowAttentionLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from .attention import add_attention_projections
 from .configuration import HybridConfig, mixer_settings
 
 
@@ -457,11 +458,7 @@ class NHAMixer(nn.Module):
         self.head_dim = config.head_dim
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.scaling = self.head_dim**-0.5  # the source's: the window logits are its logits
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_out_bias)
+        add_attention_projections(self, config)
         self.g_proj = nn.Linear(config.hidden_size, self.num_kv_heads * s.slots, bias=False)
 
     @staticmethod

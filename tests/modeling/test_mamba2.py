@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from tiny import TINY, TOLERANCES
 
 from hybridize.modeling import HybridConfig, HybridForCausalLM
 from hybridize.modeling.common import causal_conv1d
 from hybridize.modeling.mamba2 import Mamba2MixerConfig, mamba2_scan_chunked, mamba2_scan_ref, mamba2_step
-
-from tiny import TINY, TOLERANCES
 
 CHUNK = 16
 

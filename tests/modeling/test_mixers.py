@@ -6,25 +6,21 @@ import textwrap
 
 import pytest
 import torch
+from tiny import NHA_SETTINGS, TINY, tiny_hybrid
 from transformers import AutoModelForCausalLM
 
 import hybridize
 from hybridize.modeling import MIXERS, HybridConfig, HybridForCausalLM
 
-from tiny import TINY
+# small chunks and windows, so that the tiny lengths below cross chunks and evict from streaming caches
+SETTINGS = {"mamba2": {"chunk_size": 8}, "streaming": {"sinks": 2, "window": 6, "block_size": 4}}
+# every mixer with the settings above, and NHA also in each of its corners
+VARIANTS = [(name, SETTINGS.get(name, {})) for name in sorted(MIXERS)] + [("nha", s) for s in NHA_SETTINGS]
 
 
-def _tiny_hybrid(mixer: str, dtype=torch.float32) -> HybridForCausalLM:
-    torch.manual_seed(0)
-    # small chunks and windows, so that the tiny lengths below cross chunks and evict from streaming caches
-    mixers = {"mamba2": {"chunk_size": 8}, "streaming": {"sinks": 2, "window": 6, "block_size": 4}}
-    config = HybridConfig(**TINY, mixer_types=[mixer, "attention", mixer, mixer], mixers=mixers)
-    model = HybridForCausalLM(config).to(dtype).eval()
-    with torch.no_grad():  # move the SSM parameters off their defaults so every term matters
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+def _tiny_hybrid(mixer: str, dtype=torch.float32, settings=None) -> HybridForCausalLM:
+    settings = SETTINGS.get(mixer, {}) if settings is None else settings
+    return tiny_hybrid([mixer, "attention", mixer, mixer], dtype, {mixer: settings} if settings else None)
 
 
 @pytest.fixture(params=sorted(MIXERS))
@@ -32,10 +28,12 @@ def mixer(request):
     return request.param
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}-{'-'.join(f'{k}{x}' for k, x in v[1].items())}")
 @pytest.mark.parametrize("length", [1, 7, 8, 25])
-def test_prefill_then_decode_equals_one_prefill(mixer, length):
-    model = _tiny_hybrid(mixer, torch.float64)
-    ids = torch.randint(0, 128, (2, length + 5))
+def test_prefill_then_decode_equals_one_prefill(variant, length):
+    mixer, settings = variant
+    model = _tiny_hybrid(mixer, torch.float64, settings)
+    ids = torch.randint(0, 128, (2, length + 7))
     full = model(ids).logits
     out = model(ids[:, :length], use_cache=True)
     cache, steps = out.cache, [out.logits]
@@ -43,6 +41,7 @@ def test_prefill_then_decode_equals_one_prefill(mixer, length):
         out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+    assert cache.get_seq_length() == ids.shape[1]
 
 
 def test_two_prefills_equal_one(mixer):

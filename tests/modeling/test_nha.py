@@ -4,6 +4,7 @@ checks below repeat it at small windows, so that the slots are actually used."""
 
 import pytest
 import torch
+from tiny import NHA_SETTINGS, TINY, TOLERANCES, tiny_hybrid
 from transformers import AutoModelForCausalLM
 
 import hybridize
@@ -11,15 +12,13 @@ from hybridize.evaluate.bench import cache_bytes
 from hybridize.modeling import HybridConfig, HybridForCausalLM
 from hybridize.modeling.nha import NHACacheLayer, NHAMixerConfig, nha_chunked, nha_initial_state, nha_ref, nha_step
 
-from tiny import TINY, TOLERANCES
-
 CHUNK = 8
 
 
 def _inputs(length, dtype, b=2, h=4, n=2, K=6, M=5, seed=0):
     """q, k, v, q_rot, k_rot and log forget gates, heads first; the "rotated" ones are just other random tensors."""
     gen = torch.Generator().manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)  # noqa: E731
+    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)
     g = torch.nn.functional.logsigmoid(3 * randn(b, n, length, M)) / 2  # strong and weak gates
     return randn(b, h, length, K), randn(b, n, length, K), randn(b, n, length, K), randn(b, h, length, K), \
         randn(b, n, length, K), g  # fmt: skip
@@ -79,7 +78,7 @@ def test_prefill_then_steps_and_two_prefills_equal_one(window, split):
     mask = _padding(30, pad=6)
     options = dict(window=window, scale=0.4)
     o_full, s_full = nha_chunked(q, k, v, q_rot, k_rot, g, mask, chunk_size=CHUNK, **options)
-    part = lambda t, a, b: t[:, :, a:b]  # noqa: E731
+    part = lambda t, a, b: t[:, :, a:b]
     o, state = nha_chunked(*(part(t, 0, split) for t in (q, k, v, q_rot, k_rot, g)), mask[:, :split],
                            chunk_size=CHUNK, **options)  # fmt: skip
     outputs = [o]
@@ -176,38 +175,11 @@ def test_strong_gates_stay_finite(dtype):
 
 # The model: the MIXERS contract at windows that the tiny lengths cross
 
-SETTINGS = [
-    {"window": 4, "slots": 6, "chunk_size": 8},
-    {"window": 0, "slots": 16, "chunk_size": 3},
-    {"window": 1, "slots": 3, "chunk_size": 5, "mask_empty_slots": False},
-    {"window": 64},  # covers every length below: softmax attention
-]
+SETTINGS = NHA_SETTINGS
 
 
 def _tiny_nha(settings, layers=("nha", "attention", "nha", "nha"), dtype=torch.float32):
-    torch.manual_seed(0)
-    config = HybridConfig(**TINY, mixer_types=list(layers), mixers={"nha": settings})
-    model = HybridForCausalLM(config).to(dtype).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-@pytest.mark.parametrize("settings", SETTINGS)
-@pytest.mark.parametrize("length", [1, 9])
-def test_model_prefill_then_decode_equals_one_prefill(settings, length):
-    model = _tiny_nha(settings, dtype=torch.float64)
-    ids = torch.randint(0, 128, (2, length + 7))
-    full = model(ids).logits
-    out = model(ids[:, :length], use_cache=True)
-    cache, steps = out.cache, [out.logits]
-    for t in range(length, ids.shape[1]):
-        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
-        steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
-    assert cache.get_seq_length() == ids.shape[1]
+    return tiny_hybrid(layers, dtype, {"nha": settings})
 
 
 @pytest.mark.parametrize("settings", SETTINGS[:3])
