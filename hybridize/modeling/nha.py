@@ -158,6 +158,12 @@ def _joint_softmax(slot_logits, window_logits, slot_visible, window_visible):
     return p.split([slot_logits.shape[-1], window_logits.shape[-1]], dim=-1)
 
 
+def _pop_oldest(hk, hv, num, keys, keys_rot, values, gates, ms):
+    """Absorb the oldest window token into the slots and drop it from the window."""
+    slots = _absorb_token(hk, hv, num, keys[:, :, 0], values[:, :, 0], gates[:, :, 0], ms[:, 0])
+    return slots, (keys[:, :, 1:], keys_rot[:, :, 1:], values[:, :, 1:], gates[:, :, 1:], ms[:, 1:])
+
+
 def nha_step(q, k, v, q_rot, k_rot, g, mask, state: NHAState, *, window: int, scale: float, mask_empty_slots=True):
     """One token. q and q_rot (b, h, 1, K), k and k_rot (b, n, 1, K), v (b, n, 1, V), g (b, n, 1, M), mask (b, 1) or
     None -> o (b, h, 1, V) and the new state. The window of `state` holds at most max(w - 1, 0) tokens."""
@@ -167,13 +173,8 @@ def nha_step(q, k, v, q_rot, k_rot, g, mask, state: NHAState, *, window: int, sc
     hk, hv, num = state.hk.to(q.dtype), state.hv.to(q.dtype), state.num_absorbed
     # 1. Absorb what has left the window: with w = 0 the current token itself
     if window == 0:
-        hk, hv, num = _absorb_token(hk, hv, num, keys[:, :, 0], values[:, :, 0], gates[:, :, 0], ms[:, 0])
-        keys, keys_rot, values, gates, ms = (
-            keys[:, :, 1:],
-            keys_rot[:, :, 1:],
-            values[:, :, 1:],
-            gates[:, :, 1:],
-            ms[:, 1:],
+        (hk, hv, num), (keys, keys_rot, values, gates, ms) = _pop_oldest(
+            hk, hv, num, keys, keys_rot, values, gates, ms
         )
     # 2. One softmax over the slots (raw q) and the window (RoPE'd q)
     qg, qrg = q.reshape(b, n, h // n, K), q_rot.reshape(b, n, h // n, K)  # (b, n, G, K)
@@ -186,13 +187,8 @@ def nha_step(q, k, v, q_rot, k_rot, g, mask, state: NHAState, *, window: int, sc
     o = torch.einsum("bngm,bnmv->bngv", p_slot, hv) + torch.einsum("bngj,bnjv->bngv", p_window, values)
     # 3. Keep w - 1 tokens: the oldest leaves the window and enters the slots (pop-on-shift)
     if window > 0 and keys.shape[2] > window - 1:
-        hk, hv, num = _absorb_token(hk, hv, num, keys[:, :, 0], values[:, :, 0], gates[:, :, 0], ms[:, 0])
-        keys, keys_rot, values, gates, ms = (
-            keys[:, :, 1:],
-            keys_rot[:, :, 1:],
-            values[:, :, 1:],
-            gates[:, :, 1:],
-            ms[:, 1:],
+        (hk, hv, num), (keys, keys_rot, values, gates, ms) = _pop_oldest(
+            hk, hv, num, keys, keys_rot, values, gates, ms
         )
     return o.reshape(b, h, 1, -1), NHAState(hk, hv, num, keys, keys_rot, values, gates, ms)
 
