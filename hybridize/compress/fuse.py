@@ -724,6 +724,47 @@ def fuse(
     return fused
 
 
+def _permutation(n: int, generator: torch.Generator) -> torch.Tensor:
+    plan = torch.zeros(n, n, dtype=torch.float64)
+    plan[torch.arange(n), torch.randperm(n, generator=generator)] = 1.0 / n
+    return plan
+
+
+def _grouped_permutation(groups: int, per_group: int, generator: torch.Generator):
+    """Groups permuted as wholes, and the heads permuted inside each group."""
+    group_plan = _permutation(groups, generator)
+    head_plan = torch.zeros(groups * per_group, groups * per_group, dtype=torch.float64)
+    for ga in range(groups):
+        gb = int(group_plan[ga].argmax())
+        head_plan[ga * per_group : (ga + 1) * per_group, gb * per_group : (gb + 1) * per_group] = (
+            _permutation(per_group, generator) / groups
+        )
+    return group_plan, head_plan
+
+
+@torch.no_grad()
+def permuted(model: HybridForCausalLM, seed: int = 1) -> HybridForCausalLM:
+    """A copy of `model` computing the same function with its residual channels, MLP neurons, KV groups, query heads,
+    Mamba2 groups and heads randomly permuted: what fusion must undo and plain averaging cannot (the tests, and
+    `evals/permute_model.py` for the experiment on real fine-tunes)."""
+    generator = torch.Generator().manual_seed(seed)
+    c = model.config
+    plans = ModelPlans(residual=_permutation(c.hidden_size, generator))
+    for layer in model.model.layers:
+        if layer.mixer_type == "attention":
+            groups, heads = c.num_key_value_heads, c.num_attention_heads
+        else:
+            groups, heads = layer.mixer.settings.num_groups, layer.mixer.settings.num_heads
+        group_plan, head_plan = _grouped_permutation(groups, heads // groups, generator)
+        plans.layers.append(
+            LayerPlans(mlp=_permutation(c.intermediate_size, generator), groups=group_plan, heads=head_plan)
+        )
+    permuted = HybridForCausalLM(c).eval()
+    permuted.load_state_dict(transport(model, plans), strict=False)
+    permuted.tie_weights()
+    return permuted
+
+
 def _matched(plan: torch.Tensor | None) -> float:
     """Share of the residual plan's mass on its diagonal (1.0: the identity, no channel moved)."""
     return 1.0 if plan is None else round(float(plan.diagonal().sum()), 4)
@@ -741,6 +782,7 @@ __all__ = [
     "consumer_map",
     "fuse",
     "grouped_plan",
+    "permuted",
     "producer_map",
     "solve",
     "target_config",

@@ -9,15 +9,13 @@ from transformers import AutoModelForCausalLM
 import hybridize
 from hybridize.compress.fuse import (
     FuseConfig,
-    LayerPlans,
-    ModelPlans,
     check_fuse,
     consumer_map,
     fuse,
     grouped_plan,
+    permuted,
     producer_map,
     solve,
-    transport,
 )
 from hybridize.convert import ConvertConfig, convert
 from hybridize.errors import ConfigError, UnsupportedModelError
@@ -35,50 +33,11 @@ def _blocks(n=4, seq_len=48):
     return torch.randint(2, 128, (n, seq_len), generator=torch.Generator().manual_seed(1))
 
 
-def _permutation(n: int, generator: torch.Generator) -> torch.Tensor:
-    plan = torch.zeros(n, n, dtype=torch.float64)
-    plan[torch.arange(n), torch.randperm(n, generator=generator)] = 1.0 / n
-    return plan
-
-
-def _grouped_permutation(groups: int, per_group: int, generator: torch.Generator):
-    """Groups permuted as wholes, and the heads permuted inside each group."""
-    group_plan = _permutation(groups, generator)
-    head_plan = torch.zeros(groups * per_group, groups * per_group, dtype=torch.float64)
-    for ga in range(groups):
-        gb = int(group_plan[ga].argmax())
-        head_plan[ga * per_group : (ga + 1) * per_group, gb * per_group : (gb + 1) * per_group] = (
-            _permutation(per_group, generator) / groups
-        )
-    return group_plan, head_plan
-
-
-@torch.no_grad()
-def _permuted(model: HybridForCausalLM, seed: int = 1) -> HybridForCausalLM:
-    """`model` with its residual channels, MLP neurons, KV groups, query heads, Mamba2 groups and heads permuted."""
-    generator = torch.Generator().manual_seed(seed)
-    c = model.config
-    plans = ModelPlans(residual=_permutation(c.hidden_size, generator))
-    for layer in model.model.layers:
-        if layer.mixer_type == "attention":
-            groups, heads = c.num_key_value_heads, c.num_attention_heads
-        else:
-            groups, heads = layer.mixer.settings.num_groups, layer.mixer.settings.num_heads
-        group_plan, head_plan = _grouped_permutation(groups, heads // groups, generator)
-        plans.layers.append(
-            LayerPlans(mlp=_permutation(c.intermediate_size, generator), groups=group_plan, heads=head_plan)
-        )
-    permuted = HybridForCausalLM(c).eval()
-    permuted.load_state_dict(transport(model, plans), strict=False)
-    permuted.tie_weights()
-    return permuted
-
-
 def test_permuted_copy_computes_the_same_function():
     model = _hybrid()
-    permuted = _permuted(model)
-    torch.testing.assert_close(permuted(IDS).logits, model(IDS).logits, rtol=1e-4, atol=1e-5)
-    assert not torch.equal(permuted.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    shuffled = permuted(model)
+    torch.testing.assert_close(shuffled(IDS).logits, model(IDS).logits, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(shuffled.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
 @pytest.mark.parametrize(
@@ -89,17 +48,17 @@ def test_fusing_a_permuted_copy_gives_the_model_back(align, solver):
     model = _hybrid()
     reference = model(IDS).logits
     config = FuseConfig(align=align, solver=solver, reg=0.01)
-    fused = fuse([model, _permuted(model)], config, calibration=_blocks())
+    fused = fuse([model, permuted(model)], config, calibration=_blocks())
     torch.testing.assert_close(fused(IDS).logits, reference, rtol=1e-4, atol=1e-4)
-    plain = fuse([model, _permuted(model)], FuseConfig(align="none"))
+    plain = fuse([model, permuted(model)], FuseConfig(align="none"))
     assert (plain(IDS).logits - reference).abs().max() > 0.1
 
 
 def test_default_sinkhorn_stays_close_to_the_model():
     model = _hybrid()
     reference = model(IDS).logits
-    fused = fuse([model, _permuted(model)], FuseConfig(solver="sinkhorn"), calibration=_blocks())
-    plain = fuse([model, _permuted(model)], FuseConfig(align="none"))
+    fused = fuse([model, permuted(model)], FuseConfig(solver="sinkhorn"), calibration=_blocks())
+    plain = fuse([model, permuted(model)], FuseConfig(align="none"))
     assert (fused(IDS).logits - reference).abs().max() < 0.5 * (plain(IDS).logits - reference).abs().max()
 
 
@@ -129,7 +88,7 @@ def test_dense_sources_and_three_models_with_weights():
 @pytest.mark.parametrize("align", ["activations", "weights"])
 def test_heterogeneous_fusion_into_a_narrower_anchor(align):
     model = _hybrid()
-    fused = fuse([model, _permuted(model)], FuseConfig(align=align, width=0.5), calibration=_blocks())
+    fused = fuse([model, permuted(model)], FuseConfig(align=align, width=0.5), calibration=_blocks())
     c = fused.config
     assert (c.hidden_size, c.intermediate_size, c.num_attention_heads) == (32, 64, 2)
     assert c.num_key_value_heads == 2 and c.mixers["mamba2"]["num_heads"] == 2
@@ -202,7 +161,7 @@ def test_cli(tmp_path):
     tokenizer = word_tokenizer()
     model = _hybrid()
     hybridize.save(model, tmp_path / "a", tokenizer=tokenizer)
-    hybridize.save(_permuted(model), tmp_path / "b", tokenizer=tokenizer)
+    hybridize.save(permuted(model), tmp_path / "b", tokenizer=tokenizer)
     code, out = run_cli(
         "fuse", tmp_path / "a", tmp_path / "b", "--align", "weights", "--weights", "0.5,0.5", "-o", tmp_path / "f"
     )
