@@ -85,6 +85,8 @@ class EvalConfig:
             )
         if isinstance(self.tasks, str) or not all(isinstance(task, str) and task.strip() for task in self.tasks):
             raise ConfigError(f"tasks={self.tasks!r} must be a tuple of task names, e.g. ('wiki_ppl', 'passkey_4k')")
+        if self.tasks and (self.prompt_len or self.data is not None):
+            raise ConfigError("prompt_len and data apply to the built-in perplexity; lm-eval tasks bring their own text")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"max_length={self.max_length} must be at least 2 (or None for the model's context)")
         if self.limit is not None and self.limit < 1:

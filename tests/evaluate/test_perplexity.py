@@ -105,6 +105,7 @@ def test_bad_blocks_are_refused(tiny_llama, bad):
         ({"seq_len": 512, "max_tokens": 100}, "max_tokens=100"),
         ({"split": "test"}, "split='test'"),
         ({"prompt_len": 15, "seq_len": 16}, r"prompt_len=15 must be in \[0, seq_len - 1\)"),
+        ({"prompt_len": 8, "tasks": ("wiki_ppl",)}, "lm-eval tasks bring their own text"),
         ({"batch_size": 0}, "batch_size=0"),
     ],
 )
