@@ -169,7 +169,10 @@ class _NativeRollback:
 
     def __init__(self, layer):
         self.layer = layer
-        self.max_rollback = getattr(layer, "max_rollback", float("inf"))
+
+    @property
+    def max_rollback(self) -> float:
+        return getattr(self.layer, "max_rollback", float("inf"))
 
     def begin(self) -> None:
         self.layer.begin_verify()
