@@ -86,7 +86,9 @@ class EvalConfig:
         if isinstance(self.tasks, str) or not all(isinstance(task, str) and task.strip() for task in self.tasks):
             raise ConfigError(f"tasks={self.tasks!r} must be a tuple of task names, e.g. ('wiki_ppl', 'passkey_4k')")
         if self.tasks and (self.prompt_len or self.data is not None):
-            raise ConfigError("prompt_len and data apply to the built-in perplexity; lm-eval tasks bring their own text")
+            raise ConfigError(
+                "prompt_len and data apply to the built-in perplexity; lm-eval tasks bring their own text"
+            )
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"max_length={self.max_length} must be at least 2 (or None for the model's context)")
         if self.limit is not None and self.limit < 1:
@@ -119,7 +121,7 @@ def perplexity(
         for batch in _batches(blocks, batch_size, progress):
             logits = _logits(model, batch, prompt_len)
             nll += _nll_sum(logits, batch.to(logits.device))
-            count += batch.shape[0] * (batch.shape[1] - max(prompt_len, 1))
+            count += logits.shape[0] * (logits.shape[1] - 1)  # the positions _nll_sum scored
     return math.exp(nll / count)
 
 
@@ -153,7 +155,7 @@ def compare_logits(
     Example: `compare_logits(hybrid, source, blocks)["kl"]`
     """
     _check_blocks(blocks)
-    kl, agree, nll, baseline_nll = 0.0, 0, 0.0, 0.0
+    kl, agree, nll, baseline_nll, positions = 0.0, 0, 0.0, 0.0, 0
     with _eval_mode(model, baseline), torch.inference_mode():
         for batch in _batches(blocks, batch_size, progress):
             logits = _logits(model, batch, prompt_len)
@@ -171,8 +173,8 @@ def compare_logits(
             # KL(p || q) = sum_v p (log p - log q); p = 0 contributes 0.
             kl += (log_p.exp() * (log_p - log_q)).sum(-1).double().sum().item()
             agree += int((logits.argmax(-1) == baseline_logits.argmax(-1)).sum().item())
-    positions = blocks.shape[0] * (blocks.shape[1] - max(prompt_len - 1, 0))
-    predictions = blocks.shape[0] * (blocks.shape[1] - max(prompt_len, 1))
+            positions += logits.shape[0] * logits.shape[1]
+    predictions = positions - blocks.shape[0]  # a block's last position predicts nothing
     return {
         "kl": kl / positions,
         "top1_agreement": agree / positions,
