@@ -172,7 +172,7 @@ class _NativeRollback:
 
     @property
     def max_rollback(self) -> float:
-        return getattr(self.layer, "max_rollback", float("inf"))
+        return self.layer.max_rollback
 
     def begin(self) -> None:
         self.layer.begin_verify()
@@ -198,7 +198,7 @@ class _CropRollback:
 
 def _rollback_for(layer, index: int):
     """The rollback adapter of one cache layer; the first that fits wins."""
-    if hasattr(layer, "begin_verify") and hasattr(layer, "commit"):
+    if all(hasattr(layer, name) for name in ("begin_verify", "commit", "max_rollback")):
         return _NativeRollback(layer)
     if type(layer) is DynamicLayer:  # its subclasses (sliding windows) evict, so cannot always be cropped
         return _CropRollback(layer)

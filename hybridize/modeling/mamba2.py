@@ -151,6 +151,8 @@ class Mamba2CacheLayer(LinearAttentionLayer):
     projection recomputed. Nothing is recorded outside a `begin_verify()` ... `commit()` pair.
     """
 
+    max_rollback = float("inf")  # the recorded steps replay any number of tokens
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.checkpoint: tuple[torch.Tensor, torch.Tensor] | None = None  # (conv state, SSM state) at begin_verify
