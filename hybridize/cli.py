@@ -469,7 +469,7 @@ def factorize(
     ),
     calibration: Annotated[
         str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")
-    ] = (FactorizeConfig.calibration),
+    ] = FactorizeConfig.calibration,
     calibration_docs: Annotated[int, typer.Option(help="Calibration blocks.")] = FactorizeConfig.calibration_docs,
     calibration_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = (
         FactorizeConfig.calibration_len
@@ -525,7 +525,7 @@ def fuse(
     ),
     calibration: Annotated[
         str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")
-    ] = (FuseConfig.calibration),
+    ] = FuseConfig.calibration,
     calibration_docs: Annotated[int, typer.Option(help="Calibration blocks.")] = FuseConfig.calibration_docs,
     calibration_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = FuseConfig.calibration_len,
     overwrite: Overwrite = False,

@@ -27,11 +27,11 @@ class HybridCache(Cache):
         self.num_seen_tokens = 0
 
 
-__all__ = ["HybridCache"]
-
-
 def new_cache(model: nn.Module) -> Cache:
     """An empty cache for `model`: a `HybridCache` for a hybrid, transformers' `DynamicCache` for anything else."""
     if isinstance(model.config, HybridConfig):
         return HybridCache(model.config)
     return DynamicCache(config=model.config)
+
+
+__all__ = ["HybridCache", "new_cache"]

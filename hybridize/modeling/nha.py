@@ -274,9 +274,8 @@ def nha_chunked(
         hk = hk * chunk_decay[:, :, c, None, :] + chunk_k[:, :, c]
         hv = hv * chunk_decay[:, :, c, :, None] + chunk_v[:, :, c]
     entering_k, entering_v = torch.stack(entering_k, 2), torch.stack(entering_v, 2)  # (b, n, nc, K, M), (.., M, V)
-    counts = state.num_absorbed[:, None, None] + torch.cumsum(xm.flatten(1).long(), dim=1).view(
-        b, nc, C
-    )  # after X[..i]
+    absorbed = torch.cumsum(xm.flatten(1).long(), dim=1).view(b, nc, C)
+    counts = state.num_absorbed[:, None, None] + absorbed  # after X[..i]
 
     # 2. The window: keys Y[i : i + w] for query i, a band of C + w - 1 keys per chunk
     span = C + max(window, 1) - 1

@@ -22,8 +22,8 @@ from transformers import PreTrainedTokenizerFast
 
 import hybridize
 from hybridize.errors import ConfigError
-from hybridize.evaluate import EvalConfig, load_corpus
 from hybridize.evals_tasks.utils import passkey_found
+from hybridize.evaluate import EvalConfig, load_corpus
 from hybridize.evaluate.harness import OFFLINE_TASKS, TASK_LENGTHS, TASKS_DIR, _compact, format_results, run_tasks
 from hybridize.provenance import append_step, read_manifest
 
