@@ -72,7 +72,13 @@ def convert(
         ConvertConfig.conv_init
     ),
     mixer_init: Annotated[
-        str, typer.Option(help="Mamba2 weights: attention (reuse q/k/v/o) or random (the ablation).")
+        str,
+        typer.Option(
+            "--init",
+            "--mixer-init",
+            help="New mixer weights: calibrated (q/k/v/o reused, readout refit on calibration text), attention "
+            "(the published mapping), zero (readout zeroed) or random (Mamba2 ablation).",
+        ),
     ] = ConvertConfig.mixer_init,
     chunk_size: Annotated[
         int | None, typer.Option(help="Mamba2 / NHA chunk length (speed only; default 64 / 32).")
@@ -91,12 +97,12 @@ def convert(
     w_last: Annotated[int | None, typer.Option(help="Streaming: last queries a lazy ratio averages (default 64).")] = (
         None
     ),
-    calibration_docs: Annotated[int, typer.Option(help="--select lazy: calibration documents.")] = (
-        ConvertConfig.calibration_docs
-    ),
-    calibration_len: Annotated[int, typer.Option(help="--select lazy: tokens per calibration document.")] = (
-        ConvertConfig.calibration_len
-    ),
+    calibration_docs: Annotated[
+        int, typer.Option(help="--init calibrated, --select lazy/sensitivity: calibration blocks.")
+    ] = ConvertConfig.calibration_docs,
+    calibration_len: Annotated[
+        int, typer.Option(help="--init calibrated, --select lazy/sensitivity: tokens per calibration block.")
+    ] = ConvertConfig.calibration_len,
     seed: Annotated[int, typer.Option(help="Seed of the new parameters and of --select random.")] = ConvertConfig.seed,
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
@@ -315,6 +321,10 @@ def distill(
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (default per stage).")] = DistillConfig.lr,
     freeze: Annotated[str, typer.Option(help="e2e: what trains: mixers, all-but-mlp or all.")] = DistillConfig.freeze,
     loss: Annotated[str, typer.Option(help="e2e: forward_kl or reverse_kl.")] = DistillConfig.loss,
+    layer_loss: Annotated[
+        str,
+        typer.Option(help="layerwise: l2 or mse on each block's output, or mixer (MSE against the attention output)."),
+    ] = DistillConfig.layer_loss,
     ce_weight: Annotated[float, typer.Option(help="e2e: weight of next-token cross-entropy.")] = (
         DistillConfig.ce_weight
     ),
@@ -347,6 +357,7 @@ def distill(
         lr=lr,
         freeze=freeze,
         loss=loss,
+        layer_loss=layer_loss,
         ce_weight=ce_weight,
         kl_weight=kl_weight,
         lora_rank=lora_rank,

@@ -18,10 +18,12 @@ from ..families import check_supported
 from ..modeling import MIXERS, HybridConfig, HybridForCausalLM
 from ..modeling.streaming import StreamingMixerConfig
 from ..provenance import record_step
+from .calibrated import calibrate_readouts, readout_of
 from .lazy import lazy_frequency, measure_lazy_ratios
 from .mamba2 import init_mamba2_from_attention
 from .nha import init_nha_from_attention
 from .selection import num_converted, select_layers
+from .sensitivity import layer_sensitivity
 from .streaming import init_streaming_from_attention
 
 logger = logging.getLogger(__name__)
@@ -32,8 +34,9 @@ INITIALIZERS = {
     "streaming": init_streaming_from_attention,
 }
 _CONV_INITS = ("random", "delta")
-_MIXER_INITS = ("attention", "random")
-SELECTIONS = ("uniform", "lazy", "random", "dynamic")
+_MIXER_INITS = ("attention", "random", "zero", "calibrated")
+_READOUT_MIXERS = ("mamba2", "nha")  # mixers with a new readout to zero or calibrate
+SELECTIONS = ("uniform", "lazy", "sensitivity", "random", "dynamic")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,7 +53,9 @@ class ConvertConfig:
             `attn_layers`, so it overrides `ratio` and cannot be combined with `attn_layers` or a `select`.
         select (`str`, *optional*, defaults to `"uniform"`): how the converted layers are chosen when `attn_layers`
             is not given: `"uniform"` spreads them evenly, as MambaInLlama does; `"lazy"` takes the layers most often
-            among the laziest on calibration text (LightTransfer-Train; needs the tokenizer); `"random"` draws them
+            among the laziest on calibration text (LightTransfer-Train; needs the tokenizer); `"sensitivity"` converts
+            the layers whose conversion alone moves the model least from its source (KL on calibration text, with
+            this mixer and init; cached; needs the tokenizer; `sensitivity.py`); `"random"` draws them
             with `seed`; `"dynamic"` (streaming only) makes every layer a streaming layer with
             `dynamic_full_layers = num_layers - round(ratio · num_layers)`, so that the lazy layers are chosen per
             request at prefill (LightTransfer-Test).
@@ -100,6 +105,11 @@ class ConvertConfig:
         if self.mixer_init == "random" and self.mixer != "mamba2":
             raise ConfigError(
                 f"mixer_init='random' is a Mamba2 ablation; the {self.mixer} mixer reuses attention as is"
+            )
+        if self.mixer_init in ("zero", "calibrated") and self.mixer not in _READOUT_MIXERS:
+            raise ConfigError(
+                f"mixer_init={self.mixer_init!r} sets the readout of a new mixer ({', '.join(_READOUT_MIXERS)}); the "
+                f"{self.mixer} mixer is the source attention itself: use mixer_init='attention'"
             )
         if self.full_every is not None and self.full_every < 1:
             raise ConfigError(f"full_every must be >= 1 (attention in every N-th layer), got {self.full_every}")
@@ -178,6 +188,10 @@ def _lazy_ratios(model: PreTrainedModel, config: ConvertConfig, tokenizer, progr
     return measure_lazy_ratios(model, blocks, sinks=s.sinks, window=s.window, w_last=s.w_last, progress=progress)
 
 
+def _rounded(report: dict) -> dict:
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in report.items()}
+
+
 @torch.no_grad()
 def convert(
     model: PreTrainedModel, config: ConvertConfig, *, tokenizer=None, progress: bool = False
@@ -189,7 +203,8 @@ def convert(
     Args:
         model (`PreTrainedModel`): a Llama, Mistral or Qwen2 causal LM (or a hybrid with all-attention layers).
         config (`ConvertConfig`): what to convert and how.
-        tokenizer (*optional*): the model's tokenizer; needed by `select="lazy"` to cut its calibration text.
+        tokenizer (*optional*): the model's tokenizer; needed by `mixer_init="calibrated"` and `select="lazy"` or
+            `"sensitivity"` to cut their calibration text.
         progress (`bool`, *optional*): show a progress bar over layers.
 
     Returns:
@@ -219,6 +234,12 @@ def convert(
             metrics["lazy_ratio"] = [round(r, 4) for r in lazy_ratios.nanmean(0).tolist()]
             k = num_converted(num_layers, config.ratio)
             metrics["lazy_frequency"] = [round(f, 4) for f in lazy_frequency(lazy_ratios, k).tolist()]
+        sensitivity = None
+        if config.select == "sensitivity" and config.attn_layers is None:
+            if tokenizer is None:
+                raise ConfigError("select='sensitivity' measures each layer on calibration text: pass the tokenizer")
+            sensitivity = layer_sensitivity(model, config, tokenizer, progress=progress)
+            metrics["sensitivity_kl"] = [round(s, 5) for s in sensitivity]
         converted = select_layers(
             num_layers,
             ratio=config.ratio,
@@ -226,6 +247,7 @@ def convert(
             select=config.select,
             seed=config.seed,
             lazy_ratios=lazy_ratios,
+            sensitivity=sensitivity,
         )
     mixer_types = [config.mixer if i in converted else "attention" for i in range(num_layers)]
     hybrid_config = hybrid_config_for(model, mixer_types, config)
@@ -249,6 +271,17 @@ def convert(
             layer.mixer.load_state_dict(src_layer.self_attn.state_dict())
         else:
             layer.mixer = INITIALIZERS[mixer_type](src_layer.self_attn, hybrid_config, i, config, generator)
+    if config.mixer_init == "zero":
+        for i in converted:
+            readout_of(hybrid.model.layers[i].mixer).weight.zero_()
+    elif config.mixer_init == "calibrated" and converted:
+        if tokenizer is None:
+            raise ConfigError("mixer_init='calibrated' fits the readouts on calibration text: pass the model's tokenizer")
+        blocks = calibration_blocks(
+            tokenizer, config.calibration, num_blocks=config.calibration_docs, seq_len=config.calibration_len
+        )
+        reports = calibrate_readouts(model, hybrid, blocks, converted, progress=progress)
+        metrics["readout"] = {str(i): _rounded(r) for i, r in reports.items()}
     hybrid.generation_config = model.generation_config
     hybrid.hybridize_steps = list(getattr(model, "hybridize_steps", []))
     record_step(

@@ -55,8 +55,8 @@ from ..saving import save
 from .data import DistillData, load_data
 from .e2e import FREEZE_PRESETS, LogitsObjective, add_lora, converted_layers, freeze, merge_lora
 from .engine import CHECKPOINT, METRICS, DistillInterrupted, read_checkpoint_state, train
-from .layerwise import LayerwiseObjective
-from .losses import HIDDEN_LOSSES, KL_KINDS, KL_REDUCTIONS
+from .layerwise import LAYER_LOSSES, LayerwiseObjective
+from .losses import KL_KINDS, KL_REDUCTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +117,10 @@ class DistillConfig:
         ce_weight (`float`, *optional*, defaults to 0.0): weight of the next-token cross-entropy added to the KL.
         kl_weight (`float`, *optional*, defaults to 1.0): weight of the e2e KL. 0 with `ce_weight` > 0 is plain
             fine-tuning on the data (the teacher is then not run in training, only in evaluation).
-        layer_loss (`str`, *optional*, defaults to `"l2"`): layerwise loss per token, `"l2"` (MaTVLM's unsquared L2
-            norm) or `"mse"`.
+        layer_loss (`str`, *optional*, defaults to `"l2"`): layerwise loss per token: on each converted block's output,
+            `"l2"` (MaTVLM's unsquared L2 norm) or `"mse"`; or `"mixer"`, the MSE of each new mixer's output against the
+            teacher attention's output on the same input (attention transfer: no norm or MLP runs, about twice as
+            cheap).
         freeze (`str`, *optional*, defaults to `"mixers"`): e2e freezing preset, named after what trains: `"mixers"`
             (the converted mixers), `"all-but-mlp"` or `"all"`. The layerwise stage always trains the mixers only.
         lora_rank (`int`, *optional*, defaults to 0): with a rank > 0, the pretrained linear layers the preset trains
@@ -154,7 +156,7 @@ class DistillConfig:
     kl_reduction: Literal["token", "batchmean"] = "token"
     ce_weight: float = 0.0
     kl_weight: float = 1.0
-    layer_loss: Literal["l2", "mse"] = "l2"
+    layer_loss: Literal["l2", "mse", "mixer"] = "l2"
     freeze: Literal["mixers", "all-but-mlp", "all"] = "mixers"
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -170,7 +172,7 @@ class DistillConfig:
         choice("stage", STAGES)
         choice("loss", KL_KINDS)
         choice("kl_reduction", KL_REDUCTIONS)
-        choice("layer_loss", HIDDEN_LOSSES)
+        choice("layer_loss", LAYER_LOSSES)
         choice("freeze", FREEZE_PRESETS)
         choice("mixed_precision", PRECISIONS)
         object.__setattr__(self, "tokens", parse_tokens(self.tokens))

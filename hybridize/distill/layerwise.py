@@ -12,6 +12,11 @@ of the whole student for the end-to-end stage.
 
 Since every block sees the teacher's input, the layers train independently of each other: the loss of layer i only
 reaches layer i's mixer, so summing over layers is the same as training each layer alone with the same step size.
+
+`loss="mixer"` is the attention-transfer objective of LoLCATs and RADLADS' first step (research/
+recovery-and-runtimes.md §1): the hooks record the teacher attention's input (the normed hidden state) and output
+instead, and each student mixer alone runs on that input, pulled towards that output by the MSE. No norm, no MLP and
+no residual run in the student, forward or backward: only the mixers.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .losses import hidden_state_loss
+from .losses import HIDDEN_LOSSES, hidden_state_loss
+
+# per-layer losses: the block output under `hidden_state_loss` (l2, mse), or the mixer output against the attention's
+LAYER_LOSSES = (*HIDDEN_LOSSES, "mixer")
 
 
 class _TeacherDone(Exception):
@@ -30,14 +38,16 @@ class _TeacherDone(Exception):
 
 
 class TeacherTaps:
-    """Records the input and output hidden states of some decoder layers of a (frozen) teacher.
+    """Records the input and output hidden states of some decoder layers of a (frozen) teacher, or of their token
+    mixers (`self_attn`, or `mixer` in a hybrid teacher) with `part="mixer"`.
 
     Args:
         teacher (`PreTrainedModel`): a causal LM whose decoder (`teacher.base_model`) has `.layers`.
         layer_indices (`Sequence[int]`): the layers to record.
+        part (`str`, *optional*, defaults to `"layer"`): `"layer"` or `"mixer"`.
     """
 
-    def __init__(self, teacher: nn.Module, layer_indices: Sequence[int]):
+    def __init__(self, teacher: nn.Module, layer_indices: Sequence[int], part: str = "layer"):
         decoder = teacher.base_model
         layers = getattr(decoder, "layers", None)
         if layers is None:
@@ -47,6 +57,8 @@ class TeacherTaps:
             )
         self.decoder = decoder
         self.layers = [layers[i] for i in layer_indices]
+        if part == "mixer":
+            self.layers = [getattr(layer, "self_attn", None) or layer.mixer for layer in self.layers]
         self.last = max(layer_indices)
         self.layer_indices = list(layer_indices)
 
@@ -94,7 +106,8 @@ class LayerwiseObjective(nn.Module):
         student (`HybridForCausalLM`): the hybrid; only the mixers of `layer_indices` should require grad.
         teacher (`PreTrainedModel`): the frozen teacher, with as many layers as the student.
         layer_indices (`Sequence[int]`): the converted layers trained.
-        loss (`str`, *optional*, defaults to `"l2"`): `hidden_state_loss` kind.
+        loss (`str`, *optional*, defaults to `"l2"`): one of `LAYER_LOSSES`: a `hidden_state_loss` kind on the
+            block outputs, or `"mixer"` (MSE of each mixer's output against the teacher attention's).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, layer_indices: Sequence[int], *, loss: str = "l2"):
@@ -103,7 +116,7 @@ class LayerwiseObjective(nn.Module):
         self.blocks = nn.ModuleList(student.model.layers[i] for i in self.layer_indices)
         self.rotary_emb = student.model.rotary_emb
         self.loss = loss
-        self._taps = TeacherTaps(teacher, self.layer_indices)
+        self._taps = TeacherTaps(teacher, self.layer_indices, part="mixer" if loss == "mixer" else "layer")
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         recorded = self._taps(input_ids)
@@ -113,16 +126,20 @@ class LayerwiseObjective(nn.Module):
         losses = []
         for block, (teacher_in, teacher_out) in zip(self.blocks, recorded):
             # packed blocks have no padding; converted (non-attention) mixers take only the padding mask
-            predicted = block(
-                teacher_in.to(hidden.dtype),
-                position_embeddings=position_embeddings,
-                causal_mask=None,
-                padding_mask=None,
-            )
-            losses.append(hidden_state_loss(predicted, teacher_out, kind=self.loss))
+            if self.loss == "mixer":
+                predicted = block.mixer(teacher_in.to(hidden.dtype), position_embeddings=position_embeddings)
+            else:
+                predicted = block(
+                    teacher_in.to(hidden.dtype),
+                    position_embeddings=position_embeddings,
+                    causal_mask=None,
+                    padding_mask=None,
+                )
+            kind = "mse" if self.loss == "mixer" else self.loss
+            losses.append(hidden_state_loss(predicted, teacher_out, kind=kind))
         per_layer = torch.stack(losses)
         logs = {f"layer_{i}": value for i, value in zip(self.layer_indices, per_layer.detach().tolist())}
         return per_layer.sum(), logs
 
 
-__all__ = ["LayerwiseObjective", "TeacherTaps"]
+__all__ = ["LAYER_LOSSES", "LayerwiseObjective", "TeacherTaps"]

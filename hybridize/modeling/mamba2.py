@@ -200,6 +200,7 @@ class Mamba2Mixer(nn.Module):
 
     settings_class = Mamba2MixerConfig
     mask_type = "padding"  # recurrent: only needs to know which tokens are padding
+    readout = "out_proj"  # the output projection a calibrated conversion refits
 
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()

@@ -445,6 +445,7 @@ class NHAMixer(nn.Module):
 
     settings_class = NHAMixerConfig
     mask_type = "padding"  # the window mask is built inside; only padding comes from outside
+    readout = "o_proj"  # the output projection a calibrated conversion refits
 
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()

@@ -1,0 +1,172 @@
+"""Sensitivity-chosen layers: convert each layer alone and measure how far the model moves from its source.
+
+Even spacing (MambaInLlama) ignores that layers differ: some attention layers are nearly local and cost little to
+replace, others carry the long-range retrieval that a recurrent mixer cannot hold. fla-org's hybrid-distillation
+chooses which layers keep softmax attention by measured KL (research/recovery-and-runtimes.md §1). Here the score
+of layer i is the KL(source || model with only layer i converted) per token on calibration text, with the mixer, the
+settings and the initialisation the conversion will use (a calibrated readout is fitted for that layer alone, on the
+source's own input to it). `select="sensitivity"` then converts the layers that hurt least.
+
+One pass, layer by layer: the source's residual stream at layer i is held for the calibration blocks (one layer's
+activations); layer i's mixer is built, calibrated on the fitting blocks, and the scoring blocks run from layer i to
+the head with that one layer replaced. Cost: about N/2 forwards of the scoring blocks plus one forward of the fitting
+blocks. The scores are cached under `$HYBRIDIZE_CACHE/sensitivity/`, keyed by the source's weights and every setting
+that changes them, so choosing another ratio costs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibrated import fit_readout, heldout_blocks, readout_of
+
+if TYPE_CHECKING:
+    from . import ConvertConfig
+
+logger = logging.getLogger(__name__)
+
+SCORE_BLOCKS = 2  # calibration blocks the KL is measured on (the readout is fitted on all of them)
+
+
+def _output(result) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _kl(source_hidden: torch.Tensor, hidden: torch.Tensor, model: nn.Module) -> float:
+    """Mean KL(source || model) per token from the final (un-normed) residual streams (1, l, d)."""
+    log_p = torch.log_softmax(model.lm_head(model.model.norm(source_hidden)).float(), -1)
+    log_q = torch.log_softmax(model.lm_head(model.model.norm(hidden)).float(), -1)
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+
+def cache_key(source: nn.Module, config: ConvertConfig) -> str:
+    """What the scores depend on: the source's weights (sampled: embeddings and the first layer's attention), the
+    mixer, its settings, its initialisation, the seed and the calibration text."""
+    digest = hashlib.sha256()
+    layer0 = source.model.layers[0].self_attn
+    for tensor in (source.model.embed_tokens.weight, layer0.q_proj.weight, layer0.o_proj.weight):
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes()[: 1 << 22])
+    settings = {
+        "num_layers": source.config.num_hidden_layers,
+        "mixer": config.mixer,
+        "mixer_settings": config.mixer_settings,
+        "mixer_init": config.mixer_init,
+        "conv_init": config.conv_init,
+        "seed": config.seed,
+        "calibration": config.calibration,
+        "calibration_docs": config.calibration_docs,
+        "calibration_len": config.calibration_len,
+        "score_blocks": SCORE_BLOCKS,
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def _cache_path(key: str) -> Path:
+    root = Path(os.environ.get("HYBRIDIZE_CACHE") or "~/.cache/hybridize").expanduser()
+    return root / "sensitivity" / f"{key}.json"
+
+
+def _read_cache(key: str) -> list[float] | None:
+    try:
+        scores = json.loads(_cache_path(key).read_text())["kl"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [float(s) for s in scores] if isinstance(scores, list) else None
+
+
+def _write_cache(key: str, scores: list[float]) -> None:
+    path = _cache_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+            json.dump({"kl": scores}, f)
+        os.replace(f.name, path)
+    except OSError as error:  # a read-only cache only costs the next call the measurement
+        logger.warning("could not cache sensitivity scores in %s: %s", path, error)
+
+
+@torch.no_grad()
+def measure_sensitivity(
+    source: nn.Module, config: ConvertConfig, blocks: torch.Tensor, *, progress: bool = False
+) -> list[float]:
+    """KL(source || source with only layer i converted) per token, for each layer i, on calibration `blocks` (n, l).
+    `source` is not modified."""
+    from . import INITIALIZERS, hybrid_config_for  # the package imports this module
+
+    layers = source.model.layers
+    num_layers = len(layers)
+    hybrid_config = hybrid_config_for(source, [config.mixer] * num_layers, config)
+    device = next(source.parameters()).device
+    blocks = blocks.to(device)
+    h = [source.model.embed_tokens(block[None]) for block in blocks]
+    pe = source.model.rotary_emb(h[0], position_ids=torch.arange(blocks.shape[1], device=device)[None])
+    scored = range(min(SCORE_BLOCKS, len(blocks)))
+    final = [h[b] for b in scored]
+    for layer in layers:  # the source's final residual stream on the scoring blocks
+        final = [_output(layer(x, position_embeddings=pe, attention_mask=None)) for x in final]
+    heldout = heldout_blocks(len(blocks))
+    generator = torch.Generator().manual_seed(config.seed)
+    scores = []
+    was_training = source.training
+    source.eval()
+    try:
+        for i in tqdm(range(num_layers), desc="sensitivity", unit="layer", disable=not progress):
+            src = layers[i]
+            mixer = INITIALIZERS[config.mixer](src.self_attn, hybrid_config, i, config, generator).to(device).eval()
+            x = [src.input_layernorm(hs) for hs in h]
+            if config.mixer_init == "calibrated":
+                targets = [_output(src.self_attn(hidden_states=xs, position_embeddings=pe, attention_mask=None))
+                           for xs in x]
+                fit_readout(mixer, x, targets, pe, heldout)
+            elif config.mixer_init == "zero":
+                readout_of(mixer).weight.zero_()
+            kl = 0.0
+            for b in scored:
+                hs = h[b] + mixer(x[b], position_embeddings=pe, attention_mask=None)
+                hs = hs + src.mlp(src.post_attention_layernorm(hs))
+                for later in layers[i + 1 :]:
+                    hs = _output(later(hs, position_embeddings=pe, attention_mask=None))
+                kl += _kl(final[b], hs, source) / len(scored)
+            scores.append(kl)
+            h = [_output(src(hs, position_embeddings=pe, attention_mask=None)) for hs in h]
+    finally:
+        source.train(was_training)
+    return scores
+
+
+def layer_sensitivity(
+    source: nn.Module, config: ConvertConfig, tokenizer, *, progress: bool = False
+) -> list[float]:
+    """`measure_sensitivity` on `config`'s calibration text, read from the cache when it was measured before."""
+    from ..calibrate import calibration_blocks
+
+    key = cache_key(source, config)
+    cached = _read_cache(key)
+    if cached is not None and len(cached) == source.config.num_hidden_layers:
+        logger.info("sensitivity scores from the cache (%s)", _cache_path(key))
+        return cached
+    blocks = calibration_blocks(
+        tokenizer, config.calibration, num_blocks=config.calibration_docs, seq_len=config.calibration_len
+    )
+    scores = measure_sensitivity(source, config, blocks, progress=progress)
+    _write_cache(key, scores)
+    return scores
+
+
+def least_sensitive_layers(scores: list[float], k: int) -> list[int]:
+    """The `k` layers whose conversion alone moves the model least (ties: the earlier layer)."""
+    return sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:k])
+
+
+__all__ = ["SCORE_BLOCKS", "cache_key", "layer_sensitivity", "least_sensitive_layers", "measure_sensitivity"]
