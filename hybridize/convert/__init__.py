@@ -239,7 +239,7 @@ def convert(
             if tokenizer is None:
                 raise ConfigError("select='sensitivity' measures each layer on calibration text: pass the tokenizer")
             sensitivity = layer_sensitivity(model, config, tokenizer, progress=progress)
-            metrics["sensitivity_kl"] = [round(s, 5) for s in sensitivity]
+            metrics["sensitivity_kl"] = [float(f"{s:.4g}") for s in sensitivity]
         converted = select_layers(
             num_layers,
             ratio=config.ratio,
