@@ -54,6 +54,7 @@ from ..provenance import record_step
 from ..saving import save
 from .data import DistillData, load_data
 from .e2e import FREEZE_PRESETS, LogitsObjective, add_lora, converted_layers, freeze, merge_lora
+from .generated import generated_data, is_generate_spec
 from .engine import CHECKPOINT, METRICS, DistillInterrupted, read_checkpoint_state, train
 from .layerwise import LAYER_LOSSES, LayerwiseObjective
 from .losses import KL_KINDS, KL_REDUCTIONS
@@ -94,7 +95,9 @@ class DistillConfig:
         stage (`str`, *optional*, defaults to `"e2e"`): `"layerwise"` (train each converted mixer on the teacher's
             per-layer hidden states) or `"e2e"` (logit distillation of the whole student).
         data (`str`, *optional*, defaults to `"wiki"`): the packaged Wikipedia corpus, a local `.txt`/`.jsonl`/
-            `.parquet` file or folder, or a Hub dataset `name[:config]` (see `hybridize.distill.data`).
+            `.parquet` file or folder, or a Hub dataset `name[:config]` (see `hybridize.distill.data`); or
+            `generate:N[:PROMPTS]`, N tokens written by the teacher continuing prompts from PROMPTS (default wiki),
+            cached as `<output>.generated.jsonl` and resumable (see `hybridize.distill.generated`).
         text_column (`str`, *optional*): the column holding the text; detected when omitted.
         heldout_ratio (`float`, *optional*, defaults to 0.05): fraction of documents held out of training (by a hash
             of their text); `wiki` has its own held-out split and ignores it.
@@ -279,6 +282,16 @@ def run_dir_for(output: str | Path) -> Path:
     return output.with_name(output.name + ".distill")
 
 
+def generated_path(work_dir: Path | None) -> Path:
+    """Where `--data generate:N` keeps the teacher's text: `<output>.generated.jsonl` beside the output, kept after the
+    run so that another run (or `--data` itself) can reuse it; a temporary file without a work directory."""
+    if work_dir is None:
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix="hybridize-generated-")) / "generated.jsonl"
+    return work_dir.with_name(work_dir.name.removesuffix(".distill") + ".generated.jsonl")
+
+
 def _prepare_work_dir(work_dir: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:
     if resume:
         read_checkpoint_state(work_dir)  # CheckpointError if there is nothing to resume
@@ -380,16 +393,31 @@ def distill(
         accelerator.wait_for_everyone()
     set_seed(config.seed)
 
-    with accelerator.main_process_first():  # datasets' cache is written once
-        data = load_data(
-            config.data,
-            tokenizer,
-            seq_len=config.seq_len,
-            max_train_tokens=config.tokens,
-            heldout_ratio=config.heldout_ratio,
-            heldout_tokens=config.eval_tokens,
-            text_column_name=config.text_column,
-        )
+    with accelerator.main_process_first():  # datasets' cache (and the teacher's text) is written once
+        if is_generate_spec(config.data):
+            teacher.to(accelerator.device)
+            data = generated_data(
+                teacher,
+                tokenizer,
+                config.data,
+                generated_path(work_dir),
+                seq_len=config.seq_len,
+                seed=config.seed,
+                heldout_ratio=config.heldout_ratio,
+                heldout_tokens=config.eval_tokens,
+                text_column_name=config.text_column,
+                progress=progress and accelerator.is_main_process,
+            )
+        else:
+            data = load_data(
+                config.data,
+                tokenizer,
+                seq_len=config.seq_len,
+                max_train_tokens=config.tokens,
+                heldout_ratio=config.heldout_ratio,
+                heldout_tokens=config.eval_tokens,
+                text_column_name=config.text_column,
+            )
     device = accelerator.device
     student.to(device)
     teacher.to(device).eval()

@@ -33,19 +33,46 @@ def _is_mixer(name):
     return any(name.startswith(f"model.layers.{i}.mixer.") for i in MIXER_LAYERS)
 
 
-def test_layerwise_trains_only_the_new_mixers_without_a_student_forward(teacher, make_student, tokenizer, text_file):
+@pytest.mark.parametrize("layer_loss", ["l2", "mixer"])
+def test_layerwise_trains_only_the_new_mixers_without_a_student_forward(
+    teacher, make_student, tokenizer, text_file, layer_loss
+):
     student = make_student()
     before = _snapshot(student)
     student.forward = None  # the layerwise stage must never run the whole student
-    result = distill(
-        student, _config(text_file, stage="layerwise", eval_tokens=0), teacher=teacher, tokenizer=tokenizer
-    )
+    if layer_loss == "mixer":  # nor, with the attention-output loss, any MLP or norm of the student
+        for layer in student.model.layers:
+            layer.mlp.forward = layer.input_layernorm.forward = layer.post_attention_layernorm.forward = None
+    config = _config(text_file, stage="layerwise", eval_tokens=0, layer_loss=layer_loss)
+    result = distill(student, config, teacher=teacher, tokenizer=tokenizer)
     changed = _changed(before, result)
     assert changed and all(_is_mixer(name) for name in changed)
     assert {name.split(".")[2] for name in changed} == {"0", "2"}
     step = result.hybridize_steps[-1]
     assert step["step"] == "distill" and step["config"]["stage"] == "layerwise"
     assert step["metrics"]["tokens"] == 256 and step["metrics"]["steps"] == 4
+
+
+def test_mixer_layer_loss_is_the_mse_against_the_teacher_attention(teacher, make_student):
+    from hybridize.distill.layerwise import LayerwiseObjective
+
+    student = make_student()
+    input_ids = torch.randint(2, 128, (2, 12))
+    loss, logs = LayerwiseObjective(student, teacher, MIXER_LAYERS, loss="mixer")(input_ids)
+    # by hand: the teacher's stream, its attention input and output at each converted layer, the student's mixer
+    hidden = teacher.model.embed_tokens(input_ids)
+    pe = teacher.model.rotary_emb(hidden, position_ids=torch.arange(12)[None])
+    expected = []
+    with torch.no_grad():
+        for i, layer in enumerate(teacher.model.layers):
+            if i in MIXER_LAYERS:
+                x = layer.input_layernorm(hidden)
+                attention = layer.self_attn(hidden_states=x, position_embeddings=pe, attention_mask=None)[0]
+                predicted = student.model.layers[i].mixer(x, position_embeddings=pe)
+                expected.append(((predicted - attention) ** 2).mean())
+            hidden = layer(hidden, position_embeddings=pe, attention_mask=None)
+    torch.testing.assert_close(loss.detach(), torch.stack(expected).sum())
+    assert set(logs) == {f"layer_{i}" for i in MIXER_LAYERS}
 
 
 def test_e2e_mixers_preset_trains_only_the_new_mixers(teacher, make_student, tokenizer, text_file):

@@ -1,0 +1,276 @@
+"""Teacher-generated training text (`--data generate:N[:PROMPTS]`): MambaInLlama's pseudo-labels (arXiv 2408.15237).
+
+The packaged corpus holds ~120K training tokens, so a longer distillation re-reads it. A teacher can write more: it
+continues prompts cut from a prompt source (the packaged corpus' train split by default, or any data spec: a local
+file or folder, a chat JSONL whose `messages` are rendered by the chat template, a Hub dataset), sampled with a seed.
+The student then learns the teacher's distribution on text the teacher itself finds likely, which is what logit
+distillation needs, rather than on a corpus it has already read once.
+
+- **Batched**: `batch_size` prompts of the same length are continued together (one `generate` call, no padding),
+  several times faster than one by one on a CPU, where a decode step is bound by reading the weights.
+- **Exactly N tokens**: every sample continues its prompt by `new_tokens` tokens (EOS is not sampled early, so the
+  count is known), and the last batch is cut so that the generated tokens add up to N. Prompt tokens are kept in the
+  samples but not counted.
+- **Reproducible and resumable**: batch b is sampled from a generator seeded with (seed, b), and is appended to the
+  JSONL cache in one write; a run that was interrupted keeps its whole batches, drops a torn one and goes on from
+  there, and produces what an uninterrupted run would have.
+- Cached as `generated.jsonl` (one sample a line: `prompt_ids`, `ids`, `text`) beside the run; a finished cache is
+  reused as is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "generate:"
+CACHE_NAME = "generated.jsonl"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig:
+    """How the teacher writes training text.
+
+    Args:
+        tokens (`int`): generated tokens wanted in all (prompts not counted).
+        prompts (`str`, *optional*, defaults to `"wiki"`): where prompts come from; any data spec `--data` takes.
+        prompt_tokens (`int`, *optional*, defaults to 32): tokens per prompt, cut from the start of each document.
+        new_tokens (`int`, *optional*, defaults to 480): tokens the teacher adds per prompt (prompt + continuation is
+            one 512-token block by default).
+        batch_size (`int`, *optional*, defaults to 16): prompts continued together.
+        temperature (`float`, *optional*, defaults to 1.0): sampling temperature (1: the teacher's distribution).
+        top_k (`int`, *optional*, defaults to 0): sample from the k likeliest tokens only; 0 keeps them all.
+        seed (`int`, *optional*, defaults to 0): seeds every batch (`(seed, batch)`).
+    """
+
+    tokens: int
+    prompts: str = "wiki"
+    prompt_tokens: int = 32
+    new_tokens: int = 480
+    batch_size: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("tokens", "prompt_tokens", "new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"generate {name}={getattr(self, name)} must be at least 1")
+        if not self.temperature > 0:
+            raise ConfigError(f"generate temperature={self.temperature} must be positive")
+        if self.top_k < 0:
+            raise ConfigError(f"generate top_k={self.top_k} must not be negative (0 keeps every token)")
+
+    @property
+    def num_samples(self) -> int:
+        return -(-self.tokens // self.new_tokens)
+
+    def identity(self) -> dict[str, Any]:
+        """What a cached file must have been generated with to be reused (the token count may grow)."""
+        return {k: v for k, v in self.__dict__.items() if k != "tokens"}
+
+
+def is_generate_spec(spec: str) -> bool:
+    return spec.startswith(PREFIX)
+
+
+def parse_generate_spec(spec: str, **settings) -> GenerateConfig:
+    """`generate:N[:PROMPTS]` (N with an optional K/M suffix) -> `GenerateConfig(tokens=N, prompts=PROMPTS, ...)`."""
+    from . import parse_tokens
+
+    match = re.fullmatch(r"generate:([^:]+)(?::(.+))?", spec)
+    if match is None:
+        raise ConfigError(f"data {spec!r}: write generate:N or generate:N:PROMPTS, e.g. generate:200K:prompts.txt")
+    return GenerateConfig(tokens=parse_tokens(match.group(1)), prompts=match.group(2) or "wiki", **settings)
+
+
+def prompt_stream(config: GenerateConfig, tokenizer: Any) -> Iterator[list[int]]:
+    """Prompts of exactly `prompt_tokens` tokens, one per document long enough, in the source's order, cycling over
+    the source when it has fewer documents than samples wanted."""
+    from .data import read_documents, tokenize
+
+    if config.prompts == "wiki":
+        from ..evaluate.corpus import load_corpus
+
+        def documents():
+            return iter(load_corpus("train")), False
+    else:
+
+        def documents():
+            return read_documents(config.prompts, tokenizer=tokenizer)
+
+    while True:
+        found = False
+        texts, chat = documents()
+        for text in texts:
+            ids = tokenize(tokenizer, [text], special_tokens=not chat)[0]
+            if len(ids) > config.prompt_tokens:
+                found = True
+                yield ids[: config.prompt_tokens]
+        if not found:
+            raise ConfigError(
+                f"no document of {config.prompts!r} has more than prompt_tokens={config.prompt_tokens} tokens; pass "
+                "longer prompts or a smaller prompt length"
+            )
+
+
+def _read_cache(path: Path, config: GenerateConfig) -> list[dict]:
+    """The whole batches already generated into `path` (a torn last batch is dropped), or [] for a new file."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else None
+    except ValueError:
+        header = None
+    if not header or header.get("generate") != json.loads(json.dumps(config.identity())):
+        raise ConfigError(
+            f"{path} holds text generated with other settings ({header and header.get('generate')}); remove it, or "
+            "run with the settings it was made with"
+        )
+    samples = []
+    for line in lines[1:]:
+        try:
+            samples.append(json.loads(line))
+        except ValueError:  # a line cut by an interrupt: it and what follows are regenerated
+            break
+    whole = len(samples) // config.batch_size * config.batch_size
+    return samples[:whole]
+
+
+def generate_samples(
+    teacher: torch.nn.Module, tokenizer: Any, config: GenerateConfig, cache: str | Path, *, progress: bool = False
+) -> list[dict]:
+    """Generate (or read back, or finish) the samples of `config` into the JSONL `cache`; returns every sample."""
+    cache = Path(cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    samples = _read_cache(cache, config)
+    if not samples:
+        cache.write_text(json.dumps({"generate": config.identity()}) + "\n")
+    elif len(samples) * config.new_tokens >= config.tokens:
+        return _trim(samples, config)
+    else:  # resume: rewrite the file with its whole batches only, then append
+        with open(cache, "w") as f:
+            f.write(json.dumps({"generate": config.identity()}) + "\n")
+            f.writelines(json.dumps(s) + "\n" for s in samples)
+    prompts = prompt_stream(config, tokenizer)
+    for _ in range(len(samples)):  # the prompts already used
+        next(prompts)
+    device = next(teacher.parameters()).device
+    eos = getattr(tokenizer, "eos_token_id", None)
+    was_training = teacher.training
+    teacher.eval()
+    bar = tqdm(total=config.tokens, initial=min(len(samples) * config.new_tokens, config.tokens), unit="tok",
+               desc="teacher generates", disable=not progress, unit_scale=True)
+    try:
+        with open(cache, "a") as f:
+            while len(samples) < config.num_samples:
+                batch_index = len(samples) // config.batch_size
+                size = min(config.batch_size, config.num_samples - len(samples))
+                batch = torch.tensor([next(prompts) for _ in range(size)], device=device)
+                torch.manual_seed(config.seed * 1_000_003 + batch_index)
+                with torch.no_grad():
+                    out = teacher.generate(
+                        batch,
+                        attention_mask=torch.ones_like(batch),
+                        do_sample=True,
+                        temperature=config.temperature,
+                        top_k=config.top_k,
+                        top_p=1.0,
+                        max_new_tokens=config.new_tokens,
+                        min_new_tokens=config.new_tokens,
+                        pad_token_id=eos,
+                    )
+                new = [
+                    {"prompt_ids": row[: config.prompt_tokens].tolist(), "ids": row[config.prompt_tokens :].tolist()}
+                    for row in out
+                ]
+                for sample in new:
+                    sample["text"] = tokenizer.decode(sample["prompt_ids"] + sample["ids"])
+                f.write("".join(json.dumps(s) + "\n" for s in new))  # one write per batch
+                f.flush()
+                os.fsync(f.fileno())
+                samples.extend(new)
+                bar.update(min(len(samples) * config.new_tokens, config.tokens) - bar.n)
+    finally:
+        bar.close()
+        teacher.train(was_training)
+    return _trim(samples, config)
+
+
+def _trim(samples: list[dict], config: GenerateConfig) -> list[dict]:
+    """The first samples, the last one cut, so that the generated tokens add up to exactly `config.tokens`."""
+    kept, left = [], config.tokens
+    for sample in samples:
+        if left <= 0:
+            break
+        kept.append({**sample, "ids": sample["ids"][:left]})
+        left -= len(kept[-1]["ids"])
+    return kept
+
+
+def generated_data(
+    teacher: torch.nn.Module,
+    tokenizer: Any,
+    spec: str,
+    cache: str | Path,
+    *,
+    seq_len: int,
+    seed: int,
+    heldout_ratio: float,
+    heldout_tokens: int,
+    text_column_name: str | None = None,
+    progress: bool = False,
+):
+    """`DistillData` for a `generate:N[:PROMPTS]` spec: the teacher's samples (prompt + continuation + EOS) packed into
+    blocks of `seq_len`, and the held-out blocks of the prompt source (never prompted from)."""
+    import hashlib
+
+    from .data import DistillData, load_data, pack
+
+    prompt_tokens = min(32, max(1, seq_len // 4))
+    config = parse_generate_spec(spec, prompt_tokens=prompt_tokens, new_tokens=seq_len - prompt_tokens, seed=seed)
+    samples = generate_samples(teacher, tokenizer, config, cache, progress=progress)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    train = pack(([*s["prompt_ids"], *s["ids"], *([eos] if eos is not None else [])] for s in samples), seq_len)
+    if train.shape[0] == 0:
+        raise ConfigError(f"{spec} gives fewer tokens than one block of seq_len={seq_len}; generate more")
+    source = load_data(
+        config.prompts,
+        tokenizer,
+        seq_len=seq_len,
+        max_train_tokens=seq_len,
+        heldout_ratio=heldout_ratio,
+        heldout_tokens=heldout_tokens,
+        text_column_name=text_column_name,
+    )
+    return DistillData(
+        train=train,
+        heldout=source.heldout,
+        num_documents=len(samples),
+        num_heldout_documents=source.num_heldout_documents,
+        fingerprint=hashlib.sha256(train.numpy().tobytes()).hexdigest(),
+    )
+
+
+__all__ = [
+    "CACHE_NAME",
+    "GenerateConfig",
+    "generate_samples",
+    "generated_data",
+    "is_generate_spec",
+    "parse_generate_spec",
+]
