@@ -42,7 +42,10 @@ def test_explicit_attention_layers(llama_dir, tmp_path):
     code, out = run_cli("convert", llama_dir, "--attn-layers", "0,3", "-o", tmp_path / "h")
     assert code == 0, out
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "h").config.mixer_types == [
-        "attention", "mamba2", "mamba2", "attention"
+        "attention",
+        "mamba2",
+        "mamba2",
+        "attention",
     ]
 
 
@@ -95,8 +98,22 @@ def test_usage_error_exit_code(tmp_path):
 
 def test_streaming_conversion_with_lazy_selection(llama_dir, tmp_path):
     code, out = run_cli(
-        "convert", llama_dir, "--mixer", "streaming", "--select", "lazy", "--sinks", "2", "--window", "16",
-        "--calibration-docs", "2", "--calibration-len", "64", "-o", tmp_path / "lt",
+        "convert",
+        llama_dir,
+        "--mixer",
+        "streaming",
+        "--select",
+        "lazy",
+        "--sinks",
+        "2",
+        "--window",
+        "16",
+        "--calibration-docs",
+        "2",
+        "--calibration-len",
+        "64",
+        "-o",
+        tmp_path / "lt",
     )
     assert code == 0, out
     assert "converted 2/4 layers to streaming (lazy)" in out
@@ -112,8 +129,20 @@ def test_dynamic_needs_streaming(llama_dir, tmp_path):
 
 
 def test_analyze_prints_writes_and_warns(llama_dir, tmp_path):
-    code, out = run_cli("analyze", llama_dir, "--sinks", "2", "--window", "16", "--num-docs", "2", "--seq-len", "64",
-                     "-o", tmp_path / "a")
+    code, out = run_cli(
+        "analyze",
+        llama_dir,
+        "--sinks",
+        "2",
+        "--window",
+        "16",
+        "--num-docs",
+        "2",
+        "--seq-len",
+        "64",
+        "-o",
+        tmp_path / "a",
+    )
     assert code == 0, out
     assert "lazy ratio" in out and "selected (2 laziest" in out and "warning" not in out
     assert {p.name for p in (tmp_path / "a").iterdir()} == {"lazy_ratio.json", "lazy_ratio.png"}

@@ -16,7 +16,7 @@ from hybridize.export import ExportConfig, export
 
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75])
 def test_export_reproduces_logits_and_generation(ratio):
-    hybrid = convert(make_tiny("llama"), ConvertConfig(ratio=ratio, conv_init="random"))
+    hybrid = convert(make_tiny("llama"), ConvertConfig(mixer_init="attention", ratio=ratio, conv_init="random"))
     native = export(hybrid, ExportConfig())
     assert type(native).__name__ == "GraniteMoeHybridForCausalLM"
     ids = torch.randint(0, 128, (2, 37))
@@ -29,7 +29,7 @@ def test_export_reproduces_logits_and_generation(ratio):
 
 
 def test_exported_checkpoint_loads_without_hybridize(tmp_path):
-    hybrid = convert(make_tiny("llama"), ConvertConfig(ratio=0.5))
+    hybrid = convert(make_tiny("llama"), ConvertConfig(mixer_init="attention", ratio=0.5))
     hybridize.save(export(hybrid, ExportConfig()), tmp_path / "native")
     ids = torch.randint(0, 128, (1, 15))
     torch.save({"ids": ids, "expected": hybrid(ids).logits}, tmp_path / "io.pt")
@@ -52,8 +52,8 @@ def test_exported_checkpoint_loads_without_hybridize(tmp_path):
 
 def test_models_without_a_native_equivalent_are_refused():
     with pytest.raises(UnsupportedModelError, match="no attention layer"):
-        export(convert(make_tiny("llama"), ConvertConfig(ratio=1.0)), ExportConfig())
+        export(convert(make_tiny("llama"), ConvertConfig(mixer_init="attention", ratio=1.0)), ExportConfig())
     with pytest.raises(UnsupportedModelError, match="biases"):
-        export(convert(make_tiny("qwen2"), ConvertConfig(ratio=0.5)), ExportConfig())
+        export(convert(make_tiny("qwen2"), ConvertConfig(mixer_init="attention", ratio=0.5)), ExportConfig())
     with pytest.raises(ConfigError, match="bamba"):
         ExportConfig(to="bamba")

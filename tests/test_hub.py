@@ -235,7 +235,7 @@ def saved_hybrid(tmp_path_factory):
     """A tiny Llama converted at ratio 0.5 and saved by hybridize with a tokenizer (written once for the module;
     tests that modify it work on a copy, `hybrid_dir`)."""
     path = tmp_path_factory.mktemp("hub") / "tiny-mamba50"
-    hybrid = hybridize.convert(make_tiny("llama"), hybridize.ConvertConfig(ratio=0.5))
+    hybrid = hybridize.convert(make_tiny("llama"), hybridize.ConvertConfig(mixer_init="attention", ratio=0.5))
     hybridize.save(hybrid, path, tokenizer=word_tokenizer())
     return path
 

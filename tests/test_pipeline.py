@@ -37,7 +37,8 @@ STEPS = """  - convert: {ratio: 0.5, seed: 3}
 def test_recipe_makes_the_same_calls_as_the_api(tmp_path, llama_dir):
     report = hybridize.run(_recipe(tmp_path, llama_dir, STEPS.replace("OUT", str(tmp_path))))
     assert [(r["step"], r["status"]) for r in report] == [("convert", "ran"), ("eval", "ran"), ("export", "ran")]
-    expected = hybridize.convert(hybridize.load(str(llama_dir))[0], hybridize.ConvertConfig(ratio=0.5, seed=3))
+    source, tokenizer = hybridize.load(str(llama_dir))
+    expected = hybridize.convert(source, hybridize.ConvertConfig(ratio=0.5, seed=3), tokenizer=tokenizer)
     ids = torch.randint(0, 128, (1, 12))
     got = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(got(ids).logits, expected(ids).logits, rtol=0, atol=0)

@@ -31,7 +31,7 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path):
 
 
 def test_manifest_records_steps_and_round_trips(tmp_path):
-    hybrid = hybridize.convert(make_tiny("llama"), hybridize.ConvertConfig(ratio=0.5))
+    hybrid = hybridize.convert(make_tiny("llama"), hybridize.ConvertConfig(mixer_init="attention", ratio=0.5))
     hybridize.save(hybrid, tmp_path / "h")
     manifest = read_manifest(tmp_path / "h")
     assert [s["step"] for s in manifest["steps"]] == ["convert"]

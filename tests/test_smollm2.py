@@ -24,13 +24,13 @@ def text_ids(smollm2):
 
 @pytest.fixture(scope="module")
 def hybrid50(smollm2):
-    return hybridize.convert(smollm2[0], hybridize.ConvertConfig(ratio=0.5))
+    return hybridize.convert(smollm2[0], hybridize.ConvertConfig(mixer_init="attention", ratio=0.5))
 
 
 @torch.inference_mode()
 def test_ratio_zero_reproduces_smollm2(smollm2, text_ids):
     model, _ = smollm2
-    hybrid = hybridize.convert(model, hybridize.ConvertConfig(ratio=0.0))
+    hybrid = hybridize.convert(model, hybridize.ConvertConfig(mixer_init="attention", ratio=0.0))
     torch.testing.assert_close(hybrid(text_ids).logits, model(text_ids).logits, rtol=0, atol=0)
 
 

@@ -64,14 +64,20 @@ class ConvertConfig:
         conv_init (`str`, *optional*, defaults to `"delta"`): Mamba2 only: `"delta"` (identity convolution at
             step 0) or `"random"` (PyTorch's default, as published by MambaInLlama). See README for the measured
             difference.
-        mixer_init (`str`, *optional*, defaults to `"attention"`): Mamba2 only: `"attention"` reuses the attention
-            weights (MambaInLlama's mapping); `"random"` draws them fresh, the ablation that shows what the reuse buys.
+        mixer_init (`str`, *optional*): how the new mixer starts. `"calibrated"` (the default for mamba2 and nha):
+            q/k/v reused as below, then each converted layer's readout (`out_proj` / `o_proj`) refit in closed form,
+            in layer order, onto the source attention's output on calibration text (`calibrated.py`; needs the
+            tokenizer). `"attention"` (the default for streaming): the published mapping as is (MambaInLlama for
+            Mamba2: C <- W_q, B <- W_k, x <- W_v, out <- W_o; the source's q/k/v/o for NHA). `"zero"`: the mapping
+            with the readout zeroed (the layer starts as if its mixer were removed). `"random"` (Mamba2 only): x, B,
+            C and out_proj drawn fresh, the ablation that shows what the reuse buys.
         seed (`int`, *optional*, defaults to 0): seeds the new parameters (gate, dt, conv) and `select="random"`, so
             a conversion repeats.
-        calibration (`str`, *optional*, defaults to `"wiki"`): `select="lazy"` only: the calibration text, `"wiki"`
+        calibration (`str`, *optional*, defaults to `"wiki"`): for `mixer_init="calibrated"` and `select="lazy"` or
+            `"sensitivity"`: the calibration text, `"wiki"`
             (the packaged corpus' train split) or a data spec as `hybridize distill --data` takes it.
-        calibration_docs (`int`, *optional*, defaults to 8): `select="lazy"` only: calibration documents.
-        calibration_len (`int`, *optional*, defaults to 2048): `select="lazy"` only: tokens per calibration document;
+        calibration_docs (`int`, *optional*, defaults to 8): calibration blocks.
+        calibration_len (`int`, *optional*, defaults to 2048): tokens per calibration block; for `select="lazy"` it
             must exceed sinks + window (the streaming settings, or 4 + 1020 for other mixers).
 
     Example:
@@ -87,7 +93,7 @@ class ConvertConfig:
     select: str = "uniform"
     mixer_settings: dict = field(default_factory=dict)
     conv_init: str = "delta"
-    mixer_init: str = "attention"
+    mixer_init: str | None = None
     seed: int = 0
     calibration: str = "wiki"
     calibration_docs: int = 8
@@ -100,6 +106,8 @@ class ConvertConfig:
             raise ConfigError(f"ratio must be in [0, 1] (the fraction of layers converted), got {self.ratio}")
         if self.conv_init not in _CONV_INITS:
             raise ConfigError(f"conv_init must be one of {_CONV_INITS}, got {self.conv_init!r}")
+        if self.mixer_init is None:  # the best measured start of each mixer (README: calibrated initialisation)
+            object.__setattr__(self, "mixer_init", "calibrated" if self.mixer in _READOUT_MIXERS else "attention")
         if self.mixer_init not in _MIXER_INITS:
             raise ConfigError(f"mixer_init must be one of {_MIXER_INITS}, got {self.mixer_init!r}")
         if self.mixer_init == "random" and self.mixer != "mamba2":
@@ -276,7 +284,9 @@ def convert(
             readout_of(hybrid.model.layers[i].mixer).weight.zero_()
     elif config.mixer_init == "calibrated" and converted:
         if tokenizer is None:
-            raise ConfigError("mixer_init='calibrated' fits the readouts on calibration text: pass the model's tokenizer")
+            raise ConfigError(
+                "mixer_init='calibrated' fits the readouts on calibration text: pass the model's tokenizer"
+            )
         blocks = calibration_blocks(
             tokenizer, config.calibration, num_blocks=config.calibration_docs, seq_len=config.calibration_len
         )

@@ -48,8 +48,11 @@ class NormalEquations:
     @classmethod
     def empty(cls, in_features: int, out_features: int) -> NormalEquations:
         f64 = torch.float64
-        return cls(torch.zeros(in_features, in_features, dtype=f64), torch.zeros(in_features, out_features, dtype=f64),
-                   torch.zeros((), dtype=f64))
+        return cls(
+            torch.zeros(in_features, in_features, dtype=f64),
+            torch.zeros(in_features, out_features, dtype=f64),
+            torch.zeros((), dtype=f64),
+        )
 
     def add(self, z: torch.Tensor, y: torch.Tensor) -> None:
         """Accumulate features z (..., in) and targets y (..., out)."""
@@ -75,7 +78,9 @@ class NormalEquations:
         return torch.linalg.solve(self.zz + ridge * scale * eye, self.zy)
 
 
-def choose_readout(train: NormalEquations, heldout: NormalEquations, current: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def choose_readout(
+    train: NormalEquations, heldout: NormalEquations, current: torch.Tensor
+) -> tuple[torch.Tensor, dict]:
     """The readout (in x out, float64) with the least held-out error among the zero matrix, `current` and the ridge
     fits of `RIDGE_GRID` on `train`; a chosen ridge fit is refitted on train + held-out tokens."""
     candidates = {"zero": torch.zeros_like(train.zy), "current": current.double()}
@@ -99,7 +104,9 @@ def choose_readout(train: NormalEquations, heldout: NormalEquations, current: to
 def readout_of(mixer: nn.Module) -> nn.Linear:
     name = getattr(mixer, "readout", None)
     if name is None:
-        raise ValueError(f"{type(mixer).__name__} declares no `readout` (its output projection); it cannot be calibrated")
+        raise ValueError(
+            f"{type(mixer).__name__} declares no `readout` (its output projection); it cannot be calibrated"
+        )
     return getattr(mixer, name)
 
 
@@ -124,8 +131,13 @@ def mixer_features(mixer: nn.Module, x: torch.Tensor, position_embeddings) -> to
     return seen[0]
 
 
-def fit_readout(mixer: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], position_embeddings,
-                heldout: Sequence[bool]) -> dict:
+def fit_readout(
+    mixer: nn.Module,
+    inputs: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    position_embeddings,
+    heldout: Sequence[bool],
+) -> dict:
     """Refit `mixer`'s readout in place so that `mixer(x)` approximates the target per block; returns its report.
 
     Args:
@@ -135,7 +147,10 @@ def fit_readout(mixer: nn.Module, inputs: list[torch.Tensor], targets: list[torc
     """
     readout = readout_of(mixer)
     fan_in = readout.in_features + (readout.bias is not None)
-    train, held = NormalEquations.empty(fan_in, readout.out_features), NormalEquations.empty(fan_in, readout.out_features)
+    train, held = (
+        NormalEquations.empty(fan_in, readout.out_features),
+        NormalEquations.empty(fan_in, readout.out_features),
+    )
     for x, y, is_heldout in zip(inputs, targets, heldout):
         (held if is_heldout else train).add(_with_bias(mixer_features(mixer, x, position_embeddings), readout), y)
     if not held.tokens:  # a single block: choose on the tokens fitted
@@ -165,8 +180,9 @@ def _run_source_attention(src_layer: nn.Module, x: torch.Tensor, position_embedd
 
 
 @torch.no_grad()
-def calibrate_readouts(source: nn.Module, hybrid: nn.Module, blocks: torch.Tensor, layers: Sequence[int], *,
-                       progress: bool = False) -> dict[int, dict]:
+def calibrate_readouts(
+    source: nn.Module, hybrid: nn.Module, blocks: torch.Tensor, layers: Sequence[int], *, progress: bool = False
+) -> dict[int, dict]:
     """Fit the readouts of `hybrid`'s converted `layers` in order (see the module docstring); returns a report per
     layer. `source` is the model `hybrid` was converted from; neither is otherwise changed. `blocks` (n, l) are
     unpadded token blocks of calibration text."""
@@ -199,7 +215,8 @@ def calibrate_readouts(source: nn.Module, hybrid: nn.Module, blocks: torch.Tenso
     return reports
 
 
-__all__ = ["RIDGE_GRID",
+__all__ = [
+    "RIDGE_GRID",
     "NormalEquations",
     "calibrate_readouts",
     "choose_readout",

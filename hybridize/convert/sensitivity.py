@@ -126,8 +126,9 @@ def measure_sensitivity(
             mixer = INITIALIZERS[config.mixer](src.self_attn, hybrid_config, i, config, generator).to(device).eval()
             x = [src.input_layernorm(hs) for hs in h]
             if config.mixer_init == "calibrated":
-                targets = [_output(src.self_attn(hidden_states=xs, position_embeddings=pe, attention_mask=None))
-                           for xs in x]
+                targets = [
+                    _output(src.self_attn(hidden_states=xs, position_embeddings=pe, attention_mask=None)) for xs in x
+                ]
                 fit_readout(mixer, x, targets, pe, heldout)
             elif config.mixer_init == "zero":
                 readout_of(mixer).weight.zero_()
@@ -145,9 +146,7 @@ def measure_sensitivity(
     return scores
 
 
-def layer_sensitivity(
-    source: nn.Module, config: ConvertConfig, tokenizer, *, progress: bool = False
-) -> list[float]:
+def layer_sensitivity(source: nn.Module, config: ConvertConfig, tokenizer, *, progress: bool = False) -> list[float]:
     """`measure_sensitivity` on `config`'s calibration text, read from the cache when it was measured before."""
     from ..calibrate import calibration_blocks
 

@@ -173,8 +173,14 @@ def generate_samples(
     eos = getattr(tokenizer, "eos_token_id", None)
     was_training = teacher.training
     teacher.eval()
-    bar = tqdm(total=config.tokens, initial=min(len(samples) * config.new_tokens, config.tokens), unit="tok",
-               desc="teacher generates", disable=not progress, unit_scale=True)
+    bar = tqdm(
+        total=config.tokens,
+        initial=min(len(samples) * config.new_tokens, config.tokens),
+        unit="tok",
+        desc="teacher generates",
+        disable=not progress,
+        unit_scale=True,
+    )
     try:
         with open(cache, "a") as f:
             while len(samples) < config.num_samples:

@@ -26,7 +26,9 @@ IDS = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(2))
 
 def _hybrid(family="llama", ratio=0.5, seed=0, **overrides):
     """A tiny hybrid: mamba2, attention, mamba2, attention."""
-    return convert(make_tiny(family, seed=seed, **overrides), ConvertConfig(ratio=ratio)).eval()
+    return convert(
+        make_tiny(family, seed=seed, **overrides), ConvertConfig(mixer_init="attention", ratio=ratio)
+    ).eval()
 
 
 def _blocks(n=4, seq_len=48):
@@ -134,7 +136,10 @@ def test_bad_inputs():
         check_fuse([llama.config, llama.config], FuseConfig(weights=(1, 1, 1)))
     with pytest.raises(ConfigError, match="pass the anchor's tokenizer"):
         fuse([llama, llama], FuseConfig())
-    nha = convert(make_tiny("llama"), ConvertConfig(mixer="streaming", ratio=0.5, mixer_settings={"window": 8}))
+    nha = convert(
+        make_tiny("llama"),
+        ConvertConfig(mixer_init="attention", mixer="streaming", ratio=0.5, mixer_settings={"window": 8}),
+    )
     with pytest.raises(UnsupportedModelError, match="streaming"):
         check_fuse([nha.config, nha.config], FuseConfig())
 

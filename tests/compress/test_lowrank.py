@@ -30,7 +30,7 @@ IDS = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(2))
 
 def _hybrid(family="llama", ratio=0.5):
     """A tiny hybrid: mamba2, attention, mamba2, attention."""
-    return convert(make_tiny(family), ConvertConfig(ratio=ratio)).eval()
+    return convert(make_tiny(family), ConvertConfig(mixer_init="attention", ratio=ratio)).eval()
 
 
 def _blocks(n=8, seq_len=32):

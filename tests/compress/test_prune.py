@@ -48,7 +48,11 @@ def _one_thread():
 def _hybrid(family="llama", ratio=0.5, **overrides):
     """A tiny hybrid (mamba2, attention, mamba2, attention) in float64 with a negligible norm epsilon, so that a
     pruned model and the zeroed original agree to rounding."""
-    return convert(make_tiny(family, rms_norm_eps=1e-12, **overrides), ConvertConfig(ratio=ratio)).double().eval()
+    return (
+        convert(make_tiny(family, rms_norm_eps=1e-12, **overrides), ConvertConfig(mixer_init="attention", ratio=ratio))
+        .double()
+        .eval()
+    )
 
 
 def _blocks(n=6, seq_len=24):
@@ -108,7 +112,7 @@ def _target(model, **axes) -> PruneShape:
 
 
 def test_full_size_is_the_identity(tiny_source):
-    hybrid = convert(tiny_source, ConvertConfig(ratio=0.5)).eval()
+    hybrid = convert(tiny_source, ConvertConfig(mixer_init="attention", ratio=0.5)).eval()
     pruned = prune(hybrid, PruneConfig(**FULL, num_blocks=2), blocks=_blocks())
     torch.testing.assert_close(pruned(IDS).logits, hybrid(IDS).logits, rtol=0, atol=0)
     for name, tensor in hybrid.state_dict().items():
@@ -180,7 +184,7 @@ def test_attention_heads_are_ranked_inside_their_kv_group():
 
 
 def test_saves_loads_and_generates(tmp_path):
-    hybrid = convert(make_tiny("llama"), ConvertConfig(ratio=0.5)).eval()
+    hybrid = convert(make_tiny("llama"), ConvertConfig(mixer_init="attention", ratio=0.5)).eval()
     pruned = prune(hybrid, PruneConfig(**AXIS_CASES["all"], num_blocks=2), blocks=_blocks())
     hybridize.save(pruned, tmp_path / "pruned")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
@@ -222,7 +226,7 @@ def test_dense_source_is_pruned_as_a_ratio_zero_hybrid():
     pruned = prune(dense, PruneConfig(ffn=64, attn_heads=2, num_blocks=2), blocks=_blocks())
     assert isinstance(pruned, HybridForCausalLM) and pruned.config.mixer_types == ["attention"] * 4
     assert [s["step"] for s in pruned.hybridize_steps] == ["convert", "prune"]
-    as_hybrid = convert(dense, ConvertConfig(ratio=0.0))
+    as_hybrid = convert(dense, ConvertConfig(mixer_init="attention", ratio=0.0))
     kept = select(as_hybrid, measure_importance(as_hybrid, _blocks()[:2]), _target(as_hybrid, ffn=64, attn_heads=2))
     torch.testing.assert_close(
         pruned(IDS).logits, _zeroed(as_hybrid, kept)(IDS).logits, rtol=1e-5, atol=1e-6
@@ -295,7 +299,9 @@ def test_importance_shapes():
 
 def test_cli(tmp_path):
     hybridize.save(
-        convert(make_tiny("llama"), ConvertConfig(ratio=0.5)), tmp_path / "hybrid", tokenizer=word_tokenizer()
+        convert(make_tiny("llama"), ConvertConfig(mixer_init="attention", ratio=0.5)),
+        tmp_path / "hybrid",
+        tokenizer=word_tokenizer(),
     )
     args = ["--ssm-heads", "2", "--ffn", "64", "--num-blocks", "2", "--seq-len", "16", "-o", tmp_path / "p"]
     code, out = run_cli("prune", tmp_path / "hybrid", *args)

@@ -18,7 +18,7 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def hybrid50(smollm2):
-    return hybridize.convert(smollm2[0], hybridize.ConvertConfig(ratio=0.5))
+    return hybridize.convert(smollm2[0], hybridize.ConvertConfig(mixer_init="attention", ratio=0.5))
 
 
 @pytest.fixture(scope="module")

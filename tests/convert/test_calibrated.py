@@ -40,7 +40,9 @@ def test_normal_equations_solve_is_least_squares():
     w = torch.randn(7, 3, dtype=torch.float64)
     assert eqs.error(w) == pytest.approx(float(((y - z @ w) ** 2).sum()) / 200)
     ridge = 0.1 * eqs.zz.diagonal().mean()
-    torch.testing.assert_close(eqs.solve(0.1), torch.linalg.solve(z.T @ z + ridge * torch.eye(7, dtype=z.dtype), z.T @ y))
+    torch.testing.assert_close(
+        eqs.solve(0.1), torch.linalg.solve(z.T @ z + ridge * torch.eye(7, dtype=z.dtype), z.T @ y)
+    )
 
 
 def test_choose_readout_never_worse_than_zero_on_heldout():
@@ -89,7 +91,10 @@ def test_calibrated_readout_is_the_closed_form_fit_on_the_hybrids_own_stream(fam
                     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
                 # on the held-out block the fit is never worse than a zeroed readout
                 rows = slice(heldout_block * 64, (heldout_block + 1) * 64)
-                fitted = ((y[rows] - layer.mixer.out_proj(mixer_features(layer.mixer, x, pe)).reshape(-1, y.shape[1])[rows]) ** 2).sum()
+                fitted = (
+                    (y[rows] - layer.mixer.out_proj(mixer_features(layer.mixer, x, pe)).reshape(-1, y.shape[1])[rows])
+                    ** 2
+                ).sum()
                 assert fitted <= (y[rows] ** 2).sum() + 1e-9
             h = layer(h, position_embeddings=pe, causal_mask=None, padding_mask=None)
     assert all(r["choice"].startswith("ridge=") for r in reports.values())  # the features do explain the attention
@@ -125,7 +130,7 @@ def test_nha_calibration_refits_o_proj_only(calibration_text):
     source = make_tiny("llama")
     config = dict(mixer="nha", mixer_settings={"window": 1, "slots": 2})
     hybrid = _calibrated(source, calibration_text, **config)
-    mapped = convert(source, ConvertConfig(ratio=0.5, **config))
+    mapped = convert(source, ConvertConfig(ratio=0.5, mixer_init="attention", **config))
     metrics = hybrid.hybridize_steps[-1]["metrics"]
     assert sorted(int(i) for i in metrics["readout"]) == metrics["converted_layers"]
     for i, report in metrics["readout"].items():
@@ -207,13 +212,15 @@ def test_sensitivity_scores_are_cached(calibration_text, tmp_path, monkeypatch):
     # another ratio reads the same scores
     convert(source, ConvertConfig(**{**config.__dict__, "ratio": 0.25}), tokenizer=tokenizer)
     with pytest.raises(AssertionError, match="measured again"):  # another mixer init is another measurement
-        sensitivity_module.layer_sensitivity(source, ConvertConfig(**{**config.__dict__, "mixer_init": "zero"}), tokenizer)
+        sensitivity_module.layer_sensitivity(
+            source, ConvertConfig(**{**config.__dict__, "mixer_init": "zero"}), tokenizer
+        )
 
 
 def test_calibrate_readouts_leaves_the_source_untouched(calibration_text):
     source = make_tiny("llama")
     before = {k: v.clone() for k, v in source.state_dict().items()}
-    hybrid = convert(source, ConvertConfig(ratio=0.5))
+    hybrid = convert(source, ConvertConfig(ratio=0.5, mixer_init="attention"))
     calibrate_readouts(source, hybrid, torch.randint(2, 128, (2, 32)), [0, 2])
     for k, v in source.state_dict().items():
         assert torch.equal(v, before[k])

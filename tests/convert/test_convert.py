@@ -10,7 +10,7 @@ from hybridize.errors import ConfigError, UnsupportedModelError
 
 
 def test_ratio_zero_reproduces_source_logits(tiny_source):
-    hybrid = convert(tiny_source, ConvertConfig(ratio=0.0))
+    hybrid = convert(tiny_source, ConvertConfig(mixer_init="attention", ratio=0.0))
     ids = torch.randint(0, 128, (2, 23))
     assert hybrid.config.mixer_types == ["attention"] * 4
     torch.testing.assert_close(hybrid(ids).logits, tiny_source(ids).logits, rtol=0, atol=0)
@@ -18,7 +18,7 @@ def test_ratio_zero_reproduces_source_logits(tiny_source):
 
 def test_source_is_untouched_and_shares_no_tensors(tiny_source):
     before = {k: v.clone() for k, v in tiny_source.state_dict().items()}
-    hybrid = convert(tiny_source, ConvertConfig(ratio=0.5))
+    hybrid = convert(tiny_source, ConvertConfig(mixer_init="attention", ratio=0.5))
     with torch.no_grad():
         for p in hybrid.parameters():
             p.add_(1.0)
@@ -27,7 +27,7 @@ def test_source_is_untouched_and_shares_no_tensors(tiny_source):
 
 
 def test_mambainllama_mapping(tiny_source):
-    hybrid = convert(tiny_source, ConvertConfig(ratio=0.5))
+    hybrid = convert(tiny_source, ConvertConfig(mixer_init="attention", ratio=0.5))
     assert hybrid.config.mixer_types == ["mamba2", "attention", "mamba2", "attention"]
     for i in (0, 2):
         attn, mixer = tiny_source.model.layers[i].self_attn, hybrid.model.layers[i].mixer
@@ -47,7 +47,7 @@ def test_mambainllama_mapping(tiny_source):
 
 
 def test_random_mixer_init_changes_only_the_reused_weights(tiny_source):
-    reused = convert(tiny_source, ConvertConfig(ratio=0.5, seed=5))
+    reused = convert(tiny_source, ConvertConfig(mixer_init="attention", ratio=0.5, seed=5))
     fresh = convert(tiny_source, ConvertConfig(ratio=0.5, seed=5, mixer_init="random"))
     for i in (0, 2):
         a, b = reused.model.layers[i].mixer, fresh.model.layers[i].mixer
@@ -68,7 +68,7 @@ def test_random_mixer_init_changes_only_the_reused_weights(tiny_source):
 def test_delta_conv_makes_the_mixer_linear_attention_with_decay(tiny_llama):
     """With a delta conv, D = 0 and the gate/norm bypassed, the converted layer is causal linear attention over
     silu(q), silu(k), silu(v) with per-head decay: MambaInLlama's warm start, checked by hand."""
-    hybrid = convert(tiny_llama, ConvertConfig(ratio=1.0, conv_init="delta")).double()
+    hybrid = convert(tiny_llama, ConvertConfig(mixer_init="attention", ratio=1.0, conv_init="delta")).double()
     mixer = hybrid.model.layers[0].mixer
     with torch.no_grad():
         mixer.D.zero_()
@@ -91,9 +91,9 @@ def test_delta_conv_makes_the_mixer_linear_attention_with_decay(tiny_llama):
 
 
 def test_same_seed_same_model(tiny_llama):
-    a = convert(tiny_llama, ConvertConfig(ratio=0.5, conv_init="random", seed=3))
-    b = convert(tiny_llama, ConvertConfig(ratio=0.5, conv_init="random", seed=3))
-    c = convert(tiny_llama, ConvertConfig(ratio=0.5, conv_init="random", seed=4))
+    a = convert(tiny_llama, ConvertConfig(mixer_init="attention", ratio=0.5, conv_init="random", seed=3))
+    b = convert(tiny_llama, ConvertConfig(mixer_init="attention", ratio=0.5, conv_init="random", seed=3))
+    c = convert(tiny_llama, ConvertConfig(mixer_init="attention", ratio=0.5, conv_init="random", seed=4))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not torch.equal(a.model.layers[0].mixer.conv1d.weight, c.model.layers[0].mixer.conv1d.weight)
 
@@ -123,14 +123,14 @@ def test_explicit_attention_layers():
 @pytest.mark.parametrize("ratio", [-0.1, 1.5])
 def test_bad_ratio(ratio):
     with pytest.raises(ConfigError, match="ratio must be in \\[0, 1\\]"):
-        ConvertConfig(ratio=ratio)
+        ConvertConfig(mixer_init="attention", ratio=ratio)
 
 
 def test_bad_mixer_and_conv_init():
     with pytest.raises(ConfigError, match="mixer 'gdn' is not supported"):
-        ConvertConfig(mixer="gdn")
+        ConvertConfig(mixer_init="attention", mixer="gdn")
     with pytest.raises(ConfigError, match="conv_init"):
-        ConvertConfig(conv_init="identity")
+        ConvertConfig(mixer_init="attention", conv_init="identity")
 
 
 def test_unsupported_architecture_stops_before_work():
@@ -138,11 +138,11 @@ def test_unsupported_architecture_stops_before_work():
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(UnsupportedModelError, match="gpt2"):
-        convert(gpt2, ConvertConfig())
+        convert(gpt2, ConvertConfig(mixer_init="attention"))
 
 
 def test_conversion_is_recorded(tiny_llama):
-    hybrid = convert(tiny_llama, ConvertConfig(ratio=0.5))
+    hybrid = convert(tiny_llama, ConvertConfig(mixer_init="attention", ratio=0.5))
     (step,) = hybrid.hybridize_steps
     assert step["step"] == "convert" and step["config"]["ratio"] == 0.5
     assert step["metrics"]["converted_layers"] == [0, 2]
@@ -150,6 +150,6 @@ def test_conversion_is_recorded(tiny_llama):
 
 def test_bad_mixer_settings_stop_before_work(tiny_llama):
     with pytest.raises(ConfigError, match="bad mamba2 settings"):
-        convert(tiny_llama, ConvertConfig(mixer_settings={"chunk": 3}))
+        convert(tiny_llama, ConvertConfig(mixer_init="attention", mixer_settings={"chunk": 3}))
     with pytest.raises(ConfigError, match="bad mamba2 settings"):
-        convert(tiny_llama, ConvertConfig(mixer_settings={"chunk_size": 0}))
+        convert(tiny_llama, ConvertConfig(mixer_init="attention", mixer_settings={"chunk_size": 0}))

@@ -57,7 +57,9 @@ def test_laziest_layers_by_frequency_then_mean():
 
 
 def test_streaming_conversion_copies_attention_and_adds_nothing(tiny_source):
-    hybrid = convert(tiny_source, ConvertConfig(mixer="streaming", ratio=1.0, mixer_settings={"window": 64}))
+    hybrid = convert(
+        tiny_source, ConvertConfig(mixer_init="attention", mixer="streaming", ratio=1.0, mixer_settings={"window": 64})
+    )
     assert hybrid.config.mixer_types == ["streaming"] * 4
     for src, layer in zip(tiny_source.model.layers, hybrid.model.layers):
         assert isinstance(layer.mixer, StreamingMixer)
@@ -70,7 +72,13 @@ def test_streaming_conversion_copies_attention_and_adds_nothing(tiny_source):
 def test_lazy_selection_takes_the_laziest_layers(tiny_llama):
     tokenizer, settings = word_tokenizer(), {"sinks": 2, "window": 16, "w_last": 8}
     config = ConvertConfig(
-        mixer="streaming", ratio=0.5, select="lazy", mixer_settings=settings, calibration_docs=3, calibration_len=64
+        mixer_init="attention",
+        mixer="streaming",
+        ratio=0.5,
+        select="lazy",
+        mixer_settings=settings,
+        calibration_docs=3,
+        calibration_len=64,
     )
     hybrid = convert(tiny_llama, config, tokenizer=tokenizer)
     blocks = calibration_blocks(tokenizer, num_blocks=3, seq_len=64)
@@ -81,14 +89,19 @@ def test_lazy_selection_takes_the_laziest_layers(tiny_llama):
 
 
 def test_random_selection_repeats_with_its_seed(tiny_llama):
-    runs = [convert(tiny_llama, ConvertConfig(mixer="streaming", select="random", seed=s)) for s in (1, 1, 2)]
+    runs = [
+        convert(tiny_llama, ConvertConfig(mixer_init="attention", mixer="streaming", select="random", seed=s))
+        for s in (1, 1, 2)
+    ]
     assert runs[0].config.mixer_types == runs[1].config.mixer_types
     assert runs[0].config.mixer_types.count("streaming") == 2
     assert random_layers(30, 0.5, 1) != random_layers(30, 0.5, 2) and len(random_layers(30, 0.5, 1)) == 15
 
 
 def test_dynamic_selection_is_every_layer_with_p_full(tiny_llama):
-    hybrid = convert(tiny_llama, ConvertConfig(mixer="streaming", ratio=0.75, select="dynamic"))
+    hybrid = convert(
+        tiny_llama, ConvertConfig(mixer_init="attention", mixer="streaming", ratio=0.75, select="dynamic")
+    )
     assert hybrid.config.mixer_types == ["streaming"] * 4
     assert hybrid.config.mixers["streaming"]["dynamic_full_layers"] == 1
     assert hybrid.hybridize_steps[-1]["config"]["mixer_settings"]["dynamic_full_layers"] == 1
@@ -96,21 +109,21 @@ def test_dynamic_selection_is_every_layer_with_p_full(tiny_llama):
 
 def test_selection_errors(tiny_llama):
     with pytest.raises(ConfigError, match="use mixer='streaming'"):
-        ConvertConfig(select="dynamic")
+        ConvertConfig(mixer_init="attention", select="dynamic")
     with pytest.raises(ConfigError, match="attn_layers"):
-        ConvertConfig(mixer="streaming", select="dynamic", attn_layers=(1,))
+        ConvertConfig(mixer_init="attention", mixer="streaming", select="dynamic", attn_layers=(1,))
     with pytest.raises(ConfigError, match="select 'kl' is not supported"):
-        ConvertConfig(select="kl")
+        ConvertConfig(mixer_init="attention", select="kl")
     with pytest.raises(ConfigError, match="tokenizer"):
-        convert(tiny_llama, ConvertConfig(mixer="streaming", select="lazy"))
+        convert(tiny_llama, ConvertConfig(mixer_init="attention", mixer="streaming", select="lazy"))
     with pytest.raises(ConfigError, match="must exceed sinks \\+ window = 1024"):
         convert(
             tiny_llama,
-            ConvertConfig(mixer="streaming", select="lazy", calibration_len=1024),
+            ConvertConfig(mixer_init="attention", mixer="streaming", select="lazy", calibration_len=1024),
             tokenizer=word_tokenizer(),
         )
     with pytest.raises(ConfigError, match="bad streaming settings"):
-        convert(tiny_llama, ConvertConfig(mixer="streaming", mixer_settings={"window": 0}))
+        convert(tiny_llama, ConvertConfig(mixer_init="attention", mixer="streaming", mixer_settings={"window": 0}))
 
 
 def test_analyze_writes_table_json_and_plot(tiny_llama, tmp_path):

@@ -59,7 +59,7 @@ def teacher():
 @pytest.fixture
 def make_student(teacher):
     """A fresh ratio-0.5 hybrid of the teacher (mamba2 in layers 0 and 2), the same on every call."""
-    return lambda: hybridize.convert(teacher, hybridize.ConvertConfig(ratio=0.5))
+    return lambda: hybridize.convert(teacher, hybridize.ConvertConfig(mixer_init="attention", ratio=0.5))
 
 
 @pytest.fixture

@@ -200,14 +200,14 @@ def test_student_must_be_a_hybrid(teacher, tokenizer, text_file):
 
 
 def test_nothing_to_train(teacher, tokenizer, text_file):
-    all_attention = hybridize.convert(teacher, hybridize.ConvertConfig(ratio=0.0))
+    all_attention = hybridize.convert(teacher, hybridize.ConvertConfig(mixer_init="attention", ratio=0.0))
     with pytest.raises(ConfigError, match="no converted layer"):
         distill(all_attention, _config(text_file, stage="layerwise"), teacher=teacher, tokenizer=tokenizer)
 
 
 def test_plain_fine_tuning_of_an_all_attention_model(teacher, tokenizer, text_file):
     """kl_weight 0, ce_weight 1, freeze all: ordinary next-token fine-tuning (the fusion experiment's parents)."""
-    model = hybridize.convert(teacher, hybridize.ConvertConfig(ratio=0.0))
+    model = hybridize.convert(teacher, hybridize.ConvertConfig(mixer_init="attention", ratio=0.0))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     config = _config(text_file, freeze="all", kl_weight=0.0, ce_weight=1.0, lr=1e-2)
     distill(model, config, teacher=teacher, tokenizer=tokenizer)

@@ -12,7 +12,9 @@ NHA = {"window": 4, "slots": 8, "chunk_size": 8}  # blocks of 16 tokens: the slo
 
 
 def _student(teacher):
-    return hybridize.convert(teacher, hybridize.ConvertConfig(mixer="nha", ratio=0.5, mixer_settings=NHA))
+    return hybridize.convert(
+        teacher, hybridize.ConvertConfig(mixer_init="attention", mixer="nha", ratio=0.5, mixer_settings=NHA)
+    )
 
 
 def _config(text_file, **overrides):
@@ -24,7 +26,9 @@ def test_layerwise_trains_the_nha_mixers(teacher, tokenizer, text_file):
     student = _student(teacher)
     assert student.config.mixer_types == ["nha", "attention", "nha", "attention"]
     before = {name: p.detach().clone() for name, p in student.named_parameters()}
-    result = distill(student, _config(text_file, stage="layerwise", eval_tokens=0), teacher=teacher, tokenizer=tokenizer)
+    result = distill(
+        student, _config(text_file, stage="layerwise", eval_tokens=0), teacher=teacher, tokenizer=tokenizer
+    )
     changed = {name for name, p in result.named_parameters() if not torch.equal(p, before[name])}
     assert changed == {f"model.layers.{i}.mixer.{p}_proj.weight" for i in (0, 2) for p in "qkvog"}
 

@@ -18,7 +18,7 @@ def smollm2():
 @pytest.mark.parametrize("stage", ["layerwise", "e2e"])
 def test_a_few_steps_on_smollm2(smollm2, stage):
     teacher, tokenizer = smollm2
-    student = hybridize.convert(teacher, hybridize.ConvertConfig(ratio=0.5))
+    student = hybridize.convert(teacher, hybridize.ConvertConfig(mixer_init="attention", ratio=0.5))
     before = {name: p.detach().clone() for name, p in student.named_parameters()}
     records = []
     config = DistillConfig(stage=stage, tokens=4 * 128, seq_len=128, batch_size=1, eval_tokens=256, warmup_ratio=0)

@@ -13,7 +13,7 @@ from hybridize.evaluate.bench import BenchConfig, bench, cache_bytes, format_ben
 
 def test_bench_reports_every_field_and_ratio(tmp_path):
     source = make_tiny("llama")
-    hybrid = hybridize.convert(source, hybridize.ConvertConfig(ratio=0.5))
+    hybrid = hybridize.convert(source, hybridize.ConvertConfig(mixer_init="attention", ratio=0.5))
     result = bench(
         hybrid,
         word_tokenizer(),

@@ -49,7 +49,7 @@ def _word_tokenizer() -> PreTrainedTokenizerFast:
 def hybrid_dir(tmp_path_factory) -> Path:
     """A tiny Llama converted to a 50% Mamba2 hybrid and saved with its tokenizer (vocab 128, context 512)."""
     path = tmp_path_factory.mktemp("harness") / "hybrid"
-    hybrid = hybridize.convert(make_tiny("llama"), hybridize.ConvertConfig(ratio=0.5))
+    hybrid = hybridize.convert(make_tiny("llama"), hybridize.ConvertConfig(mixer_init="attention", ratio=0.5))
     hybridize.save(hybrid, path, tokenizer=_word_tokenizer())
     return path
 

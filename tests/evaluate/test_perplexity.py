@@ -157,7 +157,7 @@ def test_prompt_then_cached_chunks_equal_one_forward(mixer, settings):
     a model whose cached decoding equals its full forward: every mixer's."""
     model = make_tiny("llama").double()
     if mixer != "source":
-        model = convert(model, ConvertConfig(mixer=mixer, ratio=0.5, mixer_settings=settings))
+        model = convert(model, ConvertConfig(mixer_init="attention", mixer=mixer, ratio=0.5, mixer_settings=settings))
     prompt_len = 20
     blocks = torch.randint(
         0, 128, (2, prompt_len + 2 * CONTINUATION_CHUNK + 5), generator=torch.Generator().manual_seed(0)
@@ -174,7 +174,10 @@ def test_prompt_scoring_sees_what_dynamic_selection_decided():
     source = make_tiny("llama").double()
     blocks = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(1))
 
-    static = convert(source, ConvertConfig(mixer="streaming", ratio=1.0, mixer_settings={"sinks": 2, "window": 8}))
+    static = convert(
+        source,
+        ConvertConfig(mixer_init="attention", mixer="streaming", ratio=1.0, mixer_settings={"sinks": 2, "window": 8}),
+    )
 
     def dynamic(full_layers):
         config = copy.deepcopy(static.config)
