@@ -1,5 +1,5 @@
-"""`hybridize analyze`: how lazy each attention layer is (LightTransfer, arXiv 2410.13846 §3), as a table, a JSON
-file and a PNG plot.
+"""`hybridize analyze`: how lazy each attention layer is (LightTransfer, arXiv 2410.13846 §3) and, with `--mixer`, how
+much converting it alone costs (`convert/sensitivity.py`), as a table, a JSON file and a PNG plot.
 
 A layer's lazy ratio on a document is the attention mass its last `w_last` queries put on the first `sinks` tokens
 and the last `window` tokens, averaged over heads and queries (`hybridize.convert.lazy`); a layer near 1 loses
@@ -43,6 +43,10 @@ class AnalyzeConfig:
             sinks + window tells layers apart.
         ratio (`float`, *optional*, defaults to 0.5): fraction of layers reported as `selected`, as
             `convert --select lazy --ratio` would pick them.
+        mixer (`str`, *optional*): also measure each layer's sensitivity to this mixer (`mamba2`, `nha`,
+            `streaming`): the KL to the source with only that layer converted, as `convert --select sensitivity`
+            does with the same calibration text (the scores are cached and shared with it).
+        mixer_init (`str`, *optional*): the init used for the sensitivity (the mixer's default when omitted).
 
     Example: `analyze(model, tokenizer, AnalyzeConfig(window=508))`
     """
@@ -54,6 +58,8 @@ class AnalyzeConfig:
     num_docs: int = 8
     seq_len: int = 2048
     ratio: float = 0.5
+    mixer: str | None = None
+    mixer_init: str | None = None
 
     def __post_init__(self):
         if self.sinks < 0 or self.window < 1 or self.w_last < 1:
@@ -102,6 +108,9 @@ def analyze(model: nn.Module, tokenizer: Any, config: AnalyzeConfig, *, progress
             f"{config.sinks + config.window}: every lazy ratio is 1 and ranks nothing; pass a --seq-len above "
             f"{config.sinks + config.window} or a smaller --window"
         )
+    sensitivity, sensitive = None, []
+    if config.mixer is not None:
+        sensitivity, sensitive = _sensitivity(model, tokenizer, config, progress)
     mixer_types = getattr(model.config, "mixer_types", None) or ["attention"] * ratios.shape[1]
     layers = []
     for i in range(ratios.shape[1]):
@@ -116,6 +125,8 @@ def analyze(model: nn.Module, tokenizer: Any, config: AnalyzeConfig, *, progress
                 "max": column.max().item() if measured else None,
                 "lazy_frequency": frequency[i].item() if measured else None,
                 "selected": i in selected,
+                "sensitivity_kl": sensitivity[i] if sensitivity is not None else None,
+                "sensitivity_selected": i in sensitive,
             }
         )
     return {
@@ -124,9 +135,27 @@ def analyze(model: nn.Module, tokenizer: Any, config: AnalyzeConfig, *, progress
         "seq_len": blocks.shape[1],
         "layers": layers,
         "selected": selected,
+        "sensitivity_selected": sensitive,
         "ratios": [[None if math.isnan(r) else r for r in row] for row in ratios.tolist()],
         "warnings": warnings,
     }
+
+
+def _sensitivity(model: nn.Module, tokenizer: Any, config: AnalyzeConfig, progress: bool):
+    from .convert import ConvertConfig
+    from .convert.sensitivity import layer_sensitivity, least_sensitive_layers
+
+    if getattr(model.config, "mixer_types", None) is not None:
+        raise ConfigError("--mixer measures what converting each attention layer costs: analyze the source model")
+    convert_config = ConvertConfig(
+        mixer=config.mixer,
+        mixer_init=config.mixer_init,
+        calibration=config.data,
+        calibration_docs=config.num_docs,
+        calibration_len=config.seq_len,
+    )
+    scores = layer_sensitivity(model, convert_config, tokenizer, progress=progress)
+    return scores, least_sensitive_layers(scores, num_converted(len(scores), config.ratio))
 
 
 def format_analysis(result: dict[str, Any]) -> str:
@@ -137,7 +166,8 @@ def format_analysis(result: dict[str, Any]) -> str:
             f"lazy ratio: attention on {c['sinks']} sinks + {c['window']} recent tokens, last {c['w_last']} queries, "
             f"{result['num_docs']} documents of {result['seq_len']} tokens ({c['data']})"
         ),
-        f"{'layer':>5}  {'mixer':<10}  {'lazy ratio':>10}  {'min':>6}  {'max':>6}  {'lazy freq':>9}  selected",
+        f"{'layer':>5}  {'mixer':<10}  {'lazy ratio':>10}  {'min':>6}  {'max':>6}  {'lazy freq':>9}  selected"
+        + (f"  {'KL alone (' + str(c['mixer']) + ')':>20}  least sensitive" if c.get("mixer") else ""),
     ]
     for row in result["layers"]:
         if row["lazy_ratio"] is None:
@@ -145,9 +175,19 @@ def format_analysis(result: dict[str, Any]) -> str:
             continue
         lines.append(
             f"{row['layer']:>5}  {row['mixer']:<10}  {row['lazy_ratio']:>10.4f}  {row['min']:>6.3f}  {row['max']:>6.3f}"
-            f"  {row['lazy_frequency']:>9.2f}  {'*' if row['selected'] else ''}"
+            f"  {row['lazy_frequency']:>9.2f}  {'*' if row['selected'] else '':<8}"
+            + (
+                f"  {row['sensitivity_kl']:>20.4f}  {'*' if row['sensitivity_selected'] else ''}"
+                if row.get("sensitivity_kl") is not None
+                else ""
+            )
         )
     lines.append(f"selected ({len(result['selected'])} laziest, ratio {c['ratio']}): {result['selected']}")
+    if c.get("mixer"):
+        lines.append(
+            f"least sensitive to {c['mixer']} ({len(result['sensitivity_selected'])}, ratio {c['ratio']}; "
+            f"convert --select sensitivity): {result['sensitivity_selected']}"
+        )
     lines += [f"warning: {warning}" for warning in result["warnings"]]
     return "\n".join(lines)
 
@@ -166,7 +206,10 @@ def plot_analysis(result: dict[str, Any], path: Path) -> None:
     error = [[m - row["min"] for m, row in zip(mean, rows)], [row["max"] - m for m, row in zip(mean, rows)]]
     colours = ["tab:orange" if row["selected"] else "tab:blue" for row in rows]
     c = result["config"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(result["layers"]) + 2), 4))
+    width = max(6.0, 0.3 * len(result["layers"]) + 2)
+    with_kl = any(row.get("sensitivity_kl") is not None for row in result["layers"])
+    fig, axes = plt.subplots(2 if with_kl else 1, 1, figsize=(width, 7 if with_kl else 4), squeeze=False)
+    ax = axes[0, 0]
     ax.bar(x, mean, yerr=error, color=colours, capsize=2)
     low = min([row["min"] for row in rows], default=0.0)
     ax.set_ylim(max(0.0, low - 0.05), 1.0)
@@ -177,6 +220,22 @@ def plot_analysis(result: dict[str, Any], path: Path) -> None:
         f"tokens); orange: the {len(result['selected'])} laziest",
         fontsize=9,
     )
+    if with_kl:
+        kl_rows = [row for row in result["layers"] if row.get("sensitivity_kl") is not None]
+        ax = axes[1, 0]
+        ax.bar(
+            [row["layer"] for row in kl_rows],
+            [row["sensitivity_kl"] for row in kl_rows],
+            color=["tab:orange" if row["sensitivity_selected"] else "tab:blue" for row in kl_rows],
+        )
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("KL to the source (nats/token)")
+        ax.set_title(
+            f"only this layer converted to {c['mixer']}; orange: the {len(result['sensitivity_selected'])} least "
+            "sensitive (convert --select sensitivity)",
+            fontsize=9,
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -83,9 +83,9 @@ def convert(
     chunk_size: Annotated[
         int | None, typer.Option(help="Mamba2 / NHA chunk length (speed only; default 64 / 32).")
     ] = None,
-    select: Annotated[str, typer.Option(help="Which layers: uniform, lazy, random or dynamic (streaming).")] = (
-        ConvertConfig.select
-    ),
+    select: Annotated[
+        str, typer.Option(help="Which layers: uniform, lazy, sensitivity, random or dynamic (streaming).")
+    ] = ConvertConfig.select,
     sinks: Annotated[int | None, typer.Option(help="Streaming: initial tokens kept (default 4).")] = None,
     window: Annotated[
         int | None, typer.Option(help="Streaming / NHA: recent tokens attended exactly (default 1020 / 64).")
@@ -147,15 +147,33 @@ def analyze(
     ratio: Annotated[float, typer.Option(help="Fraction of layers marked as selected (the laziest).")] = (
         AnalyzeConfig.ratio
     ),
+    mixer: Annotated[
+        str | None,
+        typer.Option(
+            help="Also score each layer by the KL of converting it alone to this mixer (mamba2, nha, streaming)."
+        ),
+    ] = AnalyzeConfig.mixer,
+    init: Annotated[
+        str | None, typer.Option(help="--mixer: the init scored (default: the mixer's, calibrated for mamba2/nha).")
+    ] = AnalyzeConfig.mixer_init,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Directory for lazy_ratio.json and lazy_ratio.png.")
     ] = None,
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
-    """Per-layer lazy ratio (LightTransfer): how much attention each layer puts on sinks + a recent window."""
+    """Per-layer lazy ratio (LightTransfer): how much attention each layer puts on sinks + a recent window; with
+    --mixer, also what converting each layer alone costs (the scores --select sensitivity uses)."""
     config = AnalyzeConfig(
-        data=data, sinks=sinks, window=window, w_last=w_last, num_docs=num_docs, seq_len=seq_len, ratio=ratio
+        data=data,
+        sinks=sinks,
+        window=window,
+        w_last=w_last,
+        num_docs=num_docs,
+        seq_len=seq_len,
+        ratio=ratio,
+        mixer=mixer,
+        mixer_init=init,
     )
     if output is not None:
         hybridize.check_output(output, overwrite=overwrite)
@@ -308,9 +326,13 @@ def distill(
     stage: Annotated[str, typer.Option(help="layerwise (new mixers on per-layer targets) or e2e (logit KD).")] = (
         DistillConfig.stage
     ),
-    data: Annotated[str, typer.Option(help="wiki, a .txt/.jsonl/.parquet file or folder, or a Hub name[:config].")] = (
-        DistillConfig.data
-    ),
+    data: Annotated[
+        str,
+        typer.Option(
+            help="wiki, a .txt/.jsonl/.parquet file or folder, a Hub name[:config], or generate:N[:PROMPTS] (N tokens "
+            "written by the teacher, cached as OUTPUT.generated.jsonl)."
+        ),
+    ] = DistillConfig.data,
     text_column: Annotated[str | None, typer.Option(help="Column holding the text (detected if omitted).")] = (
         DistillConfig.text_column
     ),
