@@ -11,8 +11,8 @@ steps:
 ```
 
 Each step's options are its config's fields (`ConvertConfig`, `DistillConfig`, ...), plus the few runtime inputs the
-CLI also takes (`teacher`, `baseline`, `output`). The whole recipe is validated before anything runs: an unknown key
-or a bad value is named with its line. The output's `hybridize.json` records which recipe steps are done (a hash of
+CLI also takes (`teacher`, `baseline`, `output`, a distill step's `eval_every`). The whole recipe is validated before
+anything runs: an unknown key or a bad value is named with its line. The output's `hybridize.json` records which recipe steps are done (a hash of
 the recipe and the step's index), so running the same recipe again resumes after the last completed step.
 """
 
@@ -31,7 +31,7 @@ from .compress.fuse import FuseConfig, fuse
 from .compress.lowrank import FactorizeConfig, factorize
 from .compress.prune import PruneConfig, prune
 from .convert import ConvertConfig, convert
-from .distill import DistillConfig, distill, finish, run_dir_for
+from .distill import EVAL_EVERY, DistillConfig, distill, finish, run_dir_for
 from .errors import ConfigError, HybridizeError, OutputExistsError
 from .evaluate.bench import BenchConfig, bench
 from .evaluate.perplexity import EvalConfig, evaluate
@@ -77,6 +77,7 @@ def _distill(state: _State, config: DistillConfig, runtime: dict) -> None:
         teacher_tokenizer=teacher_tokenizer,
         work_dir=run_dir_for(state.output),
         resume=(run_dir_for(state.output)).exists(),
+        eval_every=int(runtime.get("eval_every", EVAL_EVERY)),
         progress=True,
     )
 
@@ -121,7 +122,7 @@ def _push(state: _State, config: PushConfig, runtime: dict) -> dict:
 
 STEPS: dict[str, Step] = {
     "convert": Step(ConvertConfig, _convert),
-    "distill": Step(DistillConfig, _distill, runtime=("teacher",)),
+    "distill": Step(DistillConfig, _distill, runtime=("teacher", "eval_every")),
     "prune": Step(PruneConfig, _prune),
     "factorize": Step(FactorizeConfig, _factorize),
     "fuse": Step(FuseConfig, _fuse, runtime=("models",)),

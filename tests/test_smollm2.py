@@ -53,3 +53,27 @@ def test_cached_generation_equals_full_forward(hybrid50, text_ids):
     generated = hybrid50.generate(prompt, max_new_tokens=8, do_sample=False)
     logits = hybrid50(generated).logits[:, prompt.shape[1] - 1 : -1]
     assert torch.equal(logits.argmax(-1), generated[:, prompt.shape[1] :])
+
+
+@torch.inference_mode()
+def test_calibrated_conversion_starts_close_to_smollm2(smollm2):
+    """The calibrated readout on 2K calibration tokens brings the ratio-0.5 hybrid within a few times the source's
+    held-out perplexity; the published mapping is thousands of times off (README: calibrated initialisation)."""
+    from hybridize.evaluate.corpus import token_blocks
+    from hybridize.evaluate.perplexity import compare_logits
+
+    model, tokenizer = smollm2
+    config = hybridize.ConvertConfig(ratio=0.5, calibration_docs=2, calibration_len=1024)
+    hybrid = hybridize.convert(model, config, tokenizer=tokenizer)
+    heldout = token_blocks(tokenizer, load_corpus("heldout"), seq_len=512, max_tokens=1024)
+    calibrated = compare_logits(hybrid, model, heldout, batch_size=2)
+    mapped = compare_logits(
+        hybridize.convert(model, hybridize.ConvertConfig(ratio=0.5, mixer_init="attention")),
+        model,
+        heldout,
+        batch_size=2,
+    )
+    assert calibrated["perplexity"] < 8 * calibrated["baseline_perplexity"]
+    assert mapped["perplexity"] > 100 * calibrated["perplexity"]
+    readout = hybrid.hybridize_steps[-1]["metrics"]["readout"]
+    assert all(r["heldout_mse"] <= r["heldout_mse_zero"] for r in readout.values())
