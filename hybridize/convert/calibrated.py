@@ -174,7 +174,8 @@ def heldout_blocks(num_blocks: int) -> list[bool]:
     return flags
 
 
-def _run_source_attention(src_layer: nn.Module, x: torch.Tensor, position_embeddings) -> torch.Tensor:
+def source_attention(src_layer: nn.Module, x: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """A source decoder layer's attention output on its normed input x (b, l, hidden), causal, unpadded."""
     out = src_layer.self_attn(hidden_states=x, position_embeddings=position_embeddings, attention_mask=None)
     return out[0] if isinstance(out, tuple) else out
 
@@ -203,7 +204,7 @@ def calibrate_readouts(
                 break
             if i in todo:
                 x = [layer.input_layernorm(hs) for hs in h]
-                targets = [_run_source_attention(source.model.layers[i], xs, pe).to(dtype) for xs in x]
+                targets = [source_attention(source.model.layers[i], xs, pe).to(dtype) for xs in x]
                 reports[i] = fit_readout(layer.mixer, x, targets, pe, heldout)
                 logger.info("layer %d readout: %s", i, reports[i])
                 todo.discard(i)
@@ -223,4 +224,5 @@ __all__ = [
     "fit_readout",
     "mixer_features",
     "readout_of",
+    "source_attention",
 ]

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrated import fit_readout, heldout_blocks, readout_of
+from .calibrated import fit_readout, heldout_blocks, readout_of, source_attention
 
 if TYPE_CHECKING:
     from . import ConvertConfig
@@ -126,9 +126,7 @@ def measure_sensitivity(
             mixer = INITIALIZERS[config.mixer](src.self_attn, hybrid_config, i, config, generator).to(device).eval()
             x = [src.input_layernorm(hs) for hs in h]
             if config.mixer_init == "calibrated":
-                targets = [
-                    _output(src.self_attn(hidden_states=xs, position_embeddings=pe, attention_mask=None)) for xs in x
-                ]
+                targets = [source_attention(src, xs, pe) for xs in x]
                 fit_readout(mixer, x, targets, pe, heldout)
             elif config.mixer_init == "zero":
                 readout_of(mixer).weight.zero_()

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tiny import make_tiny
 
 from hybridize.convert import ConvertConfig, convert
 from hybridize.convert.selection import select_layers, uniform_layers
