@@ -71,6 +71,10 @@ class AnalyzeConfig:
             raise ConfigError(f"need num_docs >= 1 and seq_len >= 2, got {self.num_docs} and {self.seq_len}")
         if not 0.0 <= self.ratio <= 1.0:
             raise ConfigError(f"ratio must be in [0, 1] (the fraction of layers selected), got {self.ratio}")
+        if self.mixer is not None:  # checked now, not after minutes of lazy-ratio measurement
+            from .convert import ConvertConfig
+
+            ConvertConfig(mixer=self.mixer, mixer_init=self.mixer_init)
 
 
 def analyze(model: nn.Module, tokenizer: Any, config: AnalyzeConfig, *, progress: bool = False) -> dict[str, Any]:
@@ -141,7 +145,7 @@ def analyze(model: nn.Module, tokenizer: Any, config: AnalyzeConfig, *, progress
     }
 
 
-def _sensitivity(model: nn.Module, tokenizer: Any, config: AnalyzeConfig, progress: bool):
+def _sensitivity(model: nn.Module, tokenizer: Any, config: AnalyzeConfig, progress: bool) -> tuple[list, list]:
     from .convert import ConvertConfig
     from .convert.sensitivity import layer_sensitivity, least_sensitive_layers
 
@@ -150,6 +154,7 @@ def _sensitivity(model: nn.Module, tokenizer: Any, config: AnalyzeConfig, progre
     convert_config = ConvertConfig(
         mixer=config.mixer,
         mixer_init=config.mixer_init,
+        mixer_settings={"sinks": config.sinks, "window": config.window} if config.mixer == "streaming" else {},
         calibration=config.data,
         calibration_docs=config.num_docs,
         calibration_len=config.seq_len,

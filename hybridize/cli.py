@@ -72,12 +72,13 @@ def convert(
         ConvertConfig.conv_init
     ),
     mixer_init: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--init",
             "--mixer-init",
-            help="New mixer weights: calibrated (q/k/v/o reused, readout refit on calibration text), attention "
-            "(the published mapping), zero (readout zeroed) or random (Mamba2 ablation).",
+            help="New mixer weights: calibrated (q/k/v/o reused, readout refit on calibration text; default for "
+            "mamba2 and nha), attention (the published mapping; default for streaming), zero (readout zeroed) or "
+            "random (Mamba2 ablation).",
         ),
     ] = ConvertConfig.mixer_init,
     chunk_size: Annotated[
@@ -97,6 +98,10 @@ def convert(
     w_last: Annotated[int | None, typer.Option(help="Streaming: last queries a lazy ratio averages (default 64).")] = (
         None
     ),
+    calibration: Annotated[
+        str,
+        typer.Option(help="Calibration text: wiki (the packaged train split), a local file or folder, a Hub name."),
+    ] = ConvertConfig.calibration,
     calibration_docs: Annotated[
         int, typer.Option(help="--init calibrated, --select lazy/sensitivity: calibration blocks.")
     ] = ConvertConfig.calibration_docs,
@@ -107,7 +112,8 @@ def convert(
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
-    """Convert attention layers of a pretrained model into a hybrid (MambaInLlama initialisation)."""
+    """Convert attention layers of a pretrained model into a hybrid: q/k/v/o reused (MambaInLlama), each new mixer's
+    readout calibrated on the source attention's output, layers spread evenly or chosen by sensitivity."""
     config = ConvertConfig(
         mixer=mixer,
         ratio=ratio,
@@ -117,6 +123,7 @@ def convert(
         mixer_init=mixer_init,
         select=select,
         mixer_settings=_settings(chunk_size=chunk_size, sinks=sinks, window=window, w_last=w_last, slots=slots),
+        calibration=calibration,
         calibration_docs=calibration_docs,
         calibration_len=calibration_len,
         seed=seed,
@@ -330,7 +337,7 @@ def distill(
         str,
         typer.Option(
             help="wiki, a .txt/.jsonl/.parquet file or folder, a Hub name[:config], or generate:N[:PROMPTS] (N tokens "
-            "written by the teacher, cached as OUTPUT.generated.jsonl)."
+            "written by the teacher, cached beside OUTPUT as OUTPUT.generated-ID.jsonl)."
         ),
     ] = DistillConfig.data,
     text_column: Annotated[str | None, typer.Option(help="Column holding the text (detected if omitted).")] = (

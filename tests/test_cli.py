@@ -166,3 +166,88 @@ def test_eval_on_a_data_file_after_a_prompt(llama_dir, tmp_path):
     config = EvalConfig(data=str(data), seq_len=32, max_tokens=64, prompt_len=8)
     assert result == {**hybridize.evaluate(model, tokenizer, config), "data": str(data)}
     assert result["prompt_len"] == 8 and result["num_blocks"] == 2
+
+
+@pytest.fixture
+def words_file(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path / "words.txt"
+    path.write_text("\n\n".join(" ".join(f"w{rng.randrange(2, 128)}" for _ in range(70)) for _ in range(40)))
+    return path
+
+
+def test_convert_init_and_sensitivity_options(llama_dir, tmp_path, words_file, monkeypatch):
+    monkeypatch.setenv("HYBRIDIZE_CACHE", str(tmp_path / "cache"))
+    calibration = ["--calibration", words_file, "--calibration-docs", "4", "--calibration-len", "64"]
+    code, out = run_cli("convert", llama_dir, "--ratio", "0.5", *calibration, "-o", tmp_path / "cal")
+    assert code == 0, out
+    step = json.loads((tmp_path / "cal" / "hybridize.json").read_text())["steps"][-1]
+    assert step["config"]["mixer_init"] == "calibrated" and sorted(step["metrics"]["readout"]) == ["0", "2"]
+
+    code, out = run_cli("convert", llama_dir, "--init", "zero", "-o", tmp_path / "zero")
+    assert code == 0, out
+    zero = AutoModelForCausalLM.from_pretrained(tmp_path / "zero")
+    assert (zero.model.layers[0].mixer.out_proj.weight == 0).all()
+
+    code, out = run_cli(
+        "convert", llama_dir, "--select", "sensitivity", "--ratio", "0.25", *calibration, "-o", tmp_path / "s"
+    )
+    assert code == 0, out
+    step = json.loads((tmp_path / "s" / "hybridize.json").read_text())["steps"][-1]
+    scores = step["metrics"]["sensitivity_kl"]
+    assert step["metrics"]["converted_layers"] == [min(range(4), key=scores.__getitem__)]
+
+    code, out = run_cli(
+        "analyze",
+        llama_dir,
+        "--mixer",
+        "mamba2",
+        "--data",
+        words_file,
+        "--num-docs",
+        "4",
+        "--seq-len",
+        "64",
+        "--window",
+        "8",
+        "--sinks",
+        "1",
+        "--w-last",
+        "4",
+    )
+    assert code == 0, out
+    assert "KL alone (mamba2)" in out and "least sensitive to mamba2" in out
+
+    code, out = run_cli("convert", llama_dir, "--mixer", "streaming", "--init", "calibrated", "-o", tmp_path / "bad")
+    assert code == 1 and "use mixer_init='attention'" in out and not (tmp_path / "bad").exists()
+
+
+def test_distill_layer_loss_and_generated_data_options(llama_dir, tmp_path, words_file):
+    code, out = run_cli("convert", llama_dir, "--init", "attention", "-o", tmp_path / "h")
+    assert code == 0, out
+    budget = ["--tokens", "64", "--seq-len", "16", "--batch-size", "2", "--eval-tokens", "32"]
+    code, out = run_cli(
+        "distill",
+        tmp_path / "h",
+        "--teacher",
+        llama_dir,
+        "--stage",
+        "layerwise",
+        "--layer-loss",
+        "mixer",
+        "--data",
+        f"generate:48:{words_file}",
+        *budget,
+        "-o",
+        tmp_path / "d",
+    )
+    assert code == 0, out
+    step = json.loads((tmp_path / "d" / "hybridize.json").read_text())["steps"][-1]
+    assert step["config"]["layer_loss"] == "mixer" and step["config"]["data"].startswith("generate:48")
+    assert len(list(tmp_path.glob("d.generated-*.jsonl"))) == 1
+    code, out = run_cli(
+        "distill", tmp_path / "h", "--teacher", llama_dir, "--data", "generate:lots", *budget, "-o", tmp_path / "bad"
+    )
+    assert code == 1 and "generate:" in out and not (tmp_path / "bad").exists()

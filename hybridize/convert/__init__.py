@@ -5,6 +5,7 @@ initialised from it (`INITIALIZERS`), the other layers keep their attention unch
 """
 
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from ..families import check_supported
 from ..modeling import MIXERS, HybridConfig, HybridForCausalLM
 from ..modeling.streaming import StreamingMixerConfig
 from ..provenance import record_step
-from .calibrated import calibrate_readouts, readout_of
+from .calibrated import calibrate_readouts, zero_readout
 from .lazy import lazy_frequency, measure_lazy_ratios
 from .mamba2 import init_mamba2_from_attention
 from .nha import init_nha_from_attention
@@ -82,7 +83,7 @@ class ConvertConfig:
 
     Example:
         ```python
-        >>> hybrid = convert(model, ConvertConfig(ratio=0.5))
+        >>> hybrid = convert(model, ConvertConfig(ratio=0.5), tokenizer=tokenizer)
         ```
     """
 
@@ -180,20 +181,19 @@ def hybrid_config_for(source: PreTrainedModel, mixer_types: list[str], config: C
     return hybrid_config
 
 
-def _lazy_ratios(model: PreTrainedModel, config: ConvertConfig, tokenizer, progress: bool) -> torch.Tensor:
-    """(num_docs, num_layers) lazy ratios on the calibration text, with the streaming layers' sinks and window."""
-    if tokenizer is None:
-        raise ConfigError("select='lazy' measures lazy ratios on calibration text: pass the model's tokenizer")
+def _lazy_ratios(model: PreTrainedModel, config: ConvertConfig, blocks: torch.Tensor, progress: bool) -> torch.Tensor:
+    """(num_docs, num_layers) lazy ratios on the calibration blocks, with the streaming layers' sinks and window."""
+    s = StreamingMixerConfig(**config.mixer_settings) if config.mixer == "streaming" else StreamingMixerConfig()
+    return measure_lazy_ratios(model, blocks, sinks=s.sinks, window=s.window, w_last=s.w_last, progress=progress)
+
+
+def _check_lazy_length(config: ConvertConfig) -> None:
     s = StreamingMixerConfig(**config.mixer_settings) if config.mixer == "streaming" else StreamingMixerConfig()
     if config.calibration_len <= s.sinks + s.window:
         raise ConfigError(
             f"calibration_len={config.calibration_len} must exceed sinks + window = {s.sinks + s.window}: shorter "
             "documents give every layer a lazy ratio of 1, which ranks nothing; raise calibration_len or lower window"
         )
-    blocks = calibration_blocks(
-        tokenizer, config.calibration, num_blocks=config.calibration_docs, seq_len=config.calibration_len
-    )
-    return measure_lazy_ratios(model, blocks, sinks=s.sinks, window=s.window, w_last=s.w_last, progress=progress)
 
 
 def _rounded(report: dict) -> dict:
@@ -221,7 +221,7 @@ def convert(
     Example:
         ```python
         >>> model, tokenizer = hybridize.load("llama")
-        >>> hybrid = convert(model, ConvertConfig(ratio=0.5))
+        >>> hybrid = convert(model, ConvertConfig(ratio=0.5), tokenizer=tokenizer)
         ```
     """
     num_layers = model.config.num_hidden_layers
@@ -229,6 +229,29 @@ def convert(
         kept = tuple(range(config.full_every - 1, num_layers, config.full_every))
         config = dataclasses.replace(config, attn_layers=kept, full_every=None)
     hybrid_config_for(model, [config.mixer] * num_layers, config)  # settings checked before any heavy work
+    converts = config.ratio > 0 or config.attn_layers is not None
+    needs_text = [
+        name
+        for name, needed in (
+            ("mixer_init='calibrated'", config.mixer_init == "calibrated" and converts),
+            (f"select={config.select!r}", config.select in ("lazy", "sensitivity") and config.attn_layers is None),
+        )
+        if needed
+    ]
+    if config.select == "lazy" and config.attn_layers is None:
+        _check_lazy_length(config)
+    if needs_text and tokenizer is None:
+        raise ConfigError(
+            f"{' and '.join(needs_text)} measure the model on calibration text: pass its tokenizer "
+            "(convert(model, config, tokenizer=tokenizer))"
+        )
+
+    @functools.cache
+    def blocks() -> torch.Tensor:  # cut once, shared by the selection and the calibration
+        return calibration_blocks(
+            tokenizer, config.calibration, num_blocks=config.calibration_docs, seq_len=config.calibration_len
+        )
+
     start = time.perf_counter()
     metrics = {}
     if config.select == "dynamic":  # LightTransfer-Test: every layer streams or not, per request
@@ -238,15 +261,13 @@ def convert(
     else:
         lazy_ratios = None
         if config.select == "lazy" and config.attn_layers is None:
-            lazy_ratios = _lazy_ratios(model, config, tokenizer, progress)
+            lazy_ratios = _lazy_ratios(model, config, blocks(), progress)
             metrics["lazy_ratio"] = [round(r, 4) for r in lazy_ratios.nanmean(0).tolist()]
             k = num_converted(num_layers, config.ratio)
             metrics["lazy_frequency"] = [round(f, 4) for f in lazy_frequency(lazy_ratios, k).tolist()]
         sensitivity = None
         if config.select == "sensitivity" and config.attn_layers is None:
-            if tokenizer is None:
-                raise ConfigError("select='sensitivity' measures each layer on calibration text: pass the tokenizer")
-            sensitivity = layer_sensitivity(model, config, tokenizer, progress=progress)
+            sensitivity = layer_sensitivity(model, config, tokenizer, blocks=blocks(), progress=progress)
             metrics["sensitivity_kl"] = [float(f"{s:.4g}") for s in sensitivity]
         converted = select_layers(
             num_layers,
@@ -281,16 +302,9 @@ def convert(
             layer.mixer = INITIALIZERS[mixer_type](src_layer.self_attn, hybrid_config, i, config, generator)
     if config.mixer_init == "zero":
         for i in converted:
-            readout_of(hybrid.model.layers[i].mixer).weight.zero_()
+            zero_readout(hybrid.model.layers[i].mixer)
     elif config.mixer_init == "calibrated" and converted:
-        if tokenizer is None:
-            raise ConfigError(
-                "mixer_init='calibrated' fits the readouts on calibration text: pass the model's tokenizer"
-            )
-        blocks = calibration_blocks(
-            tokenizer, config.calibration, num_blocks=config.calibration_docs, seq_len=config.calibration_len
-        )
-        reports = calibrate_readouts(model, hybrid, blocks, converted, progress=progress)
+        reports = calibrate_readouts(model, hybrid, blocks(), converted, progress=progress)
         metrics["readout"] = {str(i): _rounded(r) for i, r in reports.items()}
     hybrid.generation_config = model.generation_config
     hybrid.hybridize_steps = list(getattr(model, "hybridize_steps", []))

@@ -46,12 +46,12 @@ class NormalEquations:
     tokens: int = 0
 
     @classmethod
-    def empty(cls, in_features: int, out_features: int) -> NormalEquations:
-        f64 = torch.float64
+    def empty(cls, in_features: int, out_features: int, device: torch.device | str = "cpu") -> NormalEquations:
+        zeros = dict(dtype=torch.float64, device=device)
         return cls(
-            torch.zeros(in_features, in_features, dtype=f64),
-            torch.zeros(in_features, out_features, dtype=f64),
-            torch.zeros((), dtype=f64),
+            torch.zeros(in_features, in_features, **zeros),
+            torch.zeros(in_features, out_features, **zeros),
+            torch.zeros((), **zeros),
         )
 
     def add(self, z: torch.Tensor, y: torch.Tensor) -> None:
@@ -74,7 +74,7 @@ class NormalEquations:
     def solve(self, ridge: float) -> torch.Tensor:
         """The ridge solution `(ZᵀZ + λ I)⁻¹ ZᵀY` (in x out) with λ = `ridge` · mean diag(ZᵀZ)."""
         scale = self.zz.diagonal().mean().clamp(min=1e-30)
-        eye = torch.eye(self.zz.shape[0], dtype=self.zz.dtype)
+        eye = torch.eye(self.zz.shape[0], dtype=self.zz.dtype, device=self.zz.device)
         return torch.linalg.solve(self.zz + ridge * scale * eye, self.zy)
 
 
@@ -108,6 +108,15 @@ def readout_of(mixer: nn.Module) -> nn.Linear:
             f"{type(mixer).__name__} declares no `readout` (its output projection); it cannot be calibrated"
         )
     return getattr(mixer, name)
+
+
+@torch.no_grad()
+def zero_readout(mixer: nn.Module) -> None:
+    """Zero the mixer's readout (weight and bias): the layer then starts as if its mixer were removed."""
+    readout = readout_of(mixer)
+    readout.weight.zero_()
+    if readout.bias is not None:
+        readout.bias.zero_()
 
 
 def _with_bias(z: torch.Tensor, readout: nn.Linear) -> torch.Tensor:
@@ -147,9 +156,10 @@ def fit_readout(
     """
     readout = readout_of(mixer)
     fan_in = readout.in_features + (readout.bias is not None)
+    device = readout.weight.device
     train, held = (
-        NormalEquations.empty(fan_in, readout.out_features),
-        NormalEquations.empty(fan_in, readout.out_features),
+        NormalEquations.empty(fan_in, readout.out_features, device),
+        NormalEquations.empty(fan_in, readout.out_features, device),
     )
     for x, y, is_heldout in zip(inputs, targets, heldout):
         (held if is_heldout else train).add(_with_bias(mixer_features(mixer, x, position_embeddings), readout), y)
@@ -174,9 +184,14 @@ def heldout_blocks(num_blocks: int) -> list[bool]:
     return flags
 
 
-def source_attention(src_layer: nn.Module, x: torch.Tensor, position_embeddings) -> torch.Tensor:
-    """A source decoder layer's attention output on its normed input x (b, l, hidden), causal, unpadded."""
-    out = src_layer.self_attn(hidden_states=x, position_embeddings=position_embeddings, attention_mask=None)
+def causal_mask(length: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The additive (1, 1, l, l) causal mask, given explicitly: with no mask, eager attention would attend both ways."""
+    return torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)[None, None]
+
+
+def source_attention(src_layer: nn.Module, x: torch.Tensor, position_embeddings, mask: torch.Tensor) -> torch.Tensor:
+    """A source decoder layer's attention output on its normed input x (b, l, hidden), under `causal_mask`."""
+    out = src_layer.self_attn(hidden_states=x, position_embeddings=position_embeddings, attention_mask=mask)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -187,12 +202,15 @@ def calibrate_readouts(
     """Fit the readouts of `hybrid`'s converted `layers` in order (see the module docstring); returns a report per
     layer. `source` is the model `hybrid` was converted from; neither is otherwise changed. `blocks` (n, l) are
     unpadded token blocks of calibration text."""
-    device = next(hybrid.parameters()).device
+    device = next(source.parameters()).device  # the hybrid visits the source's device while it is calibrated
+    home = next(hybrid.parameters()).device
+    hybrid.to(device)
     blocks = blocks.to(device)
     dtype = hybrid.model.embed_tokens.weight.dtype
     h = [hybrid.model.embed_tokens(block[None]) for block in blocks]  # the hybrid's residual stream, per block
     position_ids = torch.arange(blocks.shape[1], device=device)[None]
     pe = hybrid.model.rotary_emb(h[0], position_ids=position_ids)
+    mask = causal_mask(blocks.shape[1], dtype, device)
     heldout = heldout_blocks(len(blocks))
     todo, reports = set(layers), {}
     was_training = hybrid.training
@@ -204,15 +222,16 @@ def calibrate_readouts(
                 break
             if i in todo:
                 x = [layer.input_layernorm(hs) for hs in h]
-                targets = [source_attention(source.model.layers[i], xs, pe).to(dtype) for xs in x]
+                targets = [source_attention(source.model.layers[i], xs, pe, mask).to(dtype) for xs in x]
                 reports[i] = fit_readout(layer.mixer, x, targets, pe, heldout)
                 logger.info("layer %d readout: %s", i, reports[i])
                 todo.discard(i)
                 bar.update()
-            h = [layer(hs, position_embeddings=pe, causal_mask=None, padding_mask=None) for hs in h]
+            h = [layer(hs, position_embeddings=pe, causal_mask=mask, padding_mask=None) for hs in h]
     finally:
         bar.close()
         hybrid.train(was_training)
+        hybrid.to(home)
     return reports
 
 
@@ -220,9 +239,11 @@ __all__ = [
     "RIDGE_GRID",
     "NormalEquations",
     "calibrate_readouts",
+    "causal_mask",
     "choose_readout",
     "fit_readout",
     "mixer_features",
     "readout_of",
     "source_attention",
+    "zero_readout",
 ]

@@ -8,8 +8,8 @@ settings and the initialisation the conversion will use (a calibrated readout is
 source's own input to it). `select="sensitivity"` then converts the layers that hurt least.
 
 One pass, layer by layer: the source's residual stream at layer i is held for the calibration blocks (one layer's
-activations); layer i's mixer is built, calibrated on the fitting blocks, and the scoring blocks run from layer i to
-the head with that one layer replaced. Cost: about N/2 forwards of the scoring blocks plus one forward of the fitting
+activations); layer i's mixer is built, its readout calibrated on the calibration blocks, and the first two of them
+(so in-sample for the readout, alike for every layer) run from layer i to the head with that one layer replaced. Cost: about N/2 forwards of the scoring blocks plus one forward of the fitting
 blocks. The scores are cached under `$HYBRIDIZE_CACHE/sensitivity/`, keyed by the source's weights and every setting
 that changes them, so choosing another ratio costs nothing.
 """
@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrated import fit_readout, heldout_blocks, readout_of, source_attention
+from ..fingerprint import weights_fingerprint
+from .calibrated import causal_mask, fit_readout, heldout_blocks, source_attention, zero_readout
 
 if TYPE_CHECKING:
     from . import ConvertConfig
@@ -38,10 +39,6 @@ logger = logging.getLogger(__name__)
 SCORE_BLOCKS = 2  # calibration blocks the KL is measured on (the readout is fitted on all of them)
 
 
-def _output(result) -> torch.Tensor:
-    return result[0] if isinstance(result, tuple) else result
-
-
 def _kl(source_hidden: torch.Tensor, hidden: torch.Tensor, model: nn.Module) -> float:
     """Mean KL(source || model) per token from the final (un-normed) residual streams (1, l, d)."""
     log_p = torch.log_softmax(model.lm_head(model.model.norm(source_hidden)).float(), -1)
@@ -49,27 +46,21 @@ def _kl(source_hidden: torch.Tensor, hidden: torch.Tensor, model: nn.Module) -> 
     return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
 
 
-def cache_key(source: nn.Module, config: ConvertConfig) -> str:
-    """What the scores depend on: the source's weights (sampled: embeddings and the first layer's attention), the
-    mixer, its settings, its initialisation, the seed and the calibration text."""
-    digest = hashlib.sha256()
-    layer0 = source.model.layers[0].self_attn
-    for tensor in (source.model.embed_tokens.weight, layer0.q_proj.weight, layer0.o_proj.weight):
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes()[: 1 << 22])
+def cache_key(source: nn.Module, config: ConvertConfig, blocks: torch.Tensor) -> str:
+    """What the scores depend on: the source's weights (`weights_fingerprint`), the mixer, its settings and init, the
+    seed and the calibration tokens themselves."""
     settings = {
-        "num_layers": source.config.num_hidden_layers,
+        "weights": weights_fingerprint(source),
         "mixer": config.mixer,
         "mixer_settings": config.mixer_settings,
         "mixer_init": config.mixer_init,
         "conv_init": config.conv_init,
         "seed": config.seed,
-        "calibration": config.calibration,
-        "calibration_docs": config.calibration_docs,
-        "calibration_len": config.calibration_len,
         "score_blocks": SCORE_BLOCKS,
+        "calibration": hashlib.sha256(blocks.cpu().numpy().tobytes()).hexdigest(),
+        "shape": list(blocks.shape),
     }
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    return digest.hexdigest()[:24]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def _cache_path(key: str) -> Path:
@@ -109,53 +100,63 @@ def measure_sensitivity(
     hybrid_config = hybrid_config_for(source, [config.mixer] * num_layers, config)
     device = next(source.parameters()).device
     blocks = blocks.to(device)
+    was_training = source.training
+    source.eval()
     h = [source.model.embed_tokens(block[None]) for block in blocks]
     pe = source.model.rotary_emb(h[0], position_ids=torch.arange(blocks.shape[1], device=device)[None])
+    mask = causal_mask(blocks.shape[1], h[0].dtype, device)
+
+    def run(layer, x):
+        out = layer(x, position_embeddings=pe, attention_mask=mask)
+        return out[0] if isinstance(out, tuple) else out
+
     scored = range(min(SCORE_BLOCKS, len(blocks)))
     final = [h[b] for b in scored]
     for layer in layers:  # the source's final residual stream on the scoring blocks
-        final = [_output(layer(x, position_embeddings=pe, attention_mask=None)) for x in final]
+        final = [run(layer, x) for x in final]
     heldout = heldout_blocks(len(blocks))
     generator = torch.Generator().manual_seed(config.seed)
     scores = []
-    was_training = source.training
-    source.eval()
     try:
         for i in tqdm(range(num_layers), desc="sensitivity", unit="layer", disable=not progress):
             src = layers[i]
             mixer = INITIALIZERS[config.mixer](src.self_attn, hybrid_config, i, config, generator).to(device).eval()
             x = [src.input_layernorm(hs) for hs in h]
             if config.mixer_init == "calibrated":
-                targets = [source_attention(src, xs, pe) for xs in x]
+                targets = [source_attention(src, xs, pe, mask) for xs in x]
                 fit_readout(mixer, x, targets, pe, heldout)
             elif config.mixer_init == "zero":
-                readout_of(mixer).weight.zero_()
+                zero_readout(mixer)
             kl = 0.0
             for b in scored:
                 hs = h[b] + mixer(x[b], position_embeddings=pe, attention_mask=None)
                 hs = hs + src.mlp(src.post_attention_layernorm(hs))
                 for later in layers[i + 1 :]:
-                    hs = _output(later(hs, position_embeddings=pe, attention_mask=None))
+                    hs = run(later, hs)
                 kl += _kl(final[b], hs, source) / len(scored)
             scores.append(kl)
-            h = [_output(src(hs, position_embeddings=pe, attention_mask=None)) for hs in h]
+            h = [run(src, hs) for hs in h]
     finally:
         source.train(was_training)
     return scores
 
 
-def layer_sensitivity(source: nn.Module, config: ConvertConfig, tokenizer, *, progress: bool = False) -> list[float]:
-    """`measure_sensitivity` on `config`'s calibration text, read from the cache when it was measured before."""
-    from ..calibrate import calibration_blocks
+def layer_sensitivity(
+    source: nn.Module, config: ConvertConfig, tokenizer, *, blocks: torch.Tensor | None = None, progress: bool = False
+) -> list[float]:
+    """`measure_sensitivity` on `config`'s calibration text (or the given `blocks`), read from the cache when it was
+    measured before."""
+    if blocks is None:
+        from ..calibrate import calibration_blocks
 
-    key = cache_key(source, config)
+        blocks = calibration_blocks(
+            tokenizer, config.calibration, num_blocks=config.calibration_docs, seq_len=config.calibration_len
+        )
+    key = cache_key(source, config, blocks)
     cached = _read_cache(key)
     if cached is not None and len(cached) == source.config.num_hidden_layers:
         logger.info("sensitivity scores from the cache (%s)", _cache_path(key))
         return cached
-    blocks = calibration_blocks(
-        tokenizer, config.calibration, num_blocks=config.calibration_docs, seq_len=config.calibration_len
-    )
     scores = measure_sensitivity(source, config, blocks, progress=progress)
     _write_cache(key, scores)
     return scores

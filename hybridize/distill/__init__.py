@@ -54,8 +54,8 @@ from ..provenance import record_step
 from ..saving import save
 from .data import DistillData, load_data
 from .e2e import FREEZE_PRESETS, LogitsObjective, add_lora, converted_layers, freeze, merge_lora
-from .generated import generated_data, is_generate_spec
 from .engine import CHECKPOINT, METRICS, DistillInterrupted, read_checkpoint_state, train
+from .generated import generated_data, is_generate_spec, parse_generate_spec
 from .layerwise import LAYER_LOSSES, LayerwiseObjective
 from .losses import KL_KINDS, KL_REDUCTIONS
 
@@ -97,7 +97,7 @@ class DistillConfig:
         data (`str`, *optional*, defaults to `"wiki"`): the packaged Wikipedia corpus, a local `.txt`/`.jsonl`/
             `.parquet` file or folder, or a Hub dataset `name[:config]` (see `hybridize.distill.data`); or
             `generate:N[:PROMPTS]`, N tokens written by the teacher continuing prompts from PROMPTS (default wiki),
-            cached as `<output>.generated.jsonl` and resumable (see `hybridize.distill.generated`).
+            cached beside the output as `<output>.generated-<id>.jsonl` and resumable (`hybridize.distill.generated`).
         text_column (`str`, *optional*): the column holding the text; detected when omitted.
         heldout_ratio (`float`, *optional*, defaults to 0.05): fraction of documents held out of training (by a hash
             of their text); `wiki` has its own held-out split and ignores it.
@@ -178,6 +178,8 @@ class DistillConfig:
         choice("layer_loss", LAYER_LOSSES)
         choice("freeze", FREEZE_PRESETS)
         choice("mixed_precision", PRECISIONS)
+        if is_generate_spec(self.data):
+            parse_generate_spec(self.data)  # a bad count fails here, before any model is loaded
         object.__setattr__(self, "tokens", parse_tokens(self.tokens))
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if self.lr is None:
@@ -280,16 +282,6 @@ def run_dir_for(output: str | Path) -> Path:
     """The work directory of a distillation into `output`: `<output>.distill/` beside it."""
     output = Path(output)
     return output.with_name(output.name + ".distill")
-
-
-def generated_path(work_dir: Path | None) -> Path:
-    """Where `--data generate:N` keeps the teacher's text: `<output>.generated.jsonl` beside the output, kept after the
-    run so that another run (or `--data` itself) can reuse it; a temporary file without a work directory."""
-    if work_dir is None:
-        import tempfile
-
-        return Path(tempfile.mkdtemp(prefix="hybridize-generated-")) / "generated.jsonl"
-    return work_dir.with_name(work_dir.name.removesuffix(".distill") + ".generated.jsonl")
 
 
 def _prepare_work_dir(work_dir: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:
@@ -400,12 +392,13 @@ def distill(
                 teacher,
                 tokenizer,
                 config.data,
-                generated_path(work_dir),
+                None if work_dir is None else work_dir.with_name(work_dir.name.removesuffix(".distill")),
                 seq_len=config.seq_len,
                 seed=config.seed,
                 heldout_ratio=config.heldout_ratio,
                 heldout_tokens=config.eval_tokens,
                 text_column_name=config.text_column,
+                write=accelerator.is_main_process,
                 progress=progress and accelerator.is_main_process,
             )
         else:

@@ -11,11 +11,13 @@ distillation needs, rather than on a corpus it has already read once.
 - **Exactly N tokens**: every sample continues its prompt by `new_tokens` tokens (EOS is not sampled early, so the
   count is known), and the last batch is cut so that the generated tokens add up to N. Prompt tokens are kept in the
   samples but not counted.
-- **Reproducible and resumable**: batch b is sampled from a generator seeded with (seed, b), and is appended to the
-  JSONL cache in one write; a run that was interrupted keeps its whole batches, drops a torn one and goes on from
-  there, and produces what an uninterrupted run would have.
-- Cached as `generated.jsonl` (one sample a line: `prompt_ids`, `ids`, `text`) beside the run; a finished cache is
-  reused as is.
+- **Reproducible and resumable**: batch b is sampled under the seed (seed, b), and is appended to the JSONL cache in
+  one write; a run that was interrupted keeps its whole batches, drops a torn one and goes on from there, and produces
+  what an uninterrupted run would have.
+- Cached beside the output as `<output>.generated-<id>.jsonl` (one sample a line: `prompt_ids`, `ids`, `text`; the
+  first line says what made it: the settings and the teacher's weights fingerprint, whose hash is `<id>`), kept after
+  the run: another run with the same teacher and settings reuses it, and `--data` reads it like any JSONL.
+- Prompts never come from the prompt source's held-out documents, on which the run is evaluated.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from ..errors import ConfigError
 logger = logging.getLogger(__name__)
 
 PREFIX = "generate:"
-CACHE_NAME = "generated.jsonl"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,9 +79,11 @@ class GenerateConfig:
     def num_samples(self) -> int:
         return -(-self.tokens // self.new_tokens)
 
-    def identity(self) -> dict[str, Any]:
-        """What a cached file must have been generated with to be reused (the token count may grow)."""
-        return {k: v for k, v in self.__dict__.items() if k != "tokens"}
+    def identity(self, teacher: torch.nn.Module) -> dict[str, Any]:
+        """What a cached file must have been generated with to be reused (the token count may differ)."""
+        from ..fingerprint import weights_fingerprint
+
+        return {**{k: v for k, v in self.__dict__.items() if k != "tokens"}, "teacher": weights_fingerprint(teacher)}
 
 
 def is_generate_spec(spec: str) -> bool:
@@ -94,13 +97,18 @@ def parse_generate_spec(spec: str, **settings) -> GenerateConfig:
     match = re.fullmatch(r"generate:([^:]+)(?::(.+))?", spec)
     if match is None:
         raise ConfigError(f"data {spec!r}: write generate:N or generate:N:PROMPTS, e.g. generate:200K:prompts.txt")
-    return GenerateConfig(tokens=parse_tokens(match.group(1)), prompts=match.group(2) or "wiki", **settings)
+    try:
+        tokens = parse_tokens(match.group(1))
+    except ConfigError as error:
+        raise ConfigError(f"data {spec!r}: {error} (after generate:)") from None
+    return GenerateConfig(tokens=tokens, prompts=match.group(2) or "wiki", **settings)
 
 
-def prompt_stream(config: GenerateConfig, tokenizer: Any) -> Iterator[list[int]]:
-    """Prompts of exactly `prompt_tokens` tokens, one per document long enough, in the source's order, cycling over
-    the source when it has fewer documents than samples wanted."""
-    from .data import read_documents, tokenize
+def prompt_stream(config: GenerateConfig, tokenizer: Any, heldout_ratio: float = 0.0) -> Iterator[list[int]]:
+    """Prompts of exactly `prompt_tokens` tokens, one per training document long enough (documents held out at
+    `heldout_ratio` are skipped; `wiki`'s train split has none), in the source's order, cycling over the source when it
+    has fewer documents than samples wanted."""
+    from .data import is_heldout, read_documents, tokenize
 
     if config.prompts == "wiki":
         from ..evaluate.corpus import load_corpus
@@ -116,6 +124,8 @@ def prompt_stream(config: GenerateConfig, tokenizer: Any) -> Iterator[list[int]]
         found = False
         texts, chat = documents()
         for text in texts:
+            if config.prompts != "wiki" and is_heldout(text, heldout_ratio):
+                continue
             ids = tokenize(tokenizer, [text], special_tokens=not chat)[0]
             if len(ids) > config.prompt_tokens:
                 found = True
@@ -127,8 +137,9 @@ def prompt_stream(config: GenerateConfig, tokenizer: Any) -> Iterator[list[int]]
             )
 
 
-def _read_cache(path: Path, config: GenerateConfig) -> list[dict]:
-    """The whole batches already generated into `path` (a torn last batch is dropped), or [] for a new file."""
+def _read_cache(path: Path, identity: dict, config: GenerateConfig) -> list[dict]:
+    """The samples of whole batches already generated into `path` (a torn batch is dropped; the plan's last batch may
+    be short), or [] for a new file."""
     if not path.is_file():
         return []
     lines = path.read_text().splitlines()
@@ -136,50 +147,52 @@ def _read_cache(path: Path, config: GenerateConfig) -> list[dict]:
         header = json.loads(lines[0]) if lines else None
     except ValueError:
         header = None
-    if not header or header.get("generate") != json.loads(json.dumps(config.identity())):
-        raise ConfigError(
-            f"{path} holds text generated with other settings ({header and header.get('generate')}); remove it, or "
-            "run with the settings it was made with"
-        )
+    if not header or header.get("generate") != json.loads(json.dumps(identity)):
+        raise ConfigError(f"{path} holds text generated with other settings; remove it, or restore those settings")
     samples = []
     for line in lines[1:]:
         try:
             samples.append(json.loads(line))
         except ValueError:  # a line cut by an interrupt: it and what follows are regenerated
             break
-    whole = len(samples) // config.batch_size * config.batch_size
-    return samples[:whole]
+    if len(samples) >= config.num_samples:
+        return samples
+    return samples[: len(samples) // config.batch_size * config.batch_size]
 
 
 def generate_samples(
-    teacher: torch.nn.Module, tokenizer: Any, config: GenerateConfig, cache: str | Path, *, progress: bool = False
+    teacher: torch.nn.Module,
+    tokenizer: Any,
+    config: GenerateConfig,
+    cache: str | Path,
+    *,
+    heldout_ratio: float = 0.0,
+    write: bool = True,
+    progress: bool = False,
 ) -> list[dict]:
-    """Generate (or read back, or finish) the samples of `config` into the JSONL `cache`; returns every sample."""
+    """Generate (or read back, or finish) the samples of `config` into the JSONL `cache`; returns every sample. With
+    `write=False` (the other processes of a multi-process run) the cache must already be complete."""
     cache = Path(cache)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    samples = _read_cache(cache, config)
-    if not samples:
-        cache.write_text(json.dumps({"generate": config.identity()}) + "\n")
-    elif len(samples) * config.new_tokens >= config.tokens:
+    identity = config.identity(teacher)
+    samples = _read_cache(cache, identity, config)
+    if len(samples) >= config.num_samples:
         return _trim(samples, config)
-    else:  # resume: rewrite the file with its whole batches only, then append
-        with open(cache, "w") as f:
-            f.write(json.dumps({"generate": config.identity()}) + "\n")
-            f.writelines(json.dumps(s) + "\n" for s in samples)
-    prompts = prompt_stream(config, tokenizer)
+    if not write:
+        raise ConfigError(f"{cache} is incomplete: the main process writes it first")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache, "w") as f:  # the header and the whole batches kept
+        f.write(json.dumps({"generate": identity}) + "\n")
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    prompts = prompt_stream(config, tokenizer, heldout_ratio)
     for _ in range(len(samples)):  # the prompts already used
         next(prompts)
     device = next(teacher.parameters()).device
     eos = getattr(tokenizer, "eos_token_id", None)
     was_training = teacher.training
     teacher.eval()
+    done = min(len(samples) * config.new_tokens, config.tokens)
     bar = tqdm(
-        total=config.tokens,
-        initial=min(len(samples) * config.new_tokens, config.tokens),
-        unit="tok",
-        desc="teacher generates",
-        disable=not progress,
-        unit_scale=True,
+        total=config.tokens, initial=done, unit="tok", desc="teacher generates", disable=not progress, unit_scale=True
     )
     try:
         with open(cache, "a") as f:
@@ -187,8 +200,8 @@ def generate_samples(
                 batch_index = len(samples) // config.batch_size
                 size = min(config.batch_size, config.num_samples - len(samples))
                 batch = torch.tensor([next(prompts) for _ in range(size)], device=device)
-                torch.manual_seed(config.seed * 1_000_003 + batch_index)
-                with torch.no_grad():
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+                    torch.manual_seed(config.seed * 1_000_003 + batch_index)
                     out = teacher.generate(
                         batch,
                         attention_mask=torch.ones_like(batch),
@@ -217,6 +230,19 @@ def generate_samples(
     return _trim(samples, config)
 
 
+def cache_path(output: str | Path | None, config: GenerateConfig, teacher: torch.nn.Module) -> Path:
+    """`<output>.generated-<id>.jsonl` beside the output, `<id>` a hash of what made the text; a temporary file when
+    there is no output."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(json.dumps(config.identity(teacher), sort_keys=True).encode()).hexdigest()[:10]
+    if output is None:
+        return Path(tempfile.gettempdir()) / f"hybridize-generated-{key}.jsonl"
+    output = Path(output)
+    return output.with_name(f"{output.name}.generated-{key}.jsonl")
+
+
 def _trim(samples: list[dict], config: GenerateConfig) -> list[dict]:
     """The first samples, the last one cut, so that the generated tokens add up to exactly `config.tokens`."""
     kept, left = [], config.tokens
@@ -232,24 +258,34 @@ def generated_data(
     teacher: torch.nn.Module,
     tokenizer: Any,
     spec: str,
-    cache: str | Path,
+    output: str | Path | None,
     *,
     seq_len: int,
     seed: int,
     heldout_ratio: float,
     heldout_tokens: int,
     text_column_name: str | None = None,
+    write: bool = True,
     progress: bool = False,
 ):
     """`DistillData` for a `generate:N[:PROMPTS]` spec: the teacher's samples (prompt + continuation + EOS) packed into
-    blocks of `seq_len`, and the held-out blocks of the prompt source (never prompted from)."""
+    blocks of `seq_len`, and the held-out blocks of the prompt source (never prompted from). The samples are cached
+    beside `output` (`cache_path`)."""
     import hashlib
 
     from .data import DistillData, load_data, pack
 
-    prompt_tokens = min(32, max(1, seq_len // 4))
-    config = parse_generate_spec(spec, prompt_tokens=prompt_tokens, new_tokens=seq_len - prompt_tokens, seed=seed)
-    samples = generate_samples(teacher, tokenizer, config, cache, progress=progress)
+    prompt_tokens = min(32, max(1, seq_len // 4))  # prompt + continuation + EOS is one block
+    config = parse_generate_spec(spec, prompt_tokens=prompt_tokens, new_tokens=seq_len - prompt_tokens - 1, seed=seed)
+    samples = generate_samples(
+        teacher,
+        tokenizer,
+        config,
+        cache_path(output, config, teacher),
+        heldout_ratio=heldout_ratio,
+        write=write,
+        progress=progress,
+    )
     eos = getattr(tokenizer, "eos_token_id", None)
     train = pack(([*s["prompt_ids"], *s["ids"], *([eos] if eos is not None else [])] for s in samples), seq_len)
     if train.shape[0] == 0:
@@ -273,8 +309,8 @@ def generated_data(
 
 
 __all__ = [
-    "CACHE_NAME",
     "GenerateConfig",
+    "cache_path",
     "generate_samples",
     "generated_data",
     "is_generate_spec",

@@ -45,15 +45,21 @@ def test_normal_equations_solve_is_least_squares():
     )
 
 
-def test_choose_readout_never_worse_than_zero_on_heldout():
-    z = torch.randn(100, 5, dtype=torch.float64)
+def test_choose_readout_recovers_a_linear_readout_and_prefers_zero_for_noise():
+    z = torch.randn(400, 5, dtype=torch.float64)
+    w_true = torch.randn(5, 2, dtype=torch.float64)
     train, held = NormalEquations.empty(5, 2), NormalEquations.empty(5, 2)
-    train.add(z[:50], torch.randn(50, 2, dtype=torch.float64))  # targets unrelated to the features
-    held.add(z[50:], torch.randn(50, 2, dtype=torch.float64))
-    w, report = choose_readout(train, held, torch.randn(5, 2, dtype=torch.float64) * 10)
-    assert report["heldout_mse"] <= report["heldout_mse_zero"]
-    assert report["heldout_mse"] <= report["heldout_mse_current"]
-    assert held.error(w) <= held.error(torch.zeros(5, 2, dtype=torch.float64)) + 1e-12
+    train.add(z[:300], z[:300] @ w_true + 0.01 * torch.randn(300, 2, dtype=torch.float64))
+    held.add(z[300:], z[300:] @ w_true + 0.01 * torch.randn(100, 2, dtype=torch.float64))
+    w, report = choose_readout(train, held, torch.zeros(5, 2, dtype=torch.float64))
+    assert report["choice"].startswith("ridge=")
+    torch.testing.assert_close(w, w_true, rtol=0, atol=0.01)
+    # targets the features cannot explain: the zero readout wins on held-out tokens over a fit of the noise
+    train, held = NormalEquations.empty(5, 2), NormalEquations.empty(5, 2)
+    train.add(z[:8], torch.randn(8, 2, dtype=torch.float64))
+    held.add(z[8:], torch.randn(392, 2, dtype=torch.float64))
+    _, report = choose_readout(train, held, 10 * torch.randn(5, 2, dtype=torch.float64))
+    assert report["choice"] in ("zero", "ridge=1")  # the strongest shrinkage, or none of the fit at all
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -217,13 +223,30 @@ def test_sensitivity_scores_are_cached(calibration_text, tmp_path, monkeypatch):
         )
 
 
-def test_calibrate_readouts_leaves_the_source_untouched(calibration_text):
+def test_calibrate_readouts_changes_only_the_readouts_and_restores_the_mode(calibration_text):
     source = make_tiny("llama")
     before = {k: v.clone() for k, v in source.state_dict().items()}
-    hybrid = convert(source, ConvertConfig(ratio=0.5, mixer_init="attention"))
+    hybrid = convert(source, ConvertConfig(ratio=0.5, mixer_init="attention")).train()
+    mapped = {k: v.clone() for k, v in hybrid.state_dict().items()}
     calibrate_readouts(source, hybrid, torch.randint(2, 128, (2, 32)), [0, 2])
-    for k, v in source.state_dict().items():
-        assert torch.equal(v, before[k])
+    assert hybrid.training and not source.training
+    assert all(torch.equal(v, before[k]) for k, v in source.state_dict().items())
+    changed = {k for k, v in hybrid.state_dict().items() if not torch.equal(v, mapped[k])}
+    assert changed == {"model.layers.0.mixer.out_proj.weight", "model.layers.2.mixer.out_proj.weight"}
+
+
+def test_calibration_is_causal_under_eager_attention(calibration_text):
+    """The targets and the stream are causal whatever the attention implementation: eager attention with no mask
+    would attend both ways."""
+    results = []
+    for implementation in ("sdpa", "eager"):
+        source = make_tiny("llama").double()
+        source.config._attn_implementation = implementation
+        hybrid = convert(source, ConvertConfig(ratio=0.5, mixer_init="attention")).double()
+        hybrid.config._attn_implementation = implementation
+        reports = calibrate_readouts(source, hybrid, torch.randint(2, 128, (2, 32)), [0, 2])
+        results.append((hybrid.model.layers[2].mixer.out_proj.weight.clone(), reports))
+    torch.testing.assert_close(results[0][0], results[1][0])
 
 
 def test_analyze_prints_and_plots_sensitivity_next_to_the_lazy_ratio(calibration_text, tmp_path, monkeypatch):

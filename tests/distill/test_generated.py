@@ -60,12 +60,28 @@ def test_resumes_after_an_interrupt_without_duplicating(teacher, tokenizer, text
 
 def test_a_finished_cache_is_reused_and_other_settings_refused(teacher, tokenizer, text_file, tmp_path, monkeypatch):
     cache = tmp_path / "g.jsonl"
-    first = generate_samples(teacher, tokenizer, _config(text_file), cache)
+    first = generate_samples(teacher, tokenizer, _config(text_file), cache)  # 5 samples: the last batch is short
     monkeypatch.setattr(teacher, "generate", None)  # nothing is generated again
+    assert generate_samples(teacher, tokenizer, _config(text_file), cache, write=False) == first
     fewer = generate_samples(teacher, tokenizer, _config(text_file, tokens=30), cache)
     assert [s["ids"] for s in fewer] == [s["ids"] for s in first[:2]] + [first[2]["ids"][:6]]
     with pytest.raises(ConfigError, match="other settings"):
         generate_samples(teacher, tokenizer, _config(text_file, temperature=0.5), cache)
+    with torch.no_grad():  # another teacher is another text
+        next(teacher.parameters()).add_(1.0)
+    with pytest.raises(ConfigError, match="other settings"):
+        generate_samples(teacher, tokenizer, _config(text_file), cache)
+
+
+def test_prompts_skip_the_heldout_documents(tokenizer, text_file):
+    from hybridize.distill.data import is_heldout
+    from hybridize.distill.generated import prompt_stream
+
+    paragraphs = text_file.read_text().split("\n\n")
+    kept = [p for p in paragraphs if not is_heldout(p, 0.3)]
+    assert 0 < len(kept) < len(paragraphs)
+    prompts = prompt_stream(_config(text_file), tokenizer, heldout_ratio=0.3)
+    assert [next(prompts) for _ in kept] == [tokenizer(p)["input_ids"][:4] for p in kept]
 
 
 def test_spec_parsing_and_errors():
@@ -85,11 +101,11 @@ def test_distill_on_generated_text(teacher, make_student, tokenizer, text_file, 
     )
     before = {n: p.clone() for n, p in make_student().named_parameters()}
     result = distill(make_student(), config, teacher=teacher, tokenizer=tokenizer, work_dir=run_dir_for(output))
-    cache = tmp_path / "out.generated.jsonl"
-    assert cache.is_file()  # kept beside the output, for reuse
+    (cache,) = tmp_path.glob("out.generated-*.jsonl")  # kept beside the output, for reuse
     samples = [json.loads(line) for line in cache.read_text().splitlines()[1:]]
-    assert sum(len(s["ids"]) for s in samples) >= 96
+    assert sum(len(s["ids"]) for s in samples) == 96 + 3  # 9 samples of 11 generated tokens, the last one cut to 8
     data = result.hybridize_steps[-1]["metrics"]["data"]
-    assert data["train_tokens"] == (96 // 12 * 16) // 16 * 16  # 8 samples of 4 + 12 tokens + EOS, packed
+    assert data["train_tokens"] == 8 * 16  # 8 samples of 4 + 11 tokens + EOS, one block each, and the cut ninth
+    assert data["documents"] == 9
     assert data["heldout_tokens"] > 0
     assert any(not torch.equal(p, before[n]) for n, p in result.named_parameters())
