@@ -1,6 +1,6 @@
-"""A cheap identity of a model's weights, for caches keyed by "the same model": every parameter's name, shape and
-dtype, and a strided sample of its values (hashing all the bytes of a large model would take longer than some of the
-work the cache saves). Two models that differ anywhere but in a handful of unsampled values get different keys."""
+"""Identities for caches and resumes. A model's weights: every parameter's name, shape and dtype, and a strided sample
+of its values (hashing all the bytes of a large model would take longer than some of the work the cache saves), so two
+models that differ anywhere but in a handful of unsampled values get different keys. Token blocks: all their bytes."""
 
 import hashlib
 
@@ -22,4 +22,9 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["weights_fingerprint"]
+def blocks_fingerprint(blocks: torch.Tensor) -> str:
+    """A hex SHA-256 of token blocks (their ids, in order)."""
+    return hashlib.sha256(blocks.cpu().numpy().tobytes()).hexdigest()
+
+
+__all__ = ["blocks_fingerprint", "weights_fingerprint"]

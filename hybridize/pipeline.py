@@ -12,8 +12,9 @@ steps:
 
 Each step's options are its config's fields (`ConvertConfig`, `DistillConfig`, ...), plus the few runtime inputs the
 CLI also takes (`teacher`, `baseline`, `output`, a distill step's `eval_every`). The whole recipe is validated before
-anything runs: an unknown key or a bad value is named with its line. The output's `hybridize.json` records which recipe steps are done (a hash of
-the recipe and the step's index), so running the same recipe again resumes after the last completed step.
+anything runs: an unknown key or a bad value is named with its line. The output's `hybridize.json` records which
+recipe steps are done (a hash of the recipe and the step's index), so running the same recipe again resumes after the
+last completed step.
 """
 
 import dataclasses

@@ -208,13 +208,17 @@ def resolve(spec: str) -> Source:
     return Source(kind="hub", location=spec, spec=spec)
 
 
+def cache_root() -> Path:
+    """Where hybridize caches what it computed once: `$HYBRIDIZE_CACHE`, default `~/.cache/hybridize`."""
+    return Path(os.environ.get("HYBRIDIZE_CACHE") or "~/.cache/hybridize").expanduser()
+
+
 def _cache_dir(gguf_path: Path) -> Path:
     """`<cache>/<file stem>-<hash>`, keyed by the file's size and first bytes (hashing a multi-GB file is slow)."""
     digest = hashlib.sha256(str(gguf_path.stat().st_size).encode())
     with gguf_path.open("rb") as file:
         digest.update(file.read(_HASHED_PREFIX_BYTES))
-    root = Path(os.environ.get("HYBRIDIZE_CACHE") or "~/.cache/hybridize").expanduser()
-    return root / f"{gguf_path.stem}-{digest.hexdigest()[:12]}"
+    return cache_root() / f"{gguf_path.stem}-{digest.hexdigest()[:12]}"
 
 
 def _write_gguf_as_pretrained(gguf_path: Path, output: Path) -> None:

@@ -181,14 +181,19 @@ def hybrid_config_for(source: PreTrainedModel, mixer_types: list[str], config: C
     return hybrid_config
 
 
+def _lazy_shape(config: ConvertConfig) -> StreamingMixerConfig:
+    """The sinks and window lazy ratios are measured with: the streaming layers' own, or the defaults."""
+    return StreamingMixerConfig(**config.mixer_settings) if config.mixer == "streaming" else StreamingMixerConfig()
+
+
 def _lazy_ratios(model: PreTrainedModel, config: ConvertConfig, blocks: torch.Tensor, progress: bool) -> torch.Tensor:
     """(num_docs, num_layers) lazy ratios on the calibration blocks, with the streaming layers' sinks and window."""
-    s = StreamingMixerConfig(**config.mixer_settings) if config.mixer == "streaming" else StreamingMixerConfig()
+    s = _lazy_shape(config)
     return measure_lazy_ratios(model, blocks, sinks=s.sinks, window=s.window, w_last=s.w_last, progress=progress)
 
 
 def _check_lazy_length(config: ConvertConfig) -> None:
-    s = StreamingMixerConfig(**config.mixer_settings) if config.mixer == "streaming" else StreamingMixerConfig()
+    s = _lazy_shape(config)
     if config.calibration_len <= s.sinks + s.window:
         raise ConfigError(
             f"calibration_len={config.calibration_len} must exceed sinks + window = {s.sinks + s.window}: shorter "
@@ -229,15 +234,11 @@ def convert(
         kept = tuple(range(config.full_every - 1, num_layers, config.full_every))
         config = dataclasses.replace(config, attn_layers=kept, full_every=None)
     hybrid_config_for(model, [config.mixer] * num_layers, config)  # settings checked before any heavy work
-    converts = config.ratio > 0 or config.attn_layers is not None
-    needs_text = [
-        name
-        for name, needed in (
-            ("mixer_init='calibrated'", config.mixer_init == "calibrated" and converts),
-            (f"select={config.select!r}", config.select in ("lazy", "sensitivity") and config.attn_layers is None),
-        )
-        if needed
-    ]
+    needs_text = []  # what measures the model on calibration text
+    if config.mixer_init == "calibrated" and (config.ratio > 0 or config.attn_layers is not None):
+        needs_text.append("mixer_init='calibrated'")
+    if config.select in ("lazy", "sensitivity") and config.attn_layers is None:
+        needs_text.append(f"select={config.select!r}")
     if config.select == "lazy" and config.attn_layers is None:
         _check_lazy_length(config)
     if needs_text and tokenizer is None:

@@ -28,7 +28,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..fingerprint import weights_fingerprint
+from ..distill.losses import token_kl
+from ..fingerprint import blocks_fingerprint, weights_fingerprint
+from ..sources import cache_root
 from .calibrated import causal_mask, fit_readout, heldout_blocks, source_attention, zero_readout
 
 if TYPE_CHECKING:
@@ -41,9 +43,8 @@ SCORE_BLOCKS = 2  # calibration blocks the KL is measured on (the readout is fit
 
 def _kl(source_hidden: torch.Tensor, hidden: torch.Tensor, model: nn.Module) -> float:
     """Mean KL(source || model) per token from the final (un-normed) residual streams (1, l, d)."""
-    log_p = torch.log_softmax(model.lm_head(model.model.norm(source_hidden)).float(), -1)
-    log_q = torch.log_softmax(model.lm_head(model.model.norm(hidden)).float(), -1)
-    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    logits = [model.lm_head(model.model.norm(h)) for h in (hidden, source_hidden)]
+    return float(token_kl(*logits, kind="forward_kl").mean())
 
 
 def cache_key(source: nn.Module, config: ConvertConfig, blocks: torch.Tensor) -> str:
@@ -57,15 +58,14 @@ def cache_key(source: nn.Module, config: ConvertConfig, blocks: torch.Tensor) ->
         "conv_init": config.conv_init,
         "seed": config.seed,
         "score_blocks": SCORE_BLOCKS,
-        "calibration": hashlib.sha256(blocks.cpu().numpy().tobytes()).hexdigest(),
+        "calibration": blocks_fingerprint(blocks),
         "shape": list(blocks.shape),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def _cache_path(key: str) -> Path:
-    root = Path(os.environ.get("HYBRIDIZE_CACHE") or "~/.cache/hybridize").expanduser()
-    return root / "sensitivity" / f"{key}.json"
+    return cache_root() / "sensitivity" / f"{key}.json"
 
 
 def _read_cache(key: str) -> list[float] | None:

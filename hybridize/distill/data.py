@@ -31,6 +31,7 @@ import torch
 
 from ..errors import ConfigError
 from ..evaluate.corpus import load_corpus
+from ..fingerprint import blocks_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -290,13 +291,12 @@ def load_data(
     if heldout is not None and heldout.shape[0] == 0:
         logger.warning("the held-out documents of %r are shorter than one block; no held-out evaluation", spec)
         heldout = None
-    fingerprint = hashlib.sha256(train.numpy().tobytes()).hexdigest()
     return DistillData(
         train=train,
         heldout=heldout,
         num_documents=len(train_docs),
         num_heldout_documents=len(heldout_docs),
-        fingerprint=fingerprint,
+        fingerprint=blocks_fingerprint(train),
     )
 
 

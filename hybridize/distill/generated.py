@@ -271,8 +271,7 @@ def generated_data(
     """`DistillData` for a `generate:N[:PROMPTS]` spec: the teacher's samples (prompt + continuation + EOS) packed into
     blocks of `seq_len`, and the held-out blocks of the prompt source (never prompted from). The samples are cached
     beside `output` (`cache_path`)."""
-    import hashlib
-
+    from ..fingerprint import blocks_fingerprint
     from .data import DistillData, load_data, pack
 
     prompt_tokens = min(32, max(1, seq_len // 4))  # prompt + continuation + EOS is one block
@@ -304,7 +303,7 @@ def generated_data(
         heldout=source.heldout,
         num_documents=len(samples),
         num_heldout_documents=source.num_heldout_documents,
-        fingerprint=hashlib.sha256(train.numpy().tobytes()).hexdigest(),
+        fingerprint=blocks_fingerprint(train),
     )
 
 
