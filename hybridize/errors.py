@@ -23,4 +23,15 @@ class OutputExistsError(HybridizeError):
     """The output directory exists and `overwrite` was not given."""
 
 
-__all__ = ["CheckpointError", "ConfigError", "HybridizeError", "OutputExistsError", "UnsupportedModelError"]
+class OutputError(HybridizeError):
+    """The output cannot be written there: it overlaps an input, its parent is a file or read-only, no space."""
+
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "HybridizeError",
+    "OutputError",
+    "OutputExistsError",
+    "UnsupportedModelError",
+]

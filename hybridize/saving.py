@@ -1,18 +1,35 @@
 """Write a model directory atomically: into a temporary sibling, renamed into place only when complete.
 
-A failed or interrupted save leaves nothing at the output path, an existing output is refused unless `overwrite`,
-and the tokenizer files (chat template included) are copied byte for byte from where the tokenizer came from.
+What a save guarantees:
+
+- A failed or interrupted save leaves nothing at the output path; its temporary sibling `.NAME.PID.*.tmp` carries
+  the writer's process id, so the next save to that output removes the leftovers of a writer that has died (a live
+  one's are left alone).
+- An existing output is refused unless `overwrite`, checked before any work (`check_output`) and again at the moment
+  of the rename, which cannot replace a directory another process created in the meantime: of two writers to one
+  output without `overwrite`, the later fails with `OutputExistsError`. With `overwrite` the last writer wins, and
+  says so when the output it replaces is not the one it saw at the start.
+- An output is never the input, inside an input directory, or a directory holding an input (`check_output(inputs=)`),
+  `overwrite` or not; its nearest existing ancestor must be a writable directory; a save needs about the model's
+  size free and says so when it is not there.
+- The tokenizer files (chat template included) are copied byte for byte from where the tokenizer came from.
 """
 
 import contextlib
+import errno
+import logging
 import os
+import re
+import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import OutputError, OutputExistsError
 from .provenance import write_manifest
+
+logger = logging.getLogger(__name__)
 
 # Files that make up a tokenizer on disk; copied verbatim when the tokenizer was loaded from a directory.
 TOKENIZER_FILES = (
@@ -28,34 +45,161 @@ TOKENIZER_FILES = (
 )
 
 
-def check_output(output: str | Path, *, overwrite: bool = False) -> None:
-    """Refuse an existing `output` before any heavy work starts (`atomic_output` checks again at the end)."""
-    if Path(output).exists() and not overwrite:
+def _refuse_overlap(output: Path, inputs: Iterable[str | Path]) -> None:
+    """An output that is an input, lies inside one, or holds one would change or delete it: refused."""
+    out = output.resolve()
+    for spec in inputs:
+        if spec is None or not Path(spec).exists():  # an alias or a Hub id: nothing on disk to protect
+            continue
+        source = Path(spec).resolve()
+        if out == source:
+            raise OutputError(f"output {output} is the input {spec}; write the result to another path")
+        if source in out.parents:
+            raise OutputError(f"output {output} is inside the input {spec}; write the result outside it")
+        if out in source.parents:
+            raise OutputError(f"output {output} holds the input {spec}, which replacing it would delete")
+
+
+def _check_writable(output: Path) -> None:
+    """The nearest existing ancestor of `output` must be a directory this process can create files in."""
+    ancestor = output.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot write {output}: {ancestor} is a file, not a directory")
+    try:  # a real probe: permission bits say nothing to root, and nothing about a read-only mount
+        fd, probe = tempfile.mkstemp(prefix=".hybridize-probe.", dir=ancestor)
+    except OSError as error:
+        raise OutputError(f"cannot write {output}: {ancestor} is not writable ({error.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output(output: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse a bad `output` before any heavy work starts: an existing one without `overwrite`, one that overlaps
+    an input path in `inputs` (whatever `overwrite` says), one that cannot be written. `atomic_output` checks
+    again at the end."""
+    output = Path(output)
+    _refuse_overlap(output, inputs)
+    if output.exists() and not overwrite:
         raise OutputExistsError(f"output {output} already exists; choose another path or pass --overwrite")
+    _check_writable(output)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale(output: Path) -> list[Path]:
+    """Remove the `.NAME.PID.*.tmp` / `.old` siblings of `output` left by writers that are no longer running."""
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.(\d+)\.[a-z0-9_]{{8}}\.(tmp|old)")
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in output.parent.iterdir():
+            match = pattern.fullmatch(entry.name)
+            if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+                _remove(entry)
+                removed.append(entry)
+    if removed:
+        logger.warning("removed %d leftover temporary file(s) of an interrupted save of %s", len(removed), output)
+    return removed
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _sibling(output: Path, suffix: str) -> Path:
+    return output.with_name(f".{output.name}.{os.getpid()}.{secrets.token_hex(4)}.{suffix}")
+
+
+def _place(tmp: Path, output: Path, *, overwrite: bool, seen: tuple[int, int] | None) -> None:
+    """Rename the finished `tmp` to `output`; see the module docstring for what happens when `output` exists."""
+    if not overwrite:
+        if output.exists():  # and `rename` refuses a non-empty directory that appears after this check
+            raise OutputExistsError(f"output {output} was created by another process while this one ran; left as is")
+        try:
+            tmp.rename(output)
+        except OSError as error:
+            if error.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise OutputExistsError(
+                    f"output {output} was created by another process while this one ran; left as is"
+                ) from None
+            raise
+        return
+    if output.exists() and _identity(output) != seen:
+        logger.warning("%s was written by another process while this one ran; replacing it (--overwrite)", output)
+    for _ in range(8):  # another writer may slip in between the two renames: move it aside again
+        if output.exists() or output.is_symlink():
+            old = _sibling(output, "old")
+            output.rename(old)
+            _remove(old)
+        try:
+            tmp.rename(output)
+            return
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise
+    raise OutputError(f"could not replace {output}: other processes keep writing it")
 
 
 @contextlib.contextmanager
-def atomic_output(output: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output(output: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a temporary directory beside `output`; on success it replaces `output`, on failure it is removed."""
     output = Path(output)
-    check_output(output, overwrite=overwrite)
+    check_output(output, overwrite=overwrite, inputs=inputs)
+    seen = _identity(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    remove_stale(output)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.{os.getpid()}.", suffix=".tmp", dir=output.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should have normal directory permissions
     try:
         yield tmp
-        if output.exists():
-            old = output.with_name(f".{output.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            output.rename(old)
-            tmp.rename(output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(output)
+        _place(tmp, output, overwrite=overwrite, seen=seen)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise OutputError(f"no space left on the device while writing {output}") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def model_bytes(model) -> int:
+    """About what saving `model` takes on disk: its parameters and buffers at their dtypes."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}  # tied weights once
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def check_space(directory: Path, needed: int, what: str) -> None:
+    """Refuse to start a write of `needed` bytes into `directory` when the device has less free."""
+    while not directory.exists():
+        directory = directory.parent
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise OutputError(
+            f"not enough space for {what}: it needs about {needed / 2**20:,.0f} MiB and {directory} has "
+            f"{free / 2**20:,.0f} MiB free"
+        )
 
 
 def copy_tokenizer(tokenizer, directory: Path) -> None:
@@ -69,7 +213,7 @@ def copy_tokenizer(tokenizer, directory: Path) -> None:
         tokenizer.save_pretrained(directory)
 
 
-def save(model, output: str | Path, *, tokenizer=None, overwrite: bool = False) -> Path:
+def save(model, output: str | Path, *, tokenizer=None, overwrite: bool = False, inputs: Iterable = ()) -> Path:
     """Save `model` (safetensors), its tokenizer and `hybridize.json` to `output`, atomically.
 
     Args:
@@ -77,12 +221,19 @@ def save(model, output: str | Path, *, tokenizer=None, overwrite: bool = False) 
         output (`str` or `Path`): the directory to create.
         tokenizer (*optional*): copied beside the weights.
         overwrite (`bool`, *optional*, defaults to `False`): replace an existing `output`.
+        inputs (*optional*): paths the result was made from, which `output` must not overlap.
 
     Returns:
         `Path`: the output directory.
+
+    Raises:
+        `OutputExistsError`: `output` exists and not `overwrite`. `OutputError`: `output` overlaps an input, cannot
+        be written, or its device lacks the space.
     """
     output = Path(output)
-    with atomic_output(output, overwrite=overwrite) as tmp:
+    needed = model_bytes(model)
+    with atomic_output(output, overwrite=overwrite, inputs=inputs) as tmp:
+        check_space(output.parent, needed, f"the model ({output})")
         model.save_pretrained(tmp)
         if tokenizer is not None:
             copy_tokenizer(tokenizer, tmp)
@@ -90,4 +241,13 @@ def save(model, output: str | Path, *, tokenizer=None, overwrite: bool = False) 
     return output
 
 
-__all__ = ["TOKENIZER_FILES", "atomic_output", "check_output", "copy_tokenizer", "save"]
+__all__ = [
+    "TOKENIZER_FILES",
+    "atomic_output",
+    "check_output",
+    "check_space",
+    "copy_tokenizer",
+    "model_bytes",
+    "remove_stale",
+    "save",
+]

@@ -52,9 +52,10 @@ from ..errors import ConfigError, OutputExistsError, UnsupportedModelError
 from ..evaluate.perplexity import compare_logits
 from ..provenance import record_step
 from ..saving import save
+from ..validation import check_fields
 from .data import DistillData, load_data
 from .e2e import FREEZE_PRESETS, LogitsObjective, add_lora, converted_layers, freeze, merge_lora
-from .engine import CHECKPOINT, METRICS, DistillInterrupted, read_checkpoint_state, train
+from .engine import CHECKPOINT, METRICS, DistillInterrupted, read_checkpoint_state, recover_checkpoint, train
 from .generated import generated_data, is_generate_spec, parse_generate_spec
 from .layerwise import LAYER_LOSSES, LayerwiseObjective
 from .losses import KL_KINDS, KL_REDUCTIONS
@@ -168,6 +169,8 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_fields(self)
+
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -285,6 +288,8 @@ def run_dir_for(output: str | Path) -> Path:
 
 
 def _prepare_work_dir(work_dir: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:
+    if is_main:
+        recover_checkpoint(work_dir)
     if resume:
         read_checkpoint_state(work_dir)  # CheckpointError if there is nothing to resume
         return

@@ -19,9 +19,11 @@ a checkpoint is written, and `DistillInterrupted` is raised. A second Ctrl-C sto
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
+import pickle
 import random
 import shutil
 import signal
@@ -37,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, HybridizeError
+from ..errors import CheckpointError, HybridizeError, OutputError
 from .data import DistillData
 
 if TYPE_CHECKING:
@@ -99,25 +101,42 @@ class BlockStream:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """Every generator's state, in types `torch.load(weights_only=True)` reads back (tensors, ints, tuples): a
+    checkpoint must not be able to run code when it is resumed."""
+    version, internal, gauss = random.getstate()
+    state = {"python": (version, torch.tensor(internal, dtype=torch.int64), gauss), "torch": torch.get_rng_state()}
     with contextlib.suppress(ImportError):
         import numpy
 
-        state["numpy"] = numpy.random.get_state()
+        name, keys, pos, has_gauss, cached = numpy.random.get_state()
+        state["numpy"] = (name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached))
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss))
     torch.set_rng_state(state["torch"])
     if "numpy" in state:
         import numpy
 
-        numpy.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        numpy.random.set_state((name, keys.numpy().astype(numpy.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _safe_load(path: Path) -> Any:
+    """`torch.load` that cannot execute code: a planted or tampered pickle is refused, not run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(
+            f"{path} is not a checkpoint file this run wrote ({type(error).__name__}); it was not loaded. Pass "
+            "--overwrite to start over"
+        ) from None
 
 
 def _trainable(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -134,6 +153,28 @@ def save_checkpoint(
     identity: dict[str, Any],
 ) -> Path:
     """Write `work_dir/checkpoint` atomically (a temporary sibling renamed into place); every process takes part."""
+    try:
+        return _write_checkpoint(accelerator, work_dir, objective, optimizer, scheduler, state, identity)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        shutil.rmtree(work_dir / f"{CHECKPOINT}.tmp", ignore_errors=True)
+        needed = 3 * sum(p.numel() * p.element_size() for p in _trainable(objective).values())
+        raise OutputError(
+            f"no space left in {work_dir} for a checkpoint: it needs about {needed / 2**20:,.0f} MiB (the trained "
+            "weights and the optimizer's two moments); the previous checkpoint, if any, is kept"
+        ) from None
+
+
+def _write_checkpoint(
+    accelerator: Accelerator,
+    work_dir: Path,
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: RunState,
+    identity: dict[str, Any],
+) -> Path:
     target, tmp = work_dir / CHECKPOINT, work_dir / f"{CHECKPOINT}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -165,8 +206,18 @@ def save_checkpoint(
     return target
 
 
+def recover_checkpoint(work_dir: Path) -> None:
+    """A crash between the two renames of `save_checkpoint` leaves the previous checkpoint only as `checkpoint.old`
+    (complete: it was renamed whole): put it back."""
+    target, old = work_dir / CHECKPOINT, work_dir / f"{CHECKPOINT}.old"
+    if not target.exists() and (old / _STATE).is_file():
+        old.rename(target)
+        logger.warning("recovered the checkpoint in %s (a save was interrupted between two renames)", target)
+
+
 def read_checkpoint_state(work_dir: Path) -> dict[str, Any]:
     """The `state.json` of the checkpoint in `work_dir`, or a `CheckpointError` saying why there is none."""
+    recover_checkpoint(work_dir)
     path = work_dir / CHECKPOINT / _STATE
     if not path.is_file():
         raise CheckpointError(
@@ -202,11 +253,11 @@ def load_checkpoint(
     with torch.no_grad():
         for name, parameter in params.items():
             parameter.copy_(weights[name])
-    states = torch.load(directory / _OPTIMIZER, map_location="cpu", weights_only=False)
+    states = _safe_load(directory / _OPTIMIZER)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     rng_path = directory / f"rng-{accelerator.process_index}.pt"
-    set_rng_state(torch.load(rng_path, weights_only=False))
+    set_rng_state(_safe_load(rng_path))
     return RunState(
         step=saved["step"],
         tokens=saved["tokens"],
