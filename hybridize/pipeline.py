@@ -13,14 +13,19 @@ steps:
 Each step's options are its config's fields (`ConvertConfig`, `DistillConfig`, ...), plus the few runtime inputs the
 CLI also takes (`teacher`, `baseline`, `output`, a distill step's `eval_every`). The whole recipe is validated before
 anything runs: an unknown key or a bad value is named with its line. The output's `hybridize.json` records which
-recipe steps are done (a hash of the recipe and the step's index), so running the same recipe again resumes after the
-last completed step.
+recipe steps are done (a hash of the recipe's model and steps, and the step's index), so running the same recipe
+again resumes after the last completed step; the same steps from another model are another recipe.
+
+Every path a recipe writes (its output, each export's output) is checked before anything runs, like the CLI's `-o`:
+none may overlap a path it reads (the model, a teacher, a baseline, a model to fuse), and an existing one needs
+`--overwrite`. `--overwrite` never deletes anything up front: each write replaces its output atomically when done.
 """
 
 import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +44,7 @@ from .evaluate.perplexity import EvalConfig, evaluate
 from .export import ExportConfig, export
 from .hub import PushConfig, push
 from .provenance import append_step, read_manifest, record_step
-from .saving import save
+from .saving import check_output, save
 from .sources import load
 
 logger = logging.getLogger(__name__)
@@ -47,11 +52,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _State:
-    """What flows between steps: the current model, its tokenizer, and the recipe's output directory."""
+    """What flows between steps: the current model, its tokenizer, the recipe's output directory, and what a step
+    that writes elsewhere must respect (`overwrite`, the paths read)."""
 
     model: Any
     tokenizer: Any
     output: Path
+    overwrite: bool = False
+    inputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,7 +121,14 @@ def _fuse(state: _State, config: FuseConfig, runtime: dict) -> None:
 
 
 def _export(state: _State, config: ExportConfig, runtime: dict) -> dict:
-    save(export(state.model, config), runtime["output"], tokenizer=state.tokenizer, overwrite=True)
+    inputs = (*state.inputs, state.output)
+    save(
+        export(state.model, config),
+        runtime["output"],
+        tokenizer=state.tokenizer,
+        overwrite=state.overwrite,
+        inputs=inputs,
+    )
     return {"output": str(runtime["output"])}
 
 
@@ -214,7 +229,8 @@ def parse_recipe(text: str) -> Recipe:
         first = planned[0]
         makers = sorted(name for name, step in STEPS.items() if step.changes_model)
         raise ConfigError(f"line {first.line}: the first step must produce the output model (one of {makers})")
-    digest = hashlib.sha256(json.dumps(data["steps"], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    identity = {"model": str(data["model"]), "steps": data["steps"]}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Recipe(model=str(data["model"]), output=Path(data["output"]), steps=tuple(planned), digest=digest)
 
 
@@ -231,17 +247,34 @@ def _completed(recipe: Recipe, overwrite: bool) -> set[int]:
     return done
 
 
+def recipe_inputs(recipe: Recipe) -> tuple[str, ...]:
+    """Every model path the recipe reads: its model, and each step's teacher, baseline and models to fuse."""
+    paths = [recipe.model]
+    for planned in recipe.steps:
+        paths += [planned.runtime[key] for key in ("teacher", "baseline") if planned.runtime.get(key)]
+        paths += [str(spec) for spec in planned.runtime.get("models", ())]
+    return tuple(str(path) for path in paths)
+
+
+def _check_exports(recipe: Recipe, inputs: tuple[str, ...], done: set[int], overwrite: bool) -> None:
+    """Refuse, before any work, an export output that exists (without `overwrite`) or overlaps a path read."""
+    for planned in recipe.steps:
+        if planned.name == "export" and planned.index not in done:
+            check_output(planned.runtime["output"], overwrite=overwrite, inputs=(*inputs, recipe.output))
+
+
 def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> list[dict]:
     """Run `recipe`, skipping the steps its output already records as done.
 
     Returns:
         `list[dict]`: one entry per step: its name, whether it ran or was skipped, and what it returned.
     """
+    inputs = recipe_inputs(recipe)
+    check_output(recipe.output, overwrite=True, inputs=inputs)  # overlap and writability; existence: `_completed`
     done = _completed(recipe, overwrite)
-    if overwrite and recipe.output.exists():
-        import shutil
-
-        shutil.rmtree(recipe.output)
+    _check_exports(recipe, inputs, done, overwrite)
+    if overwrite:  # an earlier run's unfinished distillation is not this run's to resume
+        shutil.rmtree(run_dir_for(recipe.output), ignore_errors=True)
     state = None
     report = []
     for planned in recipe.steps:
@@ -250,7 +283,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> list[dict]:
             continue
         if state is None:  # the model as the last completed step left it
             source = recipe.output if done else recipe.model
-            state = _State(*load(str(source)), output=recipe.output)
+            state = _State(*load(str(source)), output=recipe.output, overwrite=overwrite, inputs=inputs)
         step = STEPS[planned.name]
         logger.info("recipe step %d (line %d): %s", planned.index, planned.line, planned.name)
         tag = {"recipe": recipe.digest, "recipe_step": planned.index}
@@ -261,9 +294,9 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> list[dict]:
         if step.changes_model:
             state.model.hybridize_steps[-1].update(tag)
             if planned.name == "distill":
-                finish(state.model, recipe.output, tokenizer=state.tokenizer, overwrite=True)
+                finish(state.model, recipe.output, tokenizer=state.tokenizer, overwrite=True, inputs=inputs)
             else:
-                save(state.model, recipe.output, tokenizer=state.tokenizer, overwrite=True)
+                save(state.model, recipe.output, tokenizer=state.tokenizer, overwrite=True, inputs=inputs)
         else:  # recorded on disk now, and on the model so that a later save keeps it
             record_step(state.model, planned.name, planned.config, metrics=_jsonable(result), **tag)
             append_step(recipe.output, planned.name, planned.config, metrics=_jsonable(result), **tag)
@@ -291,4 +324,14 @@ def run(path: str | Path, *, overwrite: bool = False) -> list[dict]:
     return run_recipe(load_recipe(path), overwrite=overwrite)
 
 
-__all__ = ["STEPS", "PlannedStep", "Recipe", "Step", "load_recipe", "parse_recipe", "run", "run_recipe"]
+__all__ = [
+    "STEPS",
+    "PlannedStep",
+    "Recipe",
+    "Step",
+    "load_recipe",
+    "parse_recipe",
+    "recipe_inputs",
+    "run",
+    "run_recipe",
+]

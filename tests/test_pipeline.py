@@ -172,3 +172,64 @@ def test_shipped_recipes_run_on_a_tiny_model(path, tmp_path, llama_dir, monkeypa
         if planned.get("eval", {}).get("tasks"):  # lm-eval ran every task the recipe names
             assert sorted(result["result"]["tasks"]) == sorted(planned["eval"]["tasks"])
             assert all(0 <= scores["acc"] <= 1 for scores in result["result"]["tasks"].values())
+
+
+# --- issue 14: a recipe never loses its input or an existing output --------------------------------------------------
+
+
+def _tree(path):
+    return sorted((str(p.relative_to(path)), p.read_bytes()) for p in path.rglob("*") if p.is_file())
+
+
+def test_a_recipe_writing_over_its_own_model_is_refused_even_with_overwrite(tmp_path, llama_dir):
+    from hybridize.errors import OutputError
+
+    before = _tree(llama_dir)
+    for output in (llama_dir, llama_dir / "sub", tmp_path):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(f"model: {llama_dir}\noutput: {output}\nsteps:\n  - convert: {{ratio: 0.5}}\n")
+        with pytest.raises(OutputError, match="input"):
+            hybridize.run(recipe, overwrite=True)
+        assert _tree(llama_dir) == before
+
+
+def test_an_export_step_never_replaces_an_existing_directory_without_overwrite(tmp_path, llama_dir, monkeypatch):
+    (tmp_path / "native").mkdir()
+    (tmp_path / "native" / "keep.txt").write_text("mine")
+    recipe = _recipe(tmp_path, llama_dir, STEPS.replace("OUT", str(tmp_path)))
+    converted = []
+    monkeypatch.setattr(pipeline, "convert", lambda *a, **k: converted.append(1))
+    with pytest.raises(OutputExistsError, match="native"):
+        hybridize.run(recipe)
+    assert converted == [] and not (tmp_path / "out").exists()  # refused before any work
+    assert (tmp_path / "native" / "keep.txt").read_text() == "mine"
+
+
+def test_an_export_step_with_overwrite_replaces_it(tmp_path, llama_dir):
+    (tmp_path / "native").mkdir()
+    (tmp_path / "native" / "keep.txt").write_text("mine")
+    hybridize.run(_recipe(tmp_path, llama_dir, STEPS.replace("OUT", str(tmp_path))), overwrite=True)
+    assert (tmp_path / "native" / "config.json").is_file() and not (tmp_path / "native" / "keep.txt").exists()
+
+
+def test_the_same_steps_on_another_model_are_another_recipe(tmp_path, llama_dir):
+    steps = "  - convert: {ratio: 0.5, seed: 3}\n"
+    hybridize.run(_recipe(tmp_path, llama_dir, steps))
+    other = save_tiny(tmp_path / "other", seed=1)
+    with pytest.raises(OutputExistsError, match="not made by this recipe"):
+        hybridize.run(_recipe(tmp_path, other, steps))
+    report = hybridize.run(_recipe(tmp_path, other, steps), overwrite=True)
+    assert [r["status"] for r in report] == ["ran"]
+
+
+def test_overwrite_keeps_the_old_output_until_the_new_one_is_written(tmp_path, llama_dir, monkeypatch):
+    hybridize.run(_recipe(tmp_path, llama_dir, "  - convert: {ratio: 0.5}\n"))
+    before = _tree(tmp_path / "out")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(pipeline, "convert", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        hybridize.run(_recipe(tmp_path, llama_dir, "  - convert: {ratio: 0.25}\n"), overwrite=True)
+    assert _tree(tmp_path / "out") == before

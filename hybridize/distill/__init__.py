@@ -40,7 +40,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -510,7 +510,9 @@ def distill(
     return model
 
 
-def finish(model: nn.Module, output: str | Path, *, tokenizer: Any = None, overwrite: bool = False) -> Path | None:
+def finish(
+    model: nn.Module, output: str | Path, *, tokenizer: Any = None, overwrite: bool = False, inputs: Iterable = ()
+) -> Path | None:
     """Save a distilled model to `output` (atomically, on the main process only), copy the run's metrics log into it
     as `distill_metrics.jsonl`, plot its held-out curve over tokens (every distill stage so far) as
     `distill_curve.png`, and remove the run's work directory (`run_dir_for(output)`).
@@ -523,7 +525,7 @@ def finish(model: nn.Module, output: str | Path, *, tokenizer: Any = None, overw
     state = PartialState()
     result = None
     if state.is_main_process:
-        save(model, output, tokenizer=tokenizer, overwrite=overwrite)
+        save(model, output, tokenizer=tokenizer, overwrite=overwrite, inputs=inputs)
         work_dir = run_dir_for(output)
         if (work_dir / METRICS).is_file():
             shutil.copyfile(work_dir / METRICS, Path(output) / "distill_metrics.jsonl")
