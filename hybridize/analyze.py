@@ -22,6 +22,7 @@ from .convert.lazy import attention_modules, laziest_layers, lazy_frequency, mea
 from .convert.selection import num_converted
 from .errors import ConfigError
 from .saving import atomic_output
+from .validation import check_fields
 
 RESULT_NAME = "lazy_ratio.json"
 PLOT_NAME = "lazy_ratio.png"
@@ -62,6 +63,7 @@ class AnalyzeConfig:
     mixer_init: str | None = None
 
     def __post_init__(self):
+        check_fields(self)
         if self.sinks < 0 or self.window < 1 or self.w_last < 1:
             raise ConfigError(
                 f"need sinks >= 0, window >= 1 and w_last >= 1, got sinks={self.sinks}, window={self.window}, "

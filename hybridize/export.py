@@ -16,6 +16,7 @@ from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
 from .errors import ConfigError, UnsupportedModelError
 from .modeling import HybridForCausalLM, Mamba2MixerConfig
 from .provenance import record_step
+from .validation import check_fields
 
 TARGETS = ("granitemoehybrid",)
 _LAYER_TYPES = {"attention": "full_attention", "mamba2": "linear_attention"}
@@ -28,6 +29,7 @@ class ExportConfig:
     to: str = "granitemoehybrid"
 
     def __post_init__(self):
+        check_fields(self)
         if self.to not in TARGETS:
             raise ConfigError(f"export target {self.to!r} is not supported; choose one of {TARGETS}")
 

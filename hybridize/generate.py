@@ -41,6 +41,7 @@ from transformers.cache_utils import DynamicLayer
 from .errors import ConfigError
 from .modeling import HybridCache, new_cache
 from .sources import load
+from .validation import check_fields
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +87,9 @@ class GenerateConfig:
     ignore_eos: bool = False
 
     def __post_init__(self):
+        if isinstance(self.stop, str):  # one stop string, not its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        check_fields(self)
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not self.temperature > 0:
@@ -104,7 +108,6 @@ class GenerateConfig:
             )
         if any(not s for s in self.stop):
             raise ConfigError(f"stop strings must be non-empty, got {self.stop!r}")
-        object.__setattr__(self, "stop", tuple(self.stop))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -389,6 +392,7 @@ class PromptLookupDraft:
     min_ngram: int = 1
 
     def __post_init__(self):
+        check_fields(self)
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ConfigError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram} and {self.max_ngram}")
 

@@ -27,6 +27,7 @@ from huggingface_hub.utils import (
 from .errors import CheckpointError, ConfigError, HybridizeError
 from .model_card import HUB_ID_PATTERN, model_card
 from .sources import resolve
+from .validation import check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class PushConfig:
     endpoint: str | None = None
 
     def __post_init__(self):
+        check_fields(self)
         try:
             if not HUB_ID_PATTERN.fullmatch(self.repo_id):
                 raise HFValidationError("it must have the form 'owner/name'")

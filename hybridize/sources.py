@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -247,7 +248,13 @@ def _cached_gguf(gguf_path: Path) -> Path:
                 f"{error} (in the cache of {gguf_path.name}); delete {cache} to rebuild it"
             ) from None
         return cache
-    logger.info("dequantizing %s once into %s (about 45 s for SmolLM2 on two cores)", gguf_path, cache)
+    # Said on stderr, not logged: nothing shows a library's INFO records, and this is a wait and disk space to explain.
+    print(
+        f"hybridize: first use of {gguf_path.name}: dequantizing it once into {cache} (about 45 s and 540 MB for "
+        "SmolLM2; set HYBRIDIZE_CACHE to cache elsewhere); later loads read that directory",
+        file=sys.stderr,
+        flush=True,
+    )
     cache.parent.mkdir(parents=True, exist_ok=True)
     # Write into a temporary sibling and rename at the end: an interrupted first load leaves no broken cache.
     staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
@@ -353,7 +360,20 @@ def load_source(
         ) from error
     except OSError as error:
         raise CheckpointError(f"cannot load {source.spec}: {error}") from error
+    _check_finite(model, f"{source.spec} (cached in {location})" if source.is_gguf else source.spec)
     return model, tokenizer
+
+
+def _check_finite(model: PreTrainedModel, spec: str) -> None:
+    """A header-valid file can still hold NaN or infinite weights (a failed training run, a bad conversion); every
+    output of such a model is garbage, so refuse it here, naming the first bad tensor. One pass over the weights."""
+    for name, parameter in model.named_parameters():
+        if not torch.isfinite(parameter).all():
+            nan, inf = int(torch.isnan(parameter).sum()), int(torch.isinf(parameter).sum())
+            raise CheckpointError(
+                f"the weights of {spec} are not finite: {name} holds {nan} NaN and {inf} infinite values of "
+                f"{parameter.numel()}; the checkpoint is corrupt (re-download it, or re-save it from a healthy model)"
+            )
 
 
 def load(

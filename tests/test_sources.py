@@ -1,11 +1,14 @@
 """sources: resolving specs, refusing bad ones before any weights are read, the GGUF cache, and the real alias."""
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from tiny import run_cli
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -135,6 +138,22 @@ def test_load_local_directory(tiny_llama_dir):
     assert tokenizer("w1 w2").input_ids == [1, 2]
 
 
+@pytest.mark.parametrize(
+    ("bad", "counts"), [(float("nan"), "1 NaN and 0 infinite"), (float("inf"), "0 NaN and 1 infinite")]
+)
+def test_non_finite_weights_are_refused_naming_the_tensor(tiny_llama_dir, tmp_path, bad, counts):
+    weights, name = tiny_llama_dir / "model.safetensors", "model.layers.1.mlp.down_proj.weight"
+    tensors = load_file(weights)
+    tensors[name][3, 5] = bad
+    save_file(tensors, weights, metadata={"format": "pt"})
+    resolve(str(tiny_llama_dir))  # the header is valid: only the values tell
+    with pytest.raises(CheckpointError, match=f"{name} holds {counts} values of 2048; the checkpoint is corrupt"):
+        sources.load(str(tiny_llama_dir))
+    code, out = run_cli("convert", tiny_llama_dir, "-o", tmp_path / "hybrid")
+    assert code == 1 and f"error: the weights of {tiny_llama_dir} are not finite: {name}" in out, out
+    assert not (tmp_path / "hybrid").exists()
+
+
 def test_missing_tokenizer(tmp_path):
     path = tmp_path / "no-tokenizer"
     LlamaForCausalLM(
@@ -163,11 +182,11 @@ def test_saved_hybrid_skips_the_family_check(tiny_llama_dir, monkeypatch):
     class HybridLikeConfig(PreTrainedConfig):
         model_type = "hybridize"
 
-    calls = []
+    calls, model = [], torch.nn.Linear(2, 2)
     monkeypatch.setattr(sources, "_load_config", lambda source, trust_remote_code: HybridLikeConfig())
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: "tokenizer")
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: calls.append(k) or "model")
-    assert load_source(str(tiny_llama_dir)) == ("model", "tokenizer")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: calls.append(k) or model)
+    assert load_source(str(tiny_llama_dir)) == (model, "tokenizer")
     assert calls == [{"dtype": torch.float32, "trust_remote_code": False}]
 
 
@@ -187,6 +206,22 @@ def test_interrupted_cache_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         sources._cached_gguf(gguf)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_first_use_of_a_gguf_file_says_once_where_it_is_cached(tmp_path, monkeypatch, capsys, tiny_llama_dir):
+    monkeypatch.setenv("HYBRIDIZE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+    monkeypatch.setattr(  # the dequantization itself is the slow test below; here a tiny model stands in for it
+        sources,
+        "_write_gguf_as_pretrained",
+        lambda gguf_path, output: shutil.copytree(tiny_llama_dir, output, dirs_exist_ok=True),
+    )
+    cache = sources._cached_gguf(gguf)
+    said = capsys.readouterr().err
+    assert f"first use of m.gguf: dequantizing it once into {cache}" in said and "HYBRIDIZE_CACHE" in said
+    assert sources._cached_gguf(gguf) == cache and (cache / "model.safetensors").is_file()
+    assert capsys.readouterr().err == ""  # later loads say nothing
 
 
 def test_cache_key_follows_the_file(tmp_path, monkeypatch):

@@ -45,6 +45,7 @@ from ..calibrate import calibrate, calibration_blocks
 from ..errors import ConfigError, UnsupportedModelError
 from ..modeling import HybridConfig, HybridForCausalLM
 from ..provenance import record_step
+from ..validation import check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,9 @@ class FuseConfig:
     calibration_len: int = 512
 
     def __post_init__(self):
+        if isinstance(self.width_axes, str):  # one axis by name
+            object.__setattr__(self, "width_axes", (self.width_axes,))
+        check_fields(self, distinct=("width_axes",))
         if self.align not in ALIGNS:
             raise ConfigError(f"align {self.align!r} is not supported; choose one of {', '.join(ALIGNS)}")
         if self.solver not in SOLVERS:
@@ -101,10 +105,9 @@ class FuseConfig:
             raise ConfigError(f"reg must be positive (Sinkhorn's regularisation), got {self.reg}")
         if not 0.0 < self.width <= 1.0:
             raise ConfigError(f"width must be in (0, 1] (a fraction of the anchor's width), got {self.width}")
-        axes = (self.width_axes,) if isinstance(self.width_axes, str) else tuple(self.width_axes)
-        if set(axes) - set(WIDTH_AXES):
-            raise ConfigError(f"width_axes {list(axes)} must be a subset of {', '.join(WIDTH_AXES)}")
-        object.__setattr__(self, "width_axes", tuple(a for a in WIDTH_AXES if a in axes))
+        if set(self.width_axes) - set(WIDTH_AXES):
+            raise ConfigError(f"width_axes {list(self.width_axes)} must be a subset of {', '.join(WIDTH_AXES)}")
+        object.__setattr__(self, "width_axes", tuple(a for a in WIDTH_AXES if a in self.width_axes))
         if self.align == "none" and self.width < 1:
             raise ConfigError("width < 1 merges units by their alignment; use align activations or weights")
         if self.weights is not None:

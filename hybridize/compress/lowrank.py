@@ -40,6 +40,7 @@ from ..calibrate import calibrate, calibration_blocks
 from ..errors import ConfigError
 from ..modeling import HybridForCausalLM, LowRankLinear
 from ..provenance import record_step
+from ..validation import check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ class FactorizeConfig:
     sensitivity_tokens: int = 256
 
     def __post_init__(self):
+        if isinstance(self.targets, str):  # one target by name
+            object.__setattr__(self, "targets", (self.targets,))
+        check_fields(self, distinct=("targets",))
         if not 0.0 < self.ratio <= 1.0:
             raise ConfigError(
                 f"ratio must be in (0, 1] (the fraction of the targeted linear parameters kept), got {self.ratio}"
@@ -106,11 +110,10 @@ class FactorizeConfig:
             raise ConfigError(
                 f"rank_alloc {self.rank_alloc!r} is not supported; choose one of {', '.join(RANK_ALLOCS)}"
             )
-        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        unknown = sorted(set(targets) - set(TARGETS))
-        if unknown or not targets:
-            raise ConfigError(f"targets {list(targets)} must be a non-empty subset of {', '.join(TARGETS)}")
-        object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))
+        unknown = sorted(set(self.targets) - set(TARGETS))
+        if unknown or not self.targets:
+            raise ConfigError(f"targets {list(self.targets)} must be a non-empty subset of {', '.join(TARGETS)}")
+        object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in self.targets))
         if self.alpha < 0 or self.damp < 0:
             raise ConfigError(f"alpha ({self.alpha}) and damp ({self.damp}) must not be negative")
         if self.calibration_docs < 1 or self.calibration_len < 2 or self.sensitivity_tokens < 2:

@@ -77,6 +77,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..modeling import MIXERS, HybridConfig, HybridForCausalLM, Mamba2Mixer, Mamba2MixerConfig
 from ..modeling.attention import AttentionMixer
 from ..provenance import record_step
+from ..validation import check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class PruneConfig:
     num_candidates: int = 8
 
     def __post_init__(self):
+        check_fields(self)
         explicit = self.explicit_axes()
         if self.params is None and not explicit:
             raise ConfigError(

@@ -19,6 +19,7 @@ from ..families import check_supported
 from ..modeling import MIXERS, HybridConfig, HybridForCausalLM
 from ..modeling.streaming import StreamingMixerConfig
 from ..provenance import record_step
+from ..validation import check_fields
 from .calibrated import calibrate_readouts, zero_readout
 from .lazy import lazy_frequency, measure_lazy_ratios
 from .mamba2 import init_mamba2_from_attention
@@ -48,7 +49,8 @@ class ConvertConfig:
         mixer (`str`, *optional*, defaults to `"mamba2"`): the mixer that replaces attention in converted layers.
         ratio (`float`, *optional*, defaults to 0.5): fraction of layers converted, in [0, 1]; 0 keeps the source
             model as it is (as a hybrid), 1 converts every layer. Spread evenly as MambaInLlama does.
-        attn_layers (`tuple[int, ...]`, *optional*): explicit layers that keep attention; overrides `ratio`.
+        attn_layers (`tuple[int, ...]`, *optional*): explicit layers that keep attention, each named once; overrides
+            `ratio`.
         full_every (`int`, *optional*): keep attention in every `full_every`-th layer, layers N-1, 2N-1, ...
             (NHA's block pattern: 8 keeps 7, 15, 23 of 30 layers) and convert the others; it fills in
             `attn_layers`, so it overrides `ratio` and cannot be combined with `attn_layers` or a `select`.
@@ -101,6 +103,7 @@ class ConvertConfig:
     calibration_len: int = 2048
 
     def __post_init__(self):
+        check_fields(self, distinct=("attn_layers",))
         if self.mixer not in INITIALIZERS:
             raise ConfigError(f"mixer {self.mixer!r} is not supported; choose one of {sorted(INITIALIZERS)}")
         if not 0.0 <= self.ratio <= 1.0:
@@ -142,7 +145,7 @@ class ConvertConfig:
                 f"{self.calibration_len}"
             )
         if self.attn_layers is not None:
-            object.__setattr__(self, "attn_layers", tuple(sorted({int(i) for i in self.attn_layers})))
+            object.__setattr__(self, "attn_layers", tuple(sorted(self.attn_layers)))
 
 
 def hybrid_config_for(source: PreTrainedModel, mixer_types: list[str], config: ConvertConfig) -> HybridConfig:

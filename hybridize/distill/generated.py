@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..validation import check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class GenerateConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_fields(self)
         for name in ("tokens", "prompt_tokens", "new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"generate {name}={getattr(self, name)} must be at least 1")

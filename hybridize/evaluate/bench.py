@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..validation import check_fields
 from .corpus import load_corpus, token_blocks
 
 
@@ -42,6 +43,7 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1,)
 
     def __post_init__(self):
+        check_fields(self, distinct=("contexts", "batch_sizes"))
         if not self.contexts or min(self.contexts) < 1:
             raise ConfigError(f"contexts must be positive token counts, got {self.contexts}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:

@@ -18,6 +18,7 @@ than silently truncated. Compare models at the same `max_length`: it changes per
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -38,6 +39,14 @@ OFFLINE_TASKS = ("wiki_ppl", "lambada_wiki", "passkey_2k", "passkey_4k", "passke
 TASK_LENGTHS = {"passkey_2k": 2048, "passkey_4k": 4096, "passkey_8k": 8192}
 MAX_DEFAULT_LENGTH = 8192
 _OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+# lm-eval warnings that do not apply to this bridge: it passes a model object on purpose (one process, no accelerate),
+# and `hybridize eval` has no `--metadata` (the offline tasks' loader takes none).
+_IRRELEVANT_WARNINGS = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+    "Custom kwargs can be passed to `--metadata`",
+)
+_WARNING_LOGGERS = ("lm_eval.models.huggingface", "lm_eval.api.task")
 
 
 def default_max_length(model: nn.Module) -> int:
@@ -83,7 +92,7 @@ def run_tasks(
     tasks = list(dict.fromkeys(tasks))
     max_length = default_max_length(model) if max_length is None else max_length
     _check_args(tasks, max_length, batch_size, limit)
-    with _offline(), _kept_rng_state():
+    with _offline(), _kept_rng_state(), _without_irrelevant_warnings():
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
@@ -187,6 +196,33 @@ def _offline() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+class _IrrelevantWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in _IRRELEVANT_WARNINGS)
+
+
+@contextmanager
+def _without_irrelevant_warnings() -> Iterator[None]:
+    """Drop lm-eval's `_IRRELEVANT_WARNINGS` for the duration, and its `git describe` of the working directory (the
+    result is not kept, and outside a repository git prints `fatal: not a git repository`)."""
+    import lm_eval.evaluator
+
+    loggers, drop = [logging.getLogger(name) for name in _WARNING_LOGGERS], _IrrelevantWarningFilter()
+    git_hash = getattr(lm_eval.evaluator, "get_git_commit_hash", None)
+    for logger in loggers:
+        logger.addFilter(drop)
+    if git_hash is not None:
+        lm_eval.evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+        if git_hash is not None:
+            lm_eval.evaluator.get_git_commit_hash = git_hash
 
 
 @contextmanager

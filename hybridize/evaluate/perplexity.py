@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..modeling.cache import new_cache
+from ..validation import check_fields
 from .corpus import SPLITS, load_corpus, token_blocks
 
 # Tokens per cached forward after the prompt in prompt + continuation scoring: one token at a time is exactly
@@ -70,6 +71,9 @@ class EvalConfig:
     prompt_len: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.tasks, str):
+            raise ConfigError(f"tasks={self.tasks!r} must be a tuple of task names, e.g. ('wiki_ppl', 'passkey_4k')")
+        check_fields(self, distinct=("tasks",))
         if self.split not in SPLITS:
             raise ConfigError(f"split={self.split!r} is not a corpus split; use one of {', '.join(SPLITS)}")
         if self.seq_len < 2:
@@ -83,7 +87,7 @@ class EvalConfig:
                 f"prompt_len={self.prompt_len} must be in [0, seq_len - 1) = [0, {self.seq_len - 1}) so that a "
                 "continuation is left to score"
             )
-        if isinstance(self.tasks, str) or not all(isinstance(task, str) and task.strip() for task in self.tasks):
+        if not all(task.strip() for task in self.tasks):
             raise ConfigError(f"tasks={self.tasks!r} must be a tuple of task names, e.g. ('wiki_ppl', 'passkey_4k')")
         if self.tasks and (self.prompt_len or self.data is not None):
             raise ConfigError(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import logging
 import math
 import os
 import re
@@ -180,6 +181,25 @@ def test_wiki_ppl_on_a_tiny_hybrid_matches_a_hand_computation(hybrid_dir):
     assert result["word_perplexity"] == pytest.approx(math.exp(-loglikelihood / len(text.split())), rel=1e-4)
     assert result["byte_perplexity"] == pytest.approx(math.exp(-loglikelihood / len(text.encode())), rel=1e-4)
     assert result["bits_per_byte"] == pytest.approx(math.log2(result["byte_perplexity"]), rel=1e-6)
+
+
+def test_run_tasks_shows_no_lm_eval_warning_meant_for_its_own_command_line(
+    hybrid_dir, tmp_path, monkeypatch, caplog, capfd
+):
+    monkeypatch.chdir(tmp_path)  # outside a git repository, where lm-eval's `git describe` printed "fatal: ..."
+    model, tokenizer = hybridize.load(str(hybrid_dir))
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        result = run_tasks(model, tokenizer, ["wiki_ppl"], max_length=512, limit=1)
+    assert result["wiki_ppl"]["num_items"] == 1
+    warnings = [record.getMessage() for record in caplog.records if record.name.startswith("lm_eval")]
+    assert not [m for m in warnings if "`pretrained`" in m or "--metadata" in m], warnings
+    assert "fatal" not in capfd.readouterr().err
+    # lm-eval's other warnings still show after the run
+    assert (
+        not logging.getLogger("lm_eval.models.huggingface").filters
+        and not logging.getLogger("lm_eval.api.task").filters
+    )
 
 
 def test_cli_eval_tasks_prints_writes_json_and_records(hybrid_dir, tmp_path):
