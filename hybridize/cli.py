@@ -1,40 +1,109 @@
-"""The `hybridize` command line. Thin: parse options -> build the config -> call the API -> save -> print."""
+"""The `hybridize` command line. Thin: parse options -> build the config -> call the API -> save -> print.
 
+Fast to say no: this module imports only typer and the standard library, and each command imports what it runs, so
+that `--help`, `--version` and usage errors return before torch, transformers, lm-eval, POT, matplotlib or datasets
+is imported (`tests/test_fast_cli.py`). The API is reached through `hybridize.<name>`, which imports on first use.
+"""
+
+import ast
+import contextlib
+import functools
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 import hybridize
-from hybridize.analyze import AnalyzeConfig, format_analysis, save_analysis
-from hybridize.compress.fuse import FuseConfig, check_fuse
-from hybridize.compress.lowrank import FactorizeConfig
-from hybridize.compress.prune import PruneConfig, format_prune
-from hybridize.convert import ConvertConfig
-from hybridize.distill import EVAL_EVERY, SAVE_EVERY, DistillConfig, finish, run_dir_for
 from hybridize.errors import ConfigError, HybridizeError
-from hybridize.evaluate import BenchConfig, EvalConfig
-from hybridize.evaluate.bench import format_bench, plot_bench
-from hybridize.evaluate.harness import format_results
-from hybridize.export import ExportConfig
-from hybridize.generate import GenerateConfig, format_compare, format_generate, load_draft
-from hybridize.hub import PushConfig
-from hybridize.pipeline import load_recipe
-from hybridize.provenance import MANIFEST_NAME, append_step
-from hybridize.sources import load_config, resolve
+
+
+@functools.cache
+def _module_source(module: str) -> ast.Module:
+    path = Path(__file__).parent.joinpath(*module.split("."))
+    return ast.parse((path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).read_text(encoding="utf-8"))
+
+
+def _defaults(module: str, name: str | None = None) -> SimpleNamespace:
+    """The literal defaults of the dataclass `name` in `hybridize.<module>` (without `name`: the module's literal
+    constants), read from its source instead of imported: the config modules import torch, which `--help` and
+    argument errors must not wait for. `tests/test_fast_cli.py` checks them against the imported classes."""
+    tree = _module_source(module)
+    constants = {
+        target.id: node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    if name is None:
+        nodes = constants
+    else:
+        cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name)
+        nodes = {f.target.id: f.value for f in cls.body if isinstance(f, ast.AnnAssign) and f.value is not None}
+    values = {}
+    for key, node in nodes.items():
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "field":  # field(default=...)
+            node = next((keyword.value for keyword in node.keywords if keyword.arg == "default"), None)
+        if isinstance(node, ast.Name):  # a module constant, as in `width_axes: tuple[str, ...] = WIDTH_AXES`
+            node = constants.get(node.id)
+        with contextlib.suppress(ValueError, TypeError, SyntaxError):  # not a literal: no option defaults to it
+            values[key] = ast.literal_eval(node)
+    return SimpleNamespace(**values)
+
+
+AnalyzeDefaults = _defaults("analyze", "AnalyzeConfig")
+BenchDefaults = _defaults("evaluate.bench", "BenchConfig")
+ConvertDefaults = _defaults("convert", "ConvertConfig")
+DistillDefaults = _defaults("distill", "DistillConfig")
+DistillRunDefaults = _defaults("distill")  # EVAL_EVERY, SAVE_EVERY
+EvalDefaults = _defaults("evaluate.perplexity", "EvalConfig")
+ExportDefaults = _defaults("export", "ExportConfig")
+FactorizeDefaults = _defaults("compress.lowrank", "FactorizeConfig")
+FuseDefaults = _defaults("compress.fuse", "FuseConfig")
+GenerateDefaults = _defaults("generate", "GenerateConfig")
+PruneDefaults = _defaults("compress.prune", "PruneConfig")
+PushDefaults = _defaults("hub", "PushConfig")
 
 app = typer.Typer(
     help="Turn a pretrained Llama-family model into a cheaper hybrid, then evaluate, benchmark and export it.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: wraps at 80 columns without cutting option names
 )
 
-ModelArg = Annotated[str, typer.Argument(help="Alias (llama, smollm2), model directory, .gguf file or Hub id.")]
+
+class _Command(TyperCommand):
+    """Usage lines name required arguments bare, as click writes them (`MODEL`, not typer's `{MODEL}`)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [piece.replace("{", "").replace("}", "") for piece in super().collect_usage_pieces(ctx)]
+
+
+ModelArg = Annotated[
+    str, typer.Argument(metavar="MODEL", help="Alias (llama, smollm2), model directory, .gguf file or Hub id.")
+]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Directory to create (written atomically).")]
 Overwrite = Annotated[bool, typer.Option(help="Replace the output directory if it exists.")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Run the model's own code from its directory or the Hub.")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"hybridize {hybridize.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
 
 
 def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
@@ -57,19 +126,21 @@ def _write_json(result: dict, path: Path | None) -> None:
         typer.echo(f"wrote {path}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def convert(
     model: ModelArg,
     output: Output,
     ratio: Annotated[float, typer.Option(help="Fraction of layers converted, in [0, 1], spread evenly.")] = (
-        ConvertConfig.ratio
+        ConvertDefaults.ratio
     ),
-    mixer: Annotated[str, typer.Option(help="Mixer replacing attention.")] = ConvertConfig.mixer,
+    mixer: Annotated[
+        str, typer.Option(help="Mixer replacing attention: mamba2, nha or streaming.")
+    ] = ConvertDefaults.mixer,
     attn_layers: Annotated[
         str | None, typer.Option(help="Comma-separated layers that keep attention, e.g. 1,3,5 (overrides --ratio).")
     ] = None,
     conv_init: Annotated[str, typer.Option(help="Mamba2 conv initialisation: delta or random.")] = (
-        ConvertConfig.conv_init
+        ConvertDefaults.conv_init
     ),
     mixer_init: Annotated[
         str | None,
@@ -80,13 +151,13 @@ def convert(
             "mamba2 and nha), attention (the published mapping; default for streaming), zero (readout zeroed) or "
             "random (Mamba2 ablation).",
         ),
-    ] = ConvertConfig.mixer_init,
+    ] = ConvertDefaults.mixer_init,
     chunk_size: Annotated[
         int | None, typer.Option(help="Mamba2 / NHA chunk length (speed only; default 64 / 32).")
     ] = None,
     select: Annotated[
         str, typer.Option(help="Which layers: uniform, lazy, sensitivity, random or dynamic (streaming).")
-    ] = ConvertConfig.select,
+    ] = ConvertDefaults.select,
     sinks: Annotated[int | None, typer.Option(help="Streaming: initial tokens kept (default 4).")] = None,
     window: Annotated[
         int | None, typer.Option(help="Streaming / NHA: recent tokens attended exactly (default 1020 / 64).")
@@ -94,26 +165,31 @@ def convert(
     slots: Annotated[int | None, typer.Option(help="NHA: slot memories per KV head (default 64).")] = None,
     full_every: Annotated[
         int | None, typer.Option(help="Keep attention in every N-th layer (N-1, 2N-1, ...); overrides --ratio.")
-    ] = ConvertConfig.full_every,
+    ] = ConvertDefaults.full_every,
     w_last: Annotated[int | None, typer.Option(help="Streaming: last queries a lazy ratio averages (default 64).")] = (
         None
     ),
     calibration: Annotated[
         str,
         typer.Option(help="Calibration text: wiki (the packaged train split), a local file or folder, a Hub name."),
-    ] = ConvertConfig.calibration,
+    ] = ConvertDefaults.calibration,
     calibration_docs: Annotated[
         int, typer.Option(help="--init calibrated, --select lazy/sensitivity: calibration blocks.")
-    ] = ConvertConfig.calibration_docs,
+    ] = ConvertDefaults.calibration_docs,
     calibration_len: Annotated[
         int, typer.Option(help="--init calibrated, --select lazy/sensitivity: tokens per calibration block.")
-    ] = ConvertConfig.calibration_len,
-    seed: Annotated[int, typer.Option(help="Seed of the new parameters and of --select random.")] = ConvertConfig.seed,
+    ] = ConvertDefaults.calibration_len,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the new parameters and of --select random.")
+    ] = ConvertDefaults.seed,
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Convert attention layers of a pretrained model into a hybrid: q/k/v/o reused (MambaInLlama), each new mixer's
     readout calibrated on the source attention's output, layers spread evenly or chosen by sensitivity."""
+    from hybridize.convert import ConvertConfig, check_convert
+    from hybridize.sources import load_config
+
     config = ConvertConfig(
         mixer=mixer,
         ratio=ratio,
@@ -129,40 +205,47 @@ def convert(
         seed=seed,
     )
     hybridize.check_output(output, overwrite=overwrite)
+    if config.attn_layers is not None:  # the only check against the model; an uncached GGUF's config takes seconds
+        check_convert(load_config(model, trust_remote_code=trust_remote_code), config)
     source, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
     hybrid = hybridize.convert(source, config, tokenizer=tokenizer, progress=True)
     hybridize.save(hybrid, output, tokenizer=tokenizer, overwrite=overwrite)
-    layers, chosen = hybrid.config.mixer_types, "explicit" if attn_layers else select
+    layers = hybrid.config.mixer_types
+    if attn_layers or full_every:
+        kept = ", ".join(str(i) for i, t in enumerate(layers) if t == "attention") or "none"
+        chosen = f"{'explicit' if attn_layers else f'--full-every {full_every}'}: attention kept in layers {kept}"
+    else:
+        chosen = select
     typer.echo(
         f"converted {sum(t != 'attention' for t in layers)}/{len(layers)} layers to {mixer} ({chosen}); wrote {output}"
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def analyze(
     model: ModelArg,
     data: Annotated[str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")] = (
-        AnalyzeConfig.data
+        AnalyzeDefaults.data
     ),
-    sinks: Annotated[int, typer.Option(help="Initial tokens a streaming layer keeps.")] = AnalyzeConfig.sinks,
-    window: Annotated[int, typer.Option(help="Recent tokens a streaming layer keeps.")] = AnalyzeConfig.window,
-    w_last: Annotated[int, typer.Option(help="Last queries of each document averaged over.")] = AnalyzeConfig.w_last,
-    num_docs: Annotated[int, typer.Option(help="Calibration documents.")] = AnalyzeConfig.num_docs,
+    sinks: Annotated[int, typer.Option(help="Initial tokens a streaming layer keeps.")] = AnalyzeDefaults.sinks,
+    window: Annotated[int, typer.Option(help="Recent tokens a streaming layer keeps.")] = AnalyzeDefaults.window,
+    w_last: Annotated[int, typer.Option(help="Last queries of each document averaged over.")] = AnalyzeDefaults.w_last,
+    num_docs: Annotated[int, typer.Option(help="Calibration documents.")] = AnalyzeDefaults.num_docs,
     seq_len: Annotated[int, typer.Option(help="Tokens per document (must exceed sinks + window).")] = (
-        AnalyzeConfig.seq_len
+        AnalyzeDefaults.seq_len
     ),
     ratio: Annotated[float, typer.Option(help="Fraction of layers marked as selected (the laziest).")] = (
-        AnalyzeConfig.ratio
+        AnalyzeDefaults.ratio
     ),
     mixer: Annotated[
         str | None,
         typer.Option(
             help="Also score each layer by the KL of converting it alone to this mixer (mamba2, nha, streaming)."
         ),
-    ] = AnalyzeConfig.mixer,
+    ] = AnalyzeDefaults.mixer,
     init: Annotated[
         str | None, typer.Option(help="--mixer: the init scored (default: the mixer's, calibrated for mamba2/nha).")
-    ] = AnalyzeConfig.mixer_init,
+    ] = AnalyzeDefaults.mixer_init,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Directory for lazy_ratio.json and lazy_ratio.png.")
     ] = None,
@@ -171,6 +254,8 @@ def analyze(
 ):
     """Per-layer lazy ratio (LightTransfer): how much attention each layer puts on sinks + a recent window; with
     --mixer, also what converting each layer alone costs (the scores --select sensitivity uses)."""
+    from hybridize.analyze import AnalyzeConfig, format_analysis, save_analysis
+
     config = AnalyzeConfig(
         data=data,
         sinks=sinks,
@@ -192,14 +277,16 @@ def analyze(
         typer.echo(f"wrote {output}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
     model: ModelArg,
     output: Output,
-    to: Annotated[str, typer.Option(help="Native transformers model type to write.")] = ExportConfig.to,
+    to: Annotated[str, typer.Option(help="Native transformers model type to write.")] = ExportDefaults.to,
     overwrite: Overwrite = False,
 ):
     """Write a hybrid as a native transformers model (GraniteMoeHybrid) that loads with no custom code."""
+    from hybridize.export import ExportConfig
+
     config = ExportConfig(to=to)
     hybridize.check_output(output, overwrite=overwrite)
     hybrid, tokenizer = hybridize.load(model)
@@ -207,7 +294,7 @@ def export(
     typer.echo(f"wrote {output} ({to})")
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def evaluate(
     model: ModelArg,
     baseline: Annotated[
@@ -222,33 +309,38 @@ def evaluate(
     ] = None,
     max_length: Annotated[
         int | None, typer.Option(help="With --tasks: tokens of context per request (default: the model's, <= 8192).")
-    ] = EvalConfig.max_length,
+    ] = EvalDefaults.max_length,
     limit: Annotated[int | None, typer.Option(help="With --tasks: only the first N items of each task.")] = (
-        EvalConfig.limit
+        EvalDefaults.limit
     ),
     data: Annotated[
         str | None,
         typer.Option(
             help="Text to measure instead of the built-in held-out split: a .txt/.jsonl/.parquet file or folder."
         ),
-    ] = EvalConfig.data,
-    seq_len: Annotated[int, typer.Option(help="Tokens per evaluation block.")] = EvalConfig.seq_len,
-    max_tokens: Annotated[int, typer.Option(help="Held-out tokens evaluated.")] = EvalConfig.max_tokens,
+    ] = EvalDefaults.data,
+    seq_len: Annotated[int, typer.Option(help="Tokens per evaluation block.")] = EvalDefaults.seq_len,
+    max_tokens: Annotated[int, typer.Option(help="Held-out tokens evaluated.")] = EvalDefaults.max_tokens,
     prompt_len: Annotated[
         int,
         typer.Option(
             help="Prefill the first N tokens of each block through the cache and score only the rest, as generation "
             "would see it (what a dynamic or streaming cache decides at prefill shows only this way)."
         ),
-    ] = EvalConfig.prompt_len,
+    ] = EvalDefaults.prompt_len,
     batch_size: Annotated[int, typer.Option(help="Blocks (or lm-eval requests) per forward pass.")] = (
-        EvalConfig.batch_size
+        EvalDefaults.batch_size
     ),
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Held-out perplexity on the built-in Wikipedia corpus (with --baseline, KL and top-1 agreement too), or
     lm-eval tasks with --tasks. Results on a model directory are recorded in its hybridize.json."""
+    from hybridize.evaluate.harness import format_results
+    from hybridize.evaluate.perplexity import EvalConfig, check_eval
+    from hybridize.provenance import MANIFEST_NAME, append_step
+    from hybridize.sources import load_config, resolve
+
     config = EvalConfig(
         data=data,
         seq_len=seq_len,
@@ -259,6 +351,8 @@ def evaluate(
         max_length=max_length,
         limit=limit,
     )
+    if config.tasks:  # the only check against the model; an uncached GGUF's config takes seconds
+        check_eval(load_config(model, trust_remote_code=trust_remote_code), config)
     loaded, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
     reference = hybridize.load(baseline, trust_remote_code=trust_remote_code)[0] if baseline else None
     result = hybridize.evaluate(loaded, tokenizer, config, baseline=reference, progress=True)
@@ -274,28 +368,33 @@ def evaluate(
         typer.echo(f"recorded in {Path(model) / MANIFEST_NAME}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     model: ModelArg,
     baseline: Annotated[str | None, typer.Option(help="Model measured side by side, e.g. the source.")] = None,
     context: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = ",".join(
-        map(str, BenchConfig.contexts)
+        map(str, BenchDefaults.contexts)
     ),
-    new_tokens: Annotated[int, typer.Option(help="Tokens decoded after each prompt.")] = BenchConfig.new_tokens,
-    repeats: Annotated[int, typer.Option(help="Interleaved rounds; medians are reported.")] = BenchConfig.repeats,
+    new_tokens: Annotated[int, typer.Option(help="Tokens decoded after each prompt.")] = BenchDefaults.new_tokens,
+    repeats: Annotated[int, typer.Option(help="Interleaved rounds; medians are reported.")] = BenchDefaults.repeats,
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(
-        map(str, BenchConfig.batch_sizes)
+        map(str, BenchDefaults.batch_sizes)
     ),
     plot: Annotated[Path | None, typer.Option(help="Also draw the results to this PNG file.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
 ):
     """Prefill tokens/s, decode ms/token and cache bytes per context length, side by side with a baseline."""
+    from hybridize.evaluate.bench import BenchConfig, check_bench, format_bench, plot_bench
+    from hybridize.sources import load_config
+
     config = BenchConfig(
         contexts=_int_list(context, "--context"),
         new_tokens=new_tokens,
         repeats=repeats,
         batch_sizes=_int_list(batch, "--batch"),
     )
+    for spec in [model, baseline] if baseline else [model]:
+        check_bench(load_config(spec), config)
     loaded, tokenizer = hybridize.load(model)
     reference = hybridize.load(baseline)[0] if baseline else None
     result = hybridize.bench(loaded, tokenizer, config, baseline=reference, progress=True)
@@ -305,33 +404,42 @@ def bench(
         typer.echo(f"wrote {plot_bench(result, plot)}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def push(
-    model_dir: Annotated[Path, typer.Argument(help="Saved model directory (config.json + safetensors).")],
-    repo_id: Annotated[str, typer.Argument(help="Hub repository 'owner/name'; created if missing.")],
+    model_dir: Annotated[
+        Path, typer.Argument(metavar="MODEL_DIR", help="Saved model directory (config.json + safetensors).")
+    ],
+    repo_id: Annotated[
+        str, typer.Argument(metavar="REPO_ID", help="Hub repository 'owner/name'; created if missing.")
+    ],
     private: Annotated[
         bool, typer.Option(help="Create the repository as private (an existing one keeps its visibility).")
-    ] = PushConfig.private,
+    ] = PushDefaults.private,
     revision: Annotated[str | None, typer.Option(help="Branch to commit to, created if missing (default main).")] = (
-        PushConfig.revision
+        PushDefaults.revision
     ),
-    message: Annotated[str | None, typer.Option(help="Commit message.")] = PushConfig.commit_message,
+    message: Annotated[str | None, typer.Option(help="Commit message.")] = PushDefaults.commit_message,
 ):
     """Upload a saved model to the Hugging Face Hub with a model card written from its hybridize.json.
 
     The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another Hub.
     """
+    from hybridize.hub import PushConfig
+
     config = PushConfig(repo_id=repo_id, private=private, revision=revision, commit_message=message)
     typer.echo(hybridize.push(model_dir, config))
 
 
-@app.command()
+@app.command(cls=_Command)
 def distill(
-    student: Annotated[str, typer.Argument(help="The hybrid to train: a directory written by convert (or distill).")],
+    student: Annotated[
+        str,
+        typer.Argument(metavar="STUDENT", help="The hybrid to train: a directory written by convert (or distill)."),
+    ],
     teacher: Annotated[str, typer.Option(help="The reference model, usually the one the student came from.")],
     output: Output,
     stage: Annotated[str, typer.Option(help="layerwise (new mixers on per-layer targets) or e2e (logit KD).")] = (
-        DistillConfig.stage
+        DistillDefaults.stage
     ),
     data: Annotated[
         str,
@@ -339,42 +447,48 @@ def distill(
             help="wiki, a .txt/.jsonl/.parquet file or folder, a Hub name[:config], or generate:N[:PROMPTS] (N tokens "
             "written by the teacher, cached beside OUTPUT as OUTPUT.generated-ID.jsonl)."
         ),
-    ] = DistillConfig.data,
+    ] = DistillDefaults.data,
     text_column: Annotated[str | None, typer.Option(help="Column holding the text (detected if omitted).")] = (
-        DistillConfig.text_column
+        DistillDefaults.text_column
     ),
-    tokens: Annotated[str, typer.Option(help="Token budget, e.g. 500K or 2M.")] = str(DistillConfig.tokens),
-    seq_len: Annotated[int, typer.Option(help="Tokens per packed training block.")] = DistillConfig.seq_len,
-    batch_size: Annotated[int, typer.Option(help="Blocks per micro-batch and process.")] = DistillConfig.batch_size,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = DistillConfig.grad_accum,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default per stage).")] = DistillConfig.lr,
-    freeze: Annotated[str, typer.Option(help="e2e: what trains: mixers, all-but-mlp or all.")] = DistillConfig.freeze,
-    loss: Annotated[str, typer.Option(help="e2e: forward_kl or reverse_kl.")] = DistillConfig.loss,
+    tokens: Annotated[str, typer.Option(help="Token budget, e.g. 500K or 2M.")] = str(DistillDefaults.tokens),
+    seq_len: Annotated[int, typer.Option(help="Tokens per packed training block.")] = DistillDefaults.seq_len,
+    batch_size: Annotated[int, typer.Option(help="Blocks per micro-batch and process.")] = DistillDefaults.batch_size,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = DistillDefaults.grad_accum,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default per stage).")] = DistillDefaults.lr,
+    freeze: Annotated[
+        str, typer.Option(help="e2e: what trains: mixers, all-but-mlp or all.")
+    ] = DistillDefaults.freeze,
+    loss: Annotated[str, typer.Option(help="e2e: forward_kl or reverse_kl.")] = DistillDefaults.loss,
     layer_loss: Annotated[
         str,
         typer.Option(help="layerwise: l2 or mse on each block's output, or mixer (MSE against the attention output)."),
-    ] = DistillConfig.layer_loss,
+    ] = DistillDefaults.layer_loss,
     ce_weight: Annotated[float, typer.Option(help="e2e: weight of next-token cross-entropy.")] = (
-        DistillConfig.ce_weight
+        DistillDefaults.ce_weight
     ),
     kl_weight: Annotated[
         float, typer.Option(help="e2e: weight of the KL; 0 with --ce-weight 1 is plain fine-tuning on --data.")
-    ] = DistillConfig.kl_weight,
+    ] = DistillDefaults.kl_weight,
     lora_rank: Annotated[int, typer.Option(help="e2e: LoRA rank on kept layers (0: full training).")] = (
-        DistillConfig.lora_rank
+        DistillDefaults.lora_rank
     ),
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens per evaluation (0: none).")] = (
-        DistillConfig.eval_tokens
+        DistillDefaults.eval_tokens
     ),
-    seed: Annotated[int, typer.Option(help="Seed of the data order.")] = DistillConfig.seed,
+    seed: Annotated[int, typer.Option(help="Seed of the data order.")] = DistillDefaults.seed,
     eval_every: Annotated[int, typer.Option(help="Steps between held-out evaluations (0: start and end).")] = (
-        EVAL_EVERY
+        DistillRunDefaults.EVAL_EVERY
     ),
-    save_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: only on Ctrl-C).")] = SAVE_EVERY,
+    save_every: Annotated[
+        int, typer.Option(help="Steps between checkpoints (0: only on Ctrl-C).")
+    ] = DistillRunDefaults.SAVE_EVERY,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in OUTPUT.distill/.")] = False,
     overwrite: Overwrite = False,
 ):
     """Distill a hybrid towards its teacher (layerwise or end-to-end); Ctrl-C saves a checkpoint for --resume."""
+    from hybridize.distill import DistillConfig, finish, run_dir_for
+
     config = DistillConfig(
         stage=stage,
         data=data,
@@ -420,39 +534,43 @@ def distill(
         typer.echo(f"wrote {output}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def prune(
     model: ModelArg,
     output: Output,
     params: Annotated[float | None, typer.Option(help="Fraction of parameters to keep; searches the axes.")] = (
-        PruneConfig.params
+        PruneDefaults.params
     ),
-    hidden: Annotated[int | None, typer.Option(help="New hidden size.")] = PruneConfig.hidden,
-    ffn: Annotated[int | None, typer.Option(help="New MLP intermediate size.")] = PruneConfig.ffn,
-    attn_heads: Annotated[int | None, typer.Option(help="Query heads per attention layer.")] = PruneConfig.attn_heads,
+    hidden: Annotated[int | None, typer.Option(help="New hidden size.")] = PruneDefaults.hidden,
+    ffn: Annotated[int | None, typer.Option(help="New MLP intermediate size.")] = PruneDefaults.ffn,
+    attn_heads: Annotated[
+        int | None, typer.Option(help="Query heads per attention layer.")
+    ] = PruneDefaults.attn_heads,
     ssm_heads: Annotated[int | None, typer.Option(help="Heads per Mamba2 layer (a multiple of its groups).")] = (
-        PruneConfig.ssm_heads
+        PruneDefaults.ssm_heads
     ),
-    ssm_head_dim: Annotated[int | None, typer.Option(help="Channels per Mamba2 head.")] = PruneConfig.ssm_head_dim,
-    drop_layers: Annotated[int | None, typer.Option(help="Whole layers to remove.")] = PruneConfig.drop_layers,
+    ssm_head_dim: Annotated[int | None, typer.Option(help="Channels per Mamba2 head.")] = PruneDefaults.ssm_head_dim,
+    drop_layers: Annotated[int | None, typer.Option(help="Whole layers to remove.")] = PruneDefaults.drop_layers,
     ssm_grouping: Annotated[str, typer.Option(help="aware (same heads per group) or ignore (baseline).")] = (
-        PruneConfig.ssm_grouping
+        PruneDefaults.ssm_grouping
     ),
     attn_grouping: Annotated[str, typer.Option(help="aware (heads ranked in their KV group) or ignore.")] = (
-        PruneConfig.attn_grouping
+        PruneDefaults.attn_grouping
     ),
     depth_metric: Annotated[str, typer.Option(help="block (1 - cosine) or ppl (loss with the layer skipped).")] = (
-        PruneConfig.depth_metric
+        PruneDefaults.depth_metric
     ),
     data: Annotated[str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")] = (
-        PruneConfig.data
+        PruneDefaults.data
     ),
-    num_blocks: Annotated[int, typer.Option(help="Calibration blocks.")] = PruneConfig.num_blocks,
-    seq_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = PruneConfig.seq_len,
+    num_blocks: Annotated[int, typer.Option(help="Calibration blocks.")] = PruneDefaults.num_blocks,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = PruneDefaults.seq_len,
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Prune a hybrid or dense model (Minitron width/depth, group-aware Mamba2 heads) to given sizes or a budget."""
+    from hybridize.compress.prune import PruneConfig, format_prune
+
     config = PruneConfig(
         params=params,
         hidden=hidden,
@@ -489,39 +607,41 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
         raise ConfigError(f"{option} takes comma-separated numbers, got {text!r}") from None
 
 
-@app.command()
+@app.command(cls=_Command)
 def factorize(
     model: ModelArg,
     output: Output,
     ratio: Annotated[float, typer.Option(help="Fraction of the targeted linear parameters kept, in (0, 1].")] = (
-        FactorizeConfig.ratio
+        FactorizeDefaults.ratio
     ),
-    method: Annotated[str, typer.Option(help="svd, asvd, fwsvd or svd-llm.")] = FactorizeConfig.method,
+    method: Annotated[str, typer.Option(help="svd, asvd, fwsvd or svd-llm.")] = FactorizeDefaults.method,
     targets: Annotated[str, typer.Option(help="Comma-separated linears to factorize: attn, mlp, mamba.")] = ",".join(
-        FactorizeConfig.targets
+        FactorizeDefaults.targets
     ),
     rank_alloc: Annotated[str, typer.Option(help="uniform, or sensitivity (measured per matrix).")] = (
-        FactorizeConfig.rank_alloc
+        FactorizeDefaults.rank_alloc
     ),
-    alpha: Annotated[float, typer.Option(help="asvd: exponent of the activation scaling.")] = FactorizeConfig.alpha,
+    alpha: Annotated[float, typer.Option(help="asvd: exponent of the activation scaling.")] = FactorizeDefaults.alpha,
     damp: Annotated[float, typer.Option(help="svd-llm: ridge on the Gram matrix, relative to its mean diagonal.")] = (
-        FactorizeConfig.damp
+        FactorizeDefaults.damp
     ),
     calibration: Annotated[
         str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")
-    ] = FactorizeConfig.calibration,
-    calibration_docs: Annotated[int, typer.Option(help="Calibration blocks.")] = FactorizeConfig.calibration_docs,
+    ] = FactorizeDefaults.calibration,
+    calibration_docs: Annotated[int, typer.Option(help="Calibration blocks.")] = FactorizeDefaults.calibration_docs,
     calibration_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = (
-        FactorizeConfig.calibration_len
+        FactorizeDefaults.calibration_len
     ),
     sensitivity_tokens: Annotated[int, typer.Option(help="--rank-alloc sensitivity: tokens measured per matrix.")] = (
-        FactorizeConfig.sensitivity_tokens
+        FactorizeDefaults.sensitivity_tokens
     ),
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Factorize linear layers into low-rank pairs (SVD-LLM, ASVD, FWSVD or plain SVD); a dense model is first
     converted to a hybrid that keeps every attention layer."""
+    from hybridize.compress.lowrank import FactorizeConfig
+
     config = FactorizeConfig(
         ratio=ratio,
         method=method,
@@ -545,34 +665,40 @@ def factorize(
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def fuse(
     models: Annotated[
-        list[str], typer.Argument(help="Models to fuse (alias, directory, .gguf, Hub id); the first is the anchor.")
+        list[str],
+        typer.Argument(
+            metavar="MODELS", help="Models to fuse (alias, directory, .gguf, Hub id); the first is the anchor."
+        ),
     ],
     output: Output,
     align: Annotated[str, typer.Option(help="Ground cost: activations, weights, or none (plain averaging).")] = (
-        FuseConfig.align
+        FuseDefaults.align
     ),
-    solver: Annotated[str, typer.Option(help="emd (exact) or sinkhorn (soft).")] = FuseConfig.solver,
-    reg: Annotated[float, typer.Option(help="sinkhorn: entropic regularisation.")] = FuseConfig.reg,
+    solver: Annotated[str, typer.Option(help="emd (exact) or sinkhorn (soft).")] = FuseDefaults.solver,
+    reg: Annotated[float, typer.Option(help="sinkhorn: entropic regularisation.")] = FuseDefaults.reg,
     weights: Annotated[str | None, typer.Option(help="Comma-separated averaging weights, one per model.")] = None,
     width: Annotated[float, typer.Option(help="Fused width as a fraction of the anchor's, in (0, 1].")] = (
-        FuseConfig.width
+        FuseDefaults.width
     ),
     width_axes: Annotated[str, typer.Option(help="Comma-separated axes --width narrows: hidden, mlp, heads.")] = (
-        ",".join(FuseConfig.width_axes)
+        ",".join(FuseDefaults.width_axes)
     ),
     calibration: Annotated[
         str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")
-    ] = FuseConfig.calibration,
-    calibration_docs: Annotated[int, typer.Option(help="Calibration blocks.")] = FuseConfig.calibration_docs,
-    calibration_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = FuseConfig.calibration_len,
+    ] = FuseDefaults.calibration,
+    calibration_docs: Annotated[int, typer.Option(help="Calibration blocks.")] = FuseDefaults.calibration_docs,
+    calibration_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = FuseDefaults.calibration_len,
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Fuse models of one family by optimal-transport alignment onto the first, then averaging; --width < 1 fuses
     into a narrower copy of the anchor."""
+    from hybridize.compress.fuse import FuseConfig, check_fuse
+    from hybridize.sources import load_config
+
     config = FuseConfig(
         align=align,
         solver=solver,
@@ -596,7 +722,7 @@ def fuse(
     typer.echo(f"fused {len(models)} models into {params:,} parameters; wrote {output}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def generate(
     model: ModelArg,
     prompt: Annotated[str, typer.Option(help="The prompt (with --chat: the user message).")],
@@ -610,26 +736,28 @@ def generate(
     prompt_lookup: Annotated[
         bool, typer.Option(help="Draft without a model: copy what followed the last n-gram earlier in the text.")
     ] = False,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated at most.")] = GenerateConfig.max_new_tokens,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated at most.")] = GenerateDefaults.max_new_tokens,
     draft_tokens: Annotated[int, typer.Option(help="Tokens the draft proposes per round (K).")] = (
-        GenerateConfig.draft_tokens
+        GenerateDefaults.draft_tokens
     ),
     adaptive: Annotated[bool, typer.Option(help="Grow K after full acceptance, shrink it after a rejection.")] = (
-        GenerateConfig.adaptive
+        GenerateDefaults.adaptive
     ),
     max_draft_tokens: Annotated[int, typer.Option(help="Largest K adaptive rounds may reach.")] = (
-        GenerateConfig.max_draft_tokens
+        GenerateDefaults.max_draft_tokens
     ),
-    sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = GenerateConfig.do_sample,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = GenerateConfig.temperature,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 keeps every token).")] = GenerateConfig.top_p,
-    seed: Annotated[int, typer.Option(help="Seed of sampling and of the acceptance tests.")] = GenerateConfig.seed,
+    sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = GenerateDefaults.do_sample,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = GenerateDefaults.temperature,
+    top_p: Annotated[
+        float, typer.Option(help="Nucleus sampling mass (1 keeps every token).")
+    ] = GenerateDefaults.top_p,
+    seed: Annotated[int, typer.Option(help="Seed of sampling and of the acceptance tests.")] = GenerateDefaults.seed,
     chat: Annotated[bool, typer.Option(help="Apply the tokenizer's chat template to the prompt.")] = (
-        GenerateConfig.chat
+        GenerateDefaults.chat
     ),
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeat the option for several).")] = None,
     ignore_eos: Annotated[bool, typer.Option(help="Go on past end-of-sequence tokens (for timing).")] = (
-        GenerateConfig.ignore_eos
+        GenerateDefaults.ignore_eos
     ),
     compare: Annotated[
         bool, typer.Option(help="Also decode without the draft, interleaved, and print both speeds and their ratio.")
@@ -638,6 +766,8 @@ def generate(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
 ):
     """Generate text, speculatively with a draft model (Mamba2/NHA states rolled back by replay, MambaInLlama)."""
+    from hybridize.generate import GenerateConfig, format_compare, format_generate, load_draft
+
     config = GenerateConfig(
         max_new_tokens=max_new_tokens,
         do_sample=sample,
@@ -675,27 +805,70 @@ def generate(
     _write_json(result, json_path)
 
 
-@app.command("run")
+@app.command("run", cls=_Command)
 def run_recipe(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML: model, output and a list of steps (see recipes/).")],
+    recipe: Annotated[
+        Path, typer.Argument(metavar="RECIPE", help="Recipe YAML: model, output and a list of steps (see recipes/).")
+    ],
     overwrite: Overwrite = False,
     check: Annotated[bool, typer.Option(help="Only validate the recipe; run nothing.")] = False,
 ):
     """Run a recipe of steps (convert, distill, eval, bench, export, push); re-running resumes after the last
     completed step."""
+    from hybridize.distill import DistillInterrupted
+    from hybridize.pipeline import load_recipe
+
     if check:
         parsed = load_recipe(recipe)
         typer.echo(f"{recipe}: {len(parsed.steps)} valid steps: {', '.join(s.name for s in parsed.steps)}")
         return
-    for entry in hybridize.run(recipe, overwrite=overwrite):
+    try:
+        report = hybridize.run(recipe, overwrite=overwrite)
+    except DistillInterrupted as error:
+        # The distill step's advice is `hybridize distill`'s (--resume); a recipe resumes when run again
+        where = str(error).removesuffix("; run the same command with --resume to continue")
+        raise HybridizeError(f"{where}; run `hybridize run {recipe}` again to continue from it") from None
+    for entry in report:
         typer.echo(f"step {entry['index']} {entry['step']}: {entry['status']}")
+
+
+def _environment_error(error: Exception) -> str | None:
+    """What to print for an error of the file system, a safetensors file or the network; `None` for any other
+    exception, a bug, which keeps its traceback. The classes of a library that was never imported cannot have been
+    raised, so they are looked up in `sys.modules` rather than imported here."""
+    network = [ConnectionError, TimeoutError]
+    for module, names in (
+        ("httpx", ("TransportError",)),
+        ("httpx2", ("TransportError",)),  # huggingface_hub's HTTP client
+        ("requests.exceptions", ("ConnectionError", "Timeout")),
+    ):
+        if (loaded := sys.modules.get(module)) is not None:
+            network += [getattr(loaded, name) for name in names]
+    if isinstance(error, tuple(network)):
+        return (
+            f"cannot reach the network ({type(error).__name__}: {error}); check the connection and HF_ENDPOINT, or "
+            "set HF_HUB_OFFLINE=1 to use only what is cached"
+        )
+    if (safetensors := sys.modules.get("safetensors")) is not None and isinstance(error, safetensors.SafetensorError):
+        return f"unreadable safetensors file: {error}"
+    if isinstance(error, OSError):
+        if error.strerror and error.filename is not None:
+            where = error.filename if error.filename2 is None else f"{error.filename} -> {error.filename2}"
+            return f"{error.strerror}: {where}"
+        return str(error) or type(error).__name__
+    return None
 
 
 def main() -> None:
     try:
-        app()
+        app(prog_name="hybridize")
     except HybridizeError as error:
         typer.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    except Exception as error:
+        if (message := _environment_error(error)) is None:
+            raise
+        typer.echo(f"error: {message}", err=True)
         sys.exit(1)
 
 

@@ -251,3 +251,104 @@ def test_distill_layer_loss_and_generated_data_options(llama_dir, tmp_path, word
         "distill", tmp_path / "h", "--teacher", llama_dir, "--data", "generate:lots", *budget, "-o", tmp_path / "bad"
     )
     assert code == 1 and "generate:" in out and not (tmp_path / "bad").exists()
+
+
+def test_full_every_reports_the_layers_it_kept(llama_dir, tmp_path):
+    code, out = run_cli("convert", llama_dir, "--full-every", "2", "--init", "attention", "-o", tmp_path / "h")
+    assert code == 0, out
+    assert "converted 2/4 layers to mamba2 (--full-every 2: attention kept in layers 1, 3)" in out
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "h").config.mixer_types == ["mamba2", "attention"] * 2
+
+
+def test_help_at_80_columns_names_every_option_and_the_mixers(monkeypatch):
+    import typer.main
+
+    from hybridize.cli import app
+    from hybridize.modeling import MIXERS
+
+    monkeypatch.setenv("COLUMNS", "80")
+    for name, command in typer.main.get_command(app).commands.items():
+        code, out = run_cli(name, "--help")
+        assert code == 0, out
+        usage = out.strip().splitlines()[0]
+        assert usage.startswith(f"Usage: hybridize {name} [OPTIONS]") and "{" not in usage, usage
+        assert "…" not in out and max(map(len, out.splitlines())) <= 80
+        options = [opt for param in command.params for opt in param.opts if opt.startswith("-")]
+        assert [opt for opt in options if opt not in out.replace(",", " ").split()] == [], name
+    _, out = run_cli("convert", "--help")
+    mixer_help = out.split("\n  --mixer ")[1].split("\n  --")[0]
+    assert all(mixer in mixer_help for mixer in set(MIXERS) - {"attention"}), mixer_help
+
+
+@pytest.mark.parametrize(
+    "make_error, message",
+    [
+        (lambda: OSError(28, "No space left on device", "/full/model"), "error: No space left on device: /full/model"),
+        (lambda: PermissionError(13, "Permission denied", "/ro/out"), "error: Permission denied: /ro/out"),
+        (lambda: __import__("safetensors").SafetensorError("HeaderTooLarge"), "error: unreadable safetensors file"),
+        (
+            lambda: __import__("httpx2").ConnectError("[Errno 111] Connection refused"),
+            "error: cannot reach the network",
+        ),
+        (lambda: __import__("requests").ConnectionError("Max retries exceeded"), "error: cannot reach the network"),
+        (lambda: TimeoutError("timed out"), "error: cannot reach the network"),
+    ],
+    ids=["no-space", "permission", "safetensors", "httpx", "requests", "timeout"],
+)
+def test_environment_errors_are_one_error_line(llama_dir, monkeypatch, make_error, message):
+    import hybridize
+
+    def load(*args, **kwargs):
+        raise make_error()
+
+    monkeypatch.setattr(hybridize, "load", load)
+    code, out = run_cli("eval", llama_dir)
+    assert code == 1 and out.startswith(message) and out.count("\n") == 1, out
+    assert "Traceback" not in out
+
+
+def test_a_bug_keeps_its_traceback(llama_dir, monkeypatch):
+    import hybridize
+
+    def load(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(hybridize, "load", load)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli("eval", llama_dir)
+
+
+def test_an_output_under_a_regular_file_is_an_error_line(llama_dir, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    code, out = run_cli(
+        "eval", llama_dir, "--seq-len", "16", "--max-tokens", "64", "--json", tmp_path / "file" / "r.json"
+    )
+    assert code == 1 and out.splitlines()[-1].startswith("error: ") and str(tmp_path / "file") in out, out
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
+def test_interrupted_recipe_says_how_to_resume_it(llama_dir, tmp_path, monkeypatch):
+    from hybridize import pipeline
+
+    real_distill = pipeline.distill
+
+    def interrupted_distill(*args, **kwargs):
+        def ctrl_c(record):
+            raise KeyboardInterrupt  # what Ctrl-C turns into at a step boundary
+
+        return real_distill(*args, **kwargs, on_step=ctrl_c)
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {llama_dir}\noutput: {tmp_path / 'out'}\nsteps:\n"
+        "  - convert: {ratio: 0.5, mixer_init: attention}\n"
+        f"  - distill: {{teacher: {llama_dir}, stage: layerwise, tokens: 128, seq_len: 16, batch_size: 2, "
+        "eval_tokens: 0}\n"
+    )
+    monkeypatch.setattr(pipeline, "distill", interrupted_distill)
+    code, out = run_cli("run", recipe)
+    assert code == 1 and "interrupted at step 1/" in out and "--resume" not in out, out
+    assert f"run `hybridize run {recipe}` again to continue" in out
+    monkeypatch.setattr(pipeline, "distill", real_distill)
+    code, out = run_cli("run", recipe)  # what the message says to do
+    assert code == 0 and "convert: skipped (done)" in out and "distill: ran" in out, out

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 
 from ..calibrate import calibration_blocks
 from ..errors import ConfigError
@@ -148,6 +148,20 @@ class ConvertConfig:
             object.__setattr__(self, "attn_layers", tuple(sorted(self.attn_layers)))
 
 
+def check_convert(model_config: PreTrainedConfig, config: ConvertConfig) -> None:
+    """Check `config` against the source model's config, before any weights are read: the explicit attention layers
+    must exist in the model.
+
+    Raises:
+        `ConfigError`: an `attn_layers` entry outside `0 .. num_hidden_layers - 1`.
+
+    Example: `check_convert(load_config("llama"), ConvertConfig(attn_layers=(3, 7)))`
+    """
+    num_layers = model_config.num_hidden_layers
+    if config.attn_layers is not None and (bad := [i for i in config.attn_layers if not 0 <= i < num_layers]):
+        raise ConfigError(f"attn_layers {bad} out of range: the model has layers 0..{num_layers - 1}")
+
+
 def hybrid_config_for(source: PreTrainedModel, mixer_types: list[str], config: ConvertConfig) -> HybridConfig:
     """The `HybridConfig` of `source` with the given mixer per layer; fails before any weight is touched."""
     src = source.config
@@ -232,6 +246,7 @@ def convert(
         >>> hybrid = convert(model, ConvertConfig(ratio=0.5), tokenizer=tokenizer)
         ```
     """
+    check_convert(model.config, config)
     num_layers = model.config.num_hidden_layers
     if config.full_every is not None:  # recorded as the explicit layers it keeps
         kept = tuple(range(config.full_every - 1, num_layers, config.full_every))
@@ -325,4 +340,4 @@ def convert(
 
 assert set(INITIALIZERS) <= set(MIXERS)
 
-__all__ = ["INITIALIZERS", "SELECTIONS", "ConvertConfig", "convert", "hybrid_config_for"]
+__all__ = ["INITIALIZERS", "SELECTIONS", "ConvertConfig", "check_convert", "convert", "hybrid_config_for"]

@@ -53,6 +53,24 @@ class BenchConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
+def check_bench(model_config: Any, config: BenchConfig) -> None:
+    """Check `config` against a model's config, before any weights are read: no prompt may be longer than the
+    model's `max_position_embeddings` (beyond it, the numbers would describe positions the model was never trained
+    on, and a long run would measure nothing useful).
+
+    Raises:
+        `ConfigError`: a context longer than `max_position_embeddings`.
+
+    Example: `check_bench(load_config("llama"), BenchConfig(contexts=(512, 2048)))`
+    """
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and (too_long := [context for context in config.contexts if context > limit]):
+        raise ConfigError(
+            f"contexts {', '.join(map(str, too_long))} exceed the model's max_position_embeddings={limit}; pass "
+            f"prompt lengths up to {limit} (--context)"
+        )
+
+
 def cache_bytes(cache) -> int:
     """Bytes held by every tensor of a transformers cache (KV tensors, conv and recurrent states)."""
     seen, total = set(), 0
@@ -144,9 +162,14 @@ def bench(
         `dict`: `rows`, one per context, with `model` and `baseline` measurements (medians over `repeats`) and
         `ratios` (model / baseline for times and bytes; baseline / model is the speed-up); `machine`.
 
+    Raises:
+        `ConfigError`: a context longer than either model's `max_position_embeddings` (`check_bench`).
+
     Example: `bench(hybrid, tokenizer, BenchConfig(contexts=(512, 2048)), baseline=source)`
     """
     models = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
+    for m in models.values():
+        check_bench(m.config, config)
     for m in models.values():
         m.eval()
     batch = max(config.batch_sizes)
@@ -192,7 +215,7 @@ def _machine() -> dict[str, Any]:
     }
 
 
-__all__ = ["BenchConfig", "bench", "cache_bytes", "format_bench", "plot_bench"]
+__all__ = ["BenchConfig", "bench", "cache_bytes", "check_bench", "format_bench", "plot_bench"]
 
 
 def format_bench(result: dict[str, Any]) -> str:

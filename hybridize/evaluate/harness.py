@@ -49,9 +49,9 @@ _IRRELEVANT_WARNINGS = (
 _WARNING_LOGGERS = ("lm_eval.models.huggingface", "lm_eval.api.task")
 
 
-def default_max_length(model: nn.Module) -> int:
-    """The model's `max_position_embeddings`, at most 8192 (2048 when the config does not say)."""
-    return min(getattr(model.config, "max_position_embeddings", None) or 2048, MAX_DEFAULT_LENGTH)
+def default_max_length(model_config: Any) -> int:
+    """The model's `max_position_embeddings` (from its config), at most 8192 (2048 when the config does not say)."""
+    return min(getattr(model_config, "max_position_embeddings", None) or 2048, MAX_DEFAULT_LENGTH)
 
 
 def run_tasks(
@@ -69,7 +69,8 @@ def run_tasks(
         model (`nn.Module`): a Hugging Face causal LM (a hybrid or any transformers model); not modified.
         tokenizer: its tokenizer, passed to lm-eval explicitly (lm-eval would otherwise look it up by name).
         tasks (`Sequence[str]`): task, group or tag names: `OFFLINE_TASKS` and any lm-eval registry name.
-        max_length (`int`, *optional*): context length of every request; defaults to `default_max_length(model)`.
+        max_length (`int`, *optional*): context length of every request; defaults to
+            `default_max_length(model.config)`.
         batch_size (`int`, *optional*, defaults to 1): requests per forward pass.
         limit (`int`, *optional*): evaluate only the first `limit` items of each task (for quick checks; the numbers
             are then not comparable with full runs).
@@ -90,21 +91,13 @@ def run_tasks(
         ```
     """
     tasks = list(dict.fromkeys(tasks))
-    max_length = default_max_length(model) if max_length is None else max_length
+    max_length = default_max_length(model.config) if max_length is None else max_length
     _check_args(tasks, max_length, batch_size, limit)
     with _offline(), _kept_rng_state(), _without_irrelevant_warnings():
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
 
-        # The registry holds hundreds of YAMLs: index it only when a task outside ours is named.
-        needs_registry = any(name not in OFFLINE_TASKS for name in tasks)
-        task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_registry)
-        if unknown := [name for name in tasks if name not in task_manager.all_tasks]:
-            raise ConfigError(
-                f"unknown lm-eval task(s) {', '.join(map(repr, unknown))}; offline tasks are "
-                f"{', '.join(OFFLINE_TASKS)}, and `lm_eval ls tasks` lists the registry"
-            )
+        task_manager = _task_manager(tasks)
         was_training = model.training  # HFLM switches the model to eval mode; the caller gets its mode back
         try:
             lm = HFLM(
@@ -164,6 +157,37 @@ def _check_args(tasks: list[str], max_length: int, batch_size: int, limit: int |
             f"{', '.join(too_long)} need max_length >= {need}, got {max_length}: the pass key would be cut off; "
             f"pass max_length={need} (--max-length {need})"
         )
+
+
+def check_tasks(tasks: Sequence[str], *, max_length: int, batch_size: int = 1, limit: int | None = None) -> None:
+    """What `run_tasks` checks, without a model: run it before loading one. Names outside `OFFLINE_TASKS` are looked
+    up in lm-eval's registry, which imports lm-eval and indexes its YAML files (seconds); ours need neither.
+
+    Raises:
+        `ConfigError`: as `run_tasks`.
+
+    Example: `check_tasks(["passkey_4k"], max_length=default_max_length(load_config("llama")))`
+    """
+    tasks = list(dict.fromkeys(tasks))
+    _check_args(tasks, max_length, batch_size, limit)
+    if any(name not in OFFLINE_TASKS for name in tasks):
+        with _offline():
+            _task_manager(tasks)
+
+
+def _task_manager(tasks: list[str]) -> Any:
+    """lm-eval's task index with ours; `ConfigError` for a name it does not know. The registry holds hundreds of
+    YAMLs: it is indexed only when a task outside ours is named."""
+    from lm_eval.tasks import TaskManager
+
+    needs_registry = any(name not in OFFLINE_TASKS for name in tasks)
+    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_registry)
+    if unknown := [name for name in tasks if name not in task_manager.all_tasks]:
+        raise ConfigError(
+            f"unknown lm-eval task(s) {', '.join(map(repr, unknown))}; offline tasks are "
+            f"{', '.join(OFFLINE_TASKS)}, and `lm_eval ls tasks` lists the registry"
+        )
+    return task_manager
 
 
 @contextmanager
@@ -275,6 +299,7 @@ __all__ = [
     "OFFLINE_TASKS",
     "TASKS_DIR",
     "TASK_LENGTHS",
+    "check_tasks",
     "default_max_length",
     "format_results",
     "run_tasks",

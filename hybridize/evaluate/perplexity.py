@@ -187,6 +187,22 @@ def compare_logits(
     }
 
 
+def check_eval(model_config: Any, config: EvalConfig) -> None:
+    """Check `config` against the model's config, before any weights are read: with `tasks`, the task names and the
+    context the pass key tasks need (`harness.check_tasks`; `max_length` defaults to the config's).
+
+    Raises:
+        `ConfigError`: an unknown task, or a `max_length` too short for a pass key task.
+
+    Example: `check_eval(load_config("llama"), EvalConfig(tasks=("passkey_4k",)))`
+    """
+    if config.tasks:
+        from .harness import check_tasks, default_max_length  # lm-eval takes seconds to import: only when asked for
+
+        max_length = config.max_length or default_max_length(model_config)
+        check_tasks(config.tasks, max_length=max_length, batch_size=config.batch_size, limit=config.limit)
+
+
 def evaluate(
     model: nn.Module, tokenizer: Any, config: EvalConfig, *, baseline: nn.Module | None = None, progress: bool = False
 ) -> dict[str, Any]:
@@ -235,7 +251,7 @@ def _evaluate_tasks(
 ) -> dict[str, Any]:
     from .harness import default_max_length, run_tasks  # lm-eval takes seconds to import: only when asked for
 
-    max_length = config.max_length or default_max_length(model)
+    max_length = config.max_length or default_max_length(model.config)
     options = {"max_length": max_length, "batch_size": config.batch_size, "limit": config.limit}
     result: dict[str, Any] = {"max_length": max_length, "limit": config.limit}
     result["tasks"] = run_tasks(model, tokenizer, config.tasks, **options)
@@ -291,4 +307,4 @@ def _eval_mode(*models: nn.Module) -> Iterator[None]:
             model.train(training)
 
 
-__all__ = ["EvalConfig", "compare_logits", "evaluate", "perplexity"]
+__all__ = ["EvalConfig", "check_eval", "compare_logits", "evaluate", "perplexity"]
