@@ -3,6 +3,7 @@ bad input writes nothing and leaves the input untouched."""
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -352,3 +353,11 @@ def test_interrupted_recipe_says_how_to_resume_it(llama_dir, tmp_path, monkeypat
     monkeypatch.setattr(pipeline, "distill", real_distill)
     code, out = run_cli("run", recipe)  # what the message says to do
     assert code == 0 and "convert: skipped (done)" in out and "distill: ran" in out, out
+
+
+def test_readme_test_command_is_what_ci_runs():
+    root = Path(__file__).parent.parent
+    lines = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
+    install = next(line for line in lines if line.startswith("pip install")).removesuffix(" || exit 1")
+    pytest_line = next(line for line in lines if line.startswith("python -m pytest"))
+    assert f"{install} && {pytest_line}" in (root / "README.md").read_text().splitlines()
