@@ -11,6 +11,7 @@ anything (every ratio is exactly 1): the result then carries a warning, which th
 import dataclasses
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,10 +249,12 @@ def plot_analysis(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def save_analysis(result: dict[str, Any], output: str | Path, *, overwrite: bool = False) -> Path:
-    """Write `lazy_ratio.json` and `lazy_ratio.png` into the directory `output`, atomically."""
+def save_analysis(
+    result: dict[str, Any], output: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()
+) -> Path:
+    """Write `lazy_ratio.json` and `lazy_ratio.png` into the directory `output`, atomically (never over `inputs`)."""
     output = Path(output)
-    with atomic_output(output, overwrite=overwrite) as tmp:
+    with atomic_output(output, overwrite=overwrite, inputs=inputs) as tmp:
         (tmp / RESULT_NAME).write_text(json.dumps(result, indent=2) + "\n")
         plot_analysis(result, tmp / PLOT_NAME)
     return output

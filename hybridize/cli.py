@@ -120,6 +120,12 @@ def _settings(**options) -> dict:
     return {name: value for name, value in options.items() if value is not None}
 
 
+def _check_json(path: Path | None, inputs: list) -> None:
+    """A `--json` path is checked like an output before anything loads (replacing an existing file is fine)."""
+    if path is not None:
+        hybridize.check_output(path, overwrite=True, inputs=inputs)
+
+
 def _write_json(result: dict, path: Path | None) -> None:
     if path is not None:
         path.write_text(json.dumps(result, indent=2) + "\n")
@@ -204,12 +210,12 @@ def convert(
         calibration_len=calibration_len,
         seed=seed,
     )
-    hybridize.check_output(output, overwrite=overwrite)
+    hybridize.check_output(output, overwrite=overwrite, inputs=[model])
     if config.attn_layers is not None:  # the only check against the model; an uncached GGUF's config takes seconds
         check_convert(load_config(model, trust_remote_code=trust_remote_code), config)
     source, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
     hybrid = hybridize.convert(source, config, tokenizer=tokenizer, progress=True)
-    hybridize.save(hybrid, output, tokenizer=tokenizer, overwrite=overwrite)
+    hybridize.save(hybrid, output, tokenizer=tokenizer, overwrite=overwrite, inputs=[model])
     layers = hybrid.config.mixer_types
     if attn_layers or full_every:
         kept = ", ".join(str(i) for i, t in enumerate(layers) if t == "attention") or "none"
@@ -268,12 +274,12 @@ def analyze(
         mixer_init=init,
     )
     if output is not None:
-        hybridize.check_output(output, overwrite=overwrite)
+        hybridize.check_output(output, overwrite=overwrite, inputs=[model])
     loaded, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
     result = hybridize.analyze(loaded, tokenizer, config, progress=True)
     typer.echo(format_analysis(result))
     if output is not None:
-        save_analysis(result, output, overwrite=overwrite)
+        save_analysis(result, output, overwrite=overwrite, inputs=[model])
         typer.echo(f"wrote {output}")
 
 
@@ -288,9 +294,9 @@ def export(
     from hybridize.export import ExportConfig
 
     config = ExportConfig(to=to)
-    hybridize.check_output(output, overwrite=overwrite)
+    hybridize.check_output(output, overwrite=overwrite, inputs=[model])
     hybrid, tokenizer = hybridize.load(model)
-    hybridize.save(hybridize.export(hybrid, config), output, tokenizer=tokenizer, overwrite=overwrite)
+    hybridize.save(hybridize.export(hybrid, config), output, tokenizer=tokenizer, overwrite=overwrite, inputs=[model])
     typer.echo(f"wrote {output} ({to})")
 
 
@@ -351,6 +357,7 @@ def evaluate(
         max_length=max_length,
         limit=limit,
     )
+    _check_json(json_path, [model, baseline])
     if config.tasks:  # the only check against the model; an uncached GGUF's config takes seconds
         check_eval(load_config(model, trust_remote_code=trust_remote_code), config)
     loaded, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
@@ -364,8 +371,11 @@ def evaluate(
             typer.echo(f"{key:>20}  {value:.4f}" if isinstance(value, float) else f"{key:>20}  {value}")
     _write_json(result, json_path)
     if resolve(model).kind == "dir":
-        append_step(Path(model), "eval", config, metrics=result, baseline=baseline)
-        typer.echo(f"recorded in {Path(model) / MANIFEST_NAME}")
+        try:
+            append_step(Path(model), "eval", config, metrics=result, baseline=baseline)
+            typer.echo(f"recorded in {Path(model) / MANIFEST_NAME}")
+        except OSError as error:  # a read-only model directory: the results above still stand
+            typer.echo(f"warning: not recorded in {Path(model) / MANIFEST_NAME}: {error.strerror}", err=True)
 
 
 @app.command(cls=_Command)
@@ -393,6 +403,7 @@ def bench(
         repeats=repeats,
         batch_sizes=_int_list(batch, "--batch"),
     )
+    _check_json(json_path, [model, baseline])
     for spec in [model, baseline] if baseline else [model]:
         check_bench(load_config(spec), config)
     loaded, tokenizer = hybridize.load(model)
@@ -507,7 +518,7 @@ def distill(
         eval_tokens=eval_tokens,
         seed=seed,
     )
-    hybridize.check_output(output, overwrite=overwrite)
+    hybridize.check_output(output, overwrite=overwrite, inputs=[student, teacher])
     model, tokenizer = hybridize.load(student)
     reference, reference_tokenizer = hybridize.load(teacher)
     result = hybridize.distill(
@@ -523,7 +534,7 @@ def distill(
         save_every=save_every,
         progress=True,
     )
-    if finish(result, output, tokenizer=tokenizer, overwrite=overwrite):
+    if finish(result, output, tokenizer=tokenizer, overwrite=overwrite, inputs=[student, teacher]):
         metrics = result.hybridize_steps[-1]["metrics"]
         typer.echo(f"distilled {stage}: {metrics['tokens']} tokens at {metrics['tokens_per_s']} tokens/s")
         if "end" in metrics:
@@ -586,10 +597,10 @@ def prune(
         num_blocks=num_blocks,
         seq_len=seq_len,
     )
-    hybridize.check_output(output, overwrite=overwrite)
+    hybridize.check_output(output, overwrite=overwrite, inputs=[model])
     source, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
     pruned = hybridize.prune(source, config, tokenizer=tokenizer, progress=True)
-    hybridize.save(pruned, output, tokenizer=tokenizer, overwrite=overwrite)
+    hybridize.save(pruned, output, tokenizer=tokenizer, overwrite=overwrite, inputs=[model])
     typer.echo(format_prune(pruned.hybridize_steps[-1]["metrics"]))
     typer.echo(f"wrote {output}")
 
@@ -654,10 +665,10 @@ def factorize(
         calibration_len=calibration_len,
         sensitivity_tokens=sensitivity_tokens,
     )
-    hybridize.check_output(output, overwrite=overwrite)
+    hybridize.check_output(output, overwrite=overwrite, inputs=[model])
     source, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
     factorized = hybridize.factorize(source, config, tokenizer=tokenizer, progress=True)
-    hybridize.save(factorized, output, tokenizer=tokenizer, overwrite=overwrite)
+    hybridize.save(factorized, output, tokenizer=tokenizer, overwrite=overwrite, inputs=[model])
     metrics = factorized.hybridize_steps[-1]["metrics"]
     typer.echo(
         f"factorized {metrics['factorized']} linears: {metrics['params_before']:,} -> {metrics['params_after']:,} "
@@ -710,14 +721,14 @@ def fuse(
         calibration_docs=calibration_docs,
         calibration_len=calibration_len,
     )
-    hybridize.check_output(output, overwrite=overwrite)
+    hybridize.check_output(output, overwrite=overwrite, inputs=models)
     check_fuse([load_config(spec, trust_remote_code=trust_remote_code) for spec in models], config)
     loaded = [hybridize.load(spec, trust_remote_code=trust_remote_code) for spec in models]
     tokenizer = loaded[0][1]
     fused = hybridize.fuse(
         [m for m, _ in loaded], config, tokenizer=tokenizer, tokenizers=[t for _, t in loaded], progress=True
     )
-    hybridize.save(fused, output, tokenizer=tokenizer, overwrite=overwrite)
+    hybridize.save(fused, output, tokenizer=tokenizer, overwrite=overwrite, inputs=models)
     params = fused.hybridize_steps[-1]["metrics"]["params"]
     typer.echo(f"fused {len(models)} models into {params:,} parameters; wrote {output}")
 
@@ -781,6 +792,7 @@ def generate(
         chat=chat,
         ignore_eos=ignore_eos,
     )
+    _check_json(json_path, [model, draft])
     target, tokenizer = hybridize.load(model)
     draft_model, draft_tokenizer = load_draft(target, draft, layers=draft_layers, lookup=prompt_lookup)
     if compare:

@@ -170,7 +170,8 @@ def resolve(spec: str) -> Source:
     Args:
         spec (`str`):
             An alias (`"llama"`, `"smollm2"`), a local directory with `config.json` and `*.safetensors` (or a
-            `model.safetensors.index.json` and its shards), a `.gguf` file, or a Hub id `"owner/name"`.
+            `model.safetensors.index.json` and its shards), a `.gguf` file, or a Hub id `"owner/name"`. A local
+            model directory or `.gguf` file named like an alias is that local model.
 
     Returns:
         `Source`: what `spec` names. Local directories have had their safetensors headers checked.
@@ -187,9 +188,10 @@ def resolve(spec: str) -> Source:
     """
     if not spec.strip():
         raise CheckpointError(f"the model spec is empty; pass {_FORMS}")
-    if spec.lower() in ALIASES:
-        return Source(kind="alias", location=str(_packaged_file(ALIASES[spec.lower()])), spec=spec)
     path = Path(spec).expanduser()
+    local_model = (path / "config.json").is_file() or (path.is_file() and path.suffix.lower() == ".gguf")
+    if spec.lower() in ALIASES and not local_model:  # a local model of that name wins, as in transformers
+        return Source(kind="alias", location=str(_packaged_file(ALIASES[spec.lower()])), spec=spec)
     if path.is_dir():
         _check_model_dir(path)
         return Source(kind="dir", location=str(path), spec=spec)

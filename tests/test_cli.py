@@ -361,3 +361,45 @@ def test_readme_test_command_is_what_ci_runs():
     install = next(line for line in lines if line.startswith("pip install")).removesuffix(" || exit 1")
     pytest_line = next(line for line in lines if line.startswith("python -m pytest"))
     assert f"{install} && {pytest_line}" in (root / "README.md").read_text().splitlines()
+
+
+# --- issue 14: outputs never overlap inputs, read-only models still evaluate --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("convert", "{m}", "--ratio", "0.5", "--mixer-init", "attention", "-o", "{o}"),
+        ("export", "{m}", "-o", "{o}"),
+        ("prune", "{m}", "--ffn", "32", "-o", "{o}"),
+        ("eval", "{m}", "--seq-len", "16", "--max-tokens", "64", "--json", "{o}/r.json"),
+    ],
+    ids=lambda c: c[0],
+)
+@pytest.mark.parametrize("where", ["inside", "same"])
+def test_no_command_writes_into_or_over_its_input(llama_dir, tmp_path, command, where):
+    before = _digest(llama_dir)
+    output = llama_dir / "sub" if where == "inside" else llama_dir
+    args = [part.format(m=llama_dir, o=output) for part in command]
+    code, out = run_cli(*args, *(["--overwrite"] if command[0] != "eval" else []))
+    assert code == 1 and out.splitlines()[-1].startswith("error: output "), out
+    assert "input" in out.splitlines()[-1]
+    assert _digest(llama_dir) == before and not (llama_dir / "sub").exists()
+
+
+def test_eval_of_a_read_only_model_prints_its_results_and_warns(llama_dir, tmp_path):
+    import shutil
+    import subprocess
+
+    point = tmp_path / "ro"
+    point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(point)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        shutil.copytree(llama_dir, point / "m")
+        subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True)
+        code, out = run_cli("eval", point / "m", "--seq-len", "16", "--max-tokens", "64")
+        assert code == 0, out
+        assert "perplexity" in out and "warning: not recorded in" in out and "Read-only file system" in out
+    finally:
+        subprocess.run(["umount", str(point)], check=False)

@@ -278,3 +278,14 @@ def test_real_alias_cached_once_and_equal_to_gguf(tmp_path, monkeypatch):
     assert gguf_tokenizer.chat_template == tokenizer.chat_template
     assert torch.equal(_logits(gguf_model, gguf_tokenizer), _logits(model, tokenizer))
     print(f"first load {first_s:.1f} s, cached load {second_s:.1f} s")
+
+
+def test_a_local_model_named_like_an_alias_wins(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve("llama").kind == "alias"
+    (tmp_path / "llama").mkdir()  # a folder that is not a model (say, a llama.cpp checkout) does not shadow it
+    assert resolve("llama").kind == "alias"
+    shutil.rmtree(tmp_path / "llama")
+    shutil.copytree(tiny_llama_dir, tmp_path / "llama")
+    source = resolve("llama")
+    assert source.kind == "dir" and Path(source.location).resolve() == tmp_path / "llama"
