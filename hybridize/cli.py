@@ -1,72 +1,36 @@
 """The `hybridize` command line. Thin: parse options -> build the config -> call the API -> save -> print.
 
-Fast to say no: this module imports only typer and the standard library, and each command imports what it runs, so
-that `--help`, `--version` and usage errors return before torch, transformers, lm-eval, POT, matplotlib or datasets
-is imported (`tests/test_fast_cli.py`). The API is reached through `hybridize.<name>`, which imports on first use.
+Fast to say no: this module imports only typer, the standard library and the configs (`hybridize.configs`, torch-free;
+the options' defaults are the configs' own). Each command builds its config first, which checks every option, and
+imports what it runs only after that, so that `--help`, `--version`, usage errors and config errors return before
+torch, transformers, lm-eval, POT, matplotlib or datasets is imported (`tests/test_fast_cli.py`). The API is reached
+through `hybridize.<name>`, which imports on first use.
 """
 
-import ast
-import contextlib
-import functools
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Annotated
 
 import typer
 from typer.core import TyperCommand
 
 import hybridize
+from hybridize.configs import (
+    AnalyzeConfig,
+    BenchConfig,
+    ConvertConfig,
+    DistillConfig,
+    EvalConfig,
+    ExportConfig,
+    FactorizeConfig,
+    FuseConfig,
+    GenerateConfig,
+    PruneConfig,
+    PushConfig,
+)
+from hybridize.configs.distill import EVAL_EVERY, SAVE_EVERY
 from hybridize.errors import ConfigError, HybridizeError
-
-
-@functools.cache
-def _module_source(module: str) -> ast.Module:
-    path = Path(__file__).parent.joinpath(*module.split("."))
-    return ast.parse((path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).read_text(encoding="utf-8"))
-
-
-def _defaults(module: str, name: str | None = None) -> SimpleNamespace:
-    """The literal defaults of the dataclass `name` in `hybridize.<module>` (without `name`: the module's literal
-    constants), read from its source instead of imported: the config modules import torch, which `--help` and
-    argument errors must not wait for. `tests/test_fast_cli.py` checks them against the imported classes."""
-    tree = _module_source(module)
-    constants = {
-        target.id: node.value
-        for node in tree.body
-        if isinstance(node, ast.Assign)
-        for target in node.targets
-        if isinstance(target, ast.Name)
-    }
-    if name is None:
-        nodes = constants
-    else:
-        cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name)
-        nodes = {f.target.id: f.value for f in cls.body if isinstance(f, ast.AnnAssign) and f.value is not None}
-    values = {}
-    for key, node in nodes.items():
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "field":  # field(default=...)
-            node = next((keyword.value for keyword in node.keywords if keyword.arg == "default"), None)
-        if isinstance(node, ast.Name):  # a module constant, as in `width_axes: tuple[str, ...] = WIDTH_AXES`
-            node = constants.get(node.id)
-        with contextlib.suppress(ValueError, TypeError, SyntaxError):  # not a literal: no option defaults to it
-            values[key] = ast.literal_eval(node)
-    return SimpleNamespace(**values)
-
-
-AnalyzeDefaults = _defaults("analyze", "AnalyzeConfig")
-BenchDefaults = _defaults("evaluate.bench", "BenchConfig")
-ConvertDefaults = _defaults("convert", "ConvertConfig")
-DistillDefaults = _defaults("distill", "DistillConfig")
-DistillRunDefaults = _defaults("distill")  # EVAL_EVERY, SAVE_EVERY
-EvalDefaults = _defaults("evaluate.perplexity", "EvalConfig")
-ExportDefaults = _defaults("export", "ExportConfig")
-FactorizeDefaults = _defaults("compress.lowrank", "FactorizeConfig")
-FuseDefaults = _defaults("compress.fuse", "FuseConfig")
-GenerateDefaults = _defaults("generate", "GenerateConfig")
-PruneDefaults = _defaults("compress.prune", "PruneConfig")
-PushDefaults = _defaults("hub", "PushConfig")
 
 app = typer.Typer(
     help="Turn a pretrained Llama-family model into a cheaper hybrid, then evaluate, benchmark and export it.",
@@ -137,16 +101,16 @@ def convert(
     model: ModelArg,
     output: Output,
     ratio: Annotated[float, typer.Option(help="Fraction of layers converted, in [0, 1], spread evenly.")] = (
-        ConvertDefaults.ratio
+        ConvertConfig.ratio
     ),
     mixer: Annotated[
         str, typer.Option(help="Mixer replacing attention: mamba2, nha or streaming.")
-    ] = ConvertDefaults.mixer,
+    ] = ConvertConfig.mixer,
     attn_layers: Annotated[
         str | None, typer.Option(help="Comma-separated layers that keep attention, e.g. 1,3,5 (overrides --ratio).")
     ] = None,
     conv_init: Annotated[str, typer.Option(help="Mamba2 conv initialisation: delta or random.")] = (
-        ConvertDefaults.conv_init
+        ConvertConfig.conv_init
     ),
     mixer_init: Annotated[
         str | None,
@@ -157,13 +121,13 @@ def convert(
             "mamba2 and nha), attention (the published mapping; default for streaming), zero (readout zeroed) or "
             "random (Mamba2 ablation).",
         ),
-    ] = ConvertDefaults.mixer_init,
+    ] = ConvertConfig.mixer_init,
     chunk_size: Annotated[
         int | None, typer.Option(help="Mamba2 / NHA chunk length (speed only; default 64 / 32).")
     ] = None,
     select: Annotated[
         str, typer.Option(help="Which layers: uniform, lazy, sensitivity, random or dynamic (streaming).")
-    ] = ConvertDefaults.select,
+    ] = ConvertConfig.select,
     sinks: Annotated[int | None, typer.Option(help="Streaming: initial tokens kept (default 4).")] = None,
     window: Annotated[
         int | None, typer.Option(help="Streaming / NHA: recent tokens attended exactly (default 1020 / 64).")
@@ -171,31 +135,26 @@ def convert(
     slots: Annotated[int | None, typer.Option(help="NHA: slot memories per KV head (default 64).")] = None,
     full_every: Annotated[
         int | None, typer.Option(help="Keep attention in every N-th layer (N-1, 2N-1, ...); overrides --ratio.")
-    ] = ConvertDefaults.full_every,
+    ] = ConvertConfig.full_every,
     w_last: Annotated[int | None, typer.Option(help="Streaming: last queries a lazy ratio averages (default 64).")] = (
         None
     ),
     calibration: Annotated[
         str,
         typer.Option(help="Calibration text: wiki (the packaged train split), a local file or folder, a Hub name."),
-    ] = ConvertDefaults.calibration,
+    ] = ConvertConfig.calibration,
     calibration_docs: Annotated[
         int, typer.Option(help="--init calibrated, --select lazy/sensitivity: calibration blocks.")
-    ] = ConvertDefaults.calibration_docs,
+    ] = ConvertConfig.calibration_docs,
     calibration_len: Annotated[
         int, typer.Option(help="--init calibrated, --select lazy/sensitivity: tokens per calibration block.")
-    ] = ConvertDefaults.calibration_len,
-    seed: Annotated[
-        int, typer.Option(help="Seed of the new parameters and of --select random.")
-    ] = ConvertDefaults.seed,
+    ] = ConvertConfig.calibration_len,
+    seed: Annotated[int, typer.Option(help="Seed of the new parameters and of --select random.")] = ConvertConfig.seed,
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Convert attention layers of a pretrained model into a hybrid: q/k/v/o reused (MambaInLlama), each new mixer's
     readout calibrated on the source attention's output, layers spread evenly or chosen by sensitivity."""
-    from hybridize.convert import ConvertConfig, check_convert
-    from hybridize.sources import load_config
-
     config = ConvertConfig(
         mixer=mixer,
         ratio=ratio,
@@ -211,6 +170,9 @@ def convert(
         seed=seed,
     )
     hybridize.check_output(output, overwrite=overwrite, inputs=[model])
+    from hybridize.convert import check_convert
+    from hybridize.sources import load_config
+
     if config.attn_layers is not None:  # the only check against the model; an uncached GGUF's config takes seconds
         check_convert(load_config(model, trust_remote_code=trust_remote_code), config)
     source, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
@@ -231,27 +193,27 @@ def convert(
 def analyze(
     model: ModelArg,
     data: Annotated[str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")] = (
-        AnalyzeDefaults.data
+        AnalyzeConfig.data
     ),
-    sinks: Annotated[int, typer.Option(help="Initial tokens a streaming layer keeps.")] = AnalyzeDefaults.sinks,
-    window: Annotated[int, typer.Option(help="Recent tokens a streaming layer keeps.")] = AnalyzeDefaults.window,
-    w_last: Annotated[int, typer.Option(help="Last queries of each document averaged over.")] = AnalyzeDefaults.w_last,
-    num_docs: Annotated[int, typer.Option(help="Calibration documents.")] = AnalyzeDefaults.num_docs,
+    sinks: Annotated[int, typer.Option(help="Initial tokens a streaming layer keeps.")] = AnalyzeConfig.sinks,
+    window: Annotated[int, typer.Option(help="Recent tokens a streaming layer keeps.")] = AnalyzeConfig.window,
+    w_last: Annotated[int, typer.Option(help="Last queries of each document averaged over.")] = AnalyzeConfig.w_last,
+    num_docs: Annotated[int, typer.Option(help="Calibration documents.")] = AnalyzeConfig.num_docs,
     seq_len: Annotated[int, typer.Option(help="Tokens per document (must exceed sinks + window).")] = (
-        AnalyzeDefaults.seq_len
+        AnalyzeConfig.seq_len
     ),
     ratio: Annotated[float, typer.Option(help="Fraction of layers marked as selected (the laziest).")] = (
-        AnalyzeDefaults.ratio
+        AnalyzeConfig.ratio
     ),
     mixer: Annotated[
         str | None,
         typer.Option(
             help="Also score each layer by the KL of converting it alone to this mixer (mamba2, nha, streaming)."
         ),
-    ] = AnalyzeDefaults.mixer,
+    ] = AnalyzeConfig.mixer,
     init: Annotated[
         str | None, typer.Option(help="--mixer: the init scored (default: the mixer's, calibrated for mamba2/nha).")
-    ] = AnalyzeDefaults.mixer_init,
+    ] = AnalyzeConfig.mixer_init,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Directory for lazy_ratio.json and lazy_ratio.png.")
     ] = None,
@@ -260,8 +222,6 @@ def analyze(
 ):
     """Per-layer lazy ratio (LightTransfer): how much attention each layer puts on sinks + a recent window; with
     --mixer, also what converting each layer alone costs (the scores --select sensitivity uses)."""
-    from hybridize.analyze import AnalyzeConfig, format_analysis, save_analysis
-
     config = AnalyzeConfig(
         data=data,
         sinks=sinks,
@@ -275,6 +235,8 @@ def analyze(
     )
     if output is not None:
         hybridize.check_output(output, overwrite=overwrite, inputs=[model])
+    from hybridize.analyze import format_analysis, save_analysis
+
     loaded, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
     result = hybridize.analyze(loaded, tokenizer, config, progress=True)
     typer.echo(format_analysis(result))
@@ -287,12 +249,10 @@ def analyze(
 def export(
     model: ModelArg,
     output: Output,
-    to: Annotated[str, typer.Option(help="Native transformers model type to write.")] = ExportDefaults.to,
+    to: Annotated[str, typer.Option(help="Native transformers model type to write.")] = ExportConfig.to,
     overwrite: Overwrite = False,
 ):
     """Write a hybrid as a native transformers model (GraniteMoeHybrid) that loads with no custom code."""
-    from hybridize.export import ExportConfig
-
     config = ExportConfig(to=to)
     hybridize.check_output(output, overwrite=overwrite, inputs=[model])
     hybrid, tokenizer = hybridize.load(model)
@@ -315,38 +275,33 @@ def evaluate(
     ] = None,
     max_length: Annotated[
         int | None, typer.Option(help="With --tasks: tokens of context per request (default: the model's, <= 8192).")
-    ] = EvalDefaults.max_length,
+    ] = EvalConfig.max_length,
     limit: Annotated[int | None, typer.Option(help="With --tasks: only the first N items of each task.")] = (
-        EvalDefaults.limit
+        EvalConfig.limit
     ),
     data: Annotated[
         str | None,
         typer.Option(
             help="Text to measure instead of the built-in held-out split: a .txt/.jsonl/.parquet file or folder."
         ),
-    ] = EvalDefaults.data,
-    seq_len: Annotated[int, typer.Option(help="Tokens per evaluation block.")] = EvalDefaults.seq_len,
-    max_tokens: Annotated[int, typer.Option(help="Held-out tokens evaluated.")] = EvalDefaults.max_tokens,
+    ] = EvalConfig.data,
+    seq_len: Annotated[int, typer.Option(help="Tokens per evaluation block.")] = EvalConfig.seq_len,
+    max_tokens: Annotated[int, typer.Option(help="Held-out tokens evaluated.")] = EvalConfig.max_tokens,
     prompt_len: Annotated[
         int,
         typer.Option(
             help="Prefill the first N tokens of each block through the cache and score only the rest, as generation "
             "would see it (what a dynamic or streaming cache decides at prefill shows only this way)."
         ),
-    ] = EvalDefaults.prompt_len,
+    ] = EvalConfig.prompt_len,
     batch_size: Annotated[int, typer.Option(help="Blocks (or lm-eval requests) per forward pass.")] = (
-        EvalDefaults.batch_size
+        EvalConfig.batch_size
     ),
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Held-out perplexity on the built-in Wikipedia corpus (with --baseline, KL and top-1 agreement too), or
     lm-eval tasks with --tasks. Results on a model directory are recorded in its hybridize.json."""
-    from hybridize.evaluate.harness import format_results
-    from hybridize.evaluate.perplexity import EvalConfig, check_eval
-    from hybridize.provenance import MANIFEST_NAME, append_step
-    from hybridize.sources import load_config, resolve
-
     config = EvalConfig(
         data=data,
         seq_len=seq_len,
@@ -358,6 +313,11 @@ def evaluate(
         limit=limit,
     )
     _check_json(json_path, [model, baseline])
+    from hybridize.evaluate.harness import format_results
+    from hybridize.evaluate.perplexity import check_eval
+    from hybridize.provenance import MANIFEST_NAME, append_step
+    from hybridize.sources import load_config, resolve
+
     if config.tasks:  # the only check against the model; an uncached GGUF's config takes seconds
         check_eval(load_config(model, trust_remote_code=trust_remote_code), config)
     loaded, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
@@ -383,20 +343,17 @@ def bench(
     model: ModelArg,
     baseline: Annotated[str | None, typer.Option(help="Model measured side by side, e.g. the source.")] = None,
     context: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = ",".join(
-        map(str, BenchDefaults.contexts)
+        map(str, BenchConfig.contexts)
     ),
-    new_tokens: Annotated[int, typer.Option(help="Tokens decoded after each prompt.")] = BenchDefaults.new_tokens,
-    repeats: Annotated[int, typer.Option(help="Interleaved rounds; medians are reported.")] = BenchDefaults.repeats,
+    new_tokens: Annotated[int, typer.Option(help="Tokens decoded after each prompt.")] = BenchConfig.new_tokens,
+    repeats: Annotated[int, typer.Option(help="Interleaved rounds; medians are reported.")] = BenchConfig.repeats,
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(
-        map(str, BenchDefaults.batch_sizes)
+        map(str, BenchConfig.batch_sizes)
     ),
     plot: Annotated[Path | None, typer.Option(help="Also draw the results to this PNG file.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
 ):
     """Prefill tokens/s, decode ms/token and cache bytes per context length, side by side with a baseline."""
-    from hybridize.evaluate.bench import BenchConfig, check_bench, format_bench, plot_bench
-    from hybridize.sources import load_config
-
     config = BenchConfig(
         contexts=_int_list(context, "--context"),
         new_tokens=new_tokens,
@@ -404,6 +361,9 @@ def bench(
         batch_sizes=_int_list(batch, "--batch"),
     )
     _check_json(json_path, [model, baseline])
+    from hybridize.evaluate.bench import check_bench, format_bench, plot_bench
+    from hybridize.sources import load_config
+
     for spec in [model, baseline] if baseline else [model]:
         check_bench(load_config(spec), config)
     loaded, tokenizer = hybridize.load(model)
@@ -425,18 +385,16 @@ def push(
     ],
     private: Annotated[
         bool, typer.Option(help="Create the repository as private (an existing one keeps its visibility).")
-    ] = PushDefaults.private,
+    ] = PushConfig.private,
     revision: Annotated[str | None, typer.Option(help="Branch to commit to, created if missing (default main).")] = (
-        PushDefaults.revision
+        PushConfig.revision
     ),
-    message: Annotated[str | None, typer.Option(help="Commit message.")] = PushDefaults.commit_message,
+    message: Annotated[str | None, typer.Option(help="Commit message.")] = PushConfig.commit_message,
 ):
     """Upload a saved model to the Hugging Face Hub with a model card written from its hybridize.json.
 
     The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another Hub.
     """
-    from hybridize.hub import PushConfig
-
     config = PushConfig(repo_id=repo_id, private=private, revision=revision, commit_message=message)
     typer.echo(hybridize.push(model_dir, config))
 
@@ -450,7 +408,7 @@ def distill(
     teacher: Annotated[str, typer.Option(help="The reference model, usually the one the student came from.")],
     output: Output,
     stage: Annotated[str, typer.Option(help="layerwise (new mixers on per-layer targets) or e2e (logit KD).")] = (
-        DistillDefaults.stage
+        DistillConfig.stage
     ),
     data: Annotated[
         str,
@@ -458,48 +416,42 @@ def distill(
             help="wiki, a .txt/.jsonl/.parquet file or folder, a Hub name[:config], or generate:N[:PROMPTS] (N tokens "
             "written by the teacher, cached beside OUTPUT as OUTPUT.generated-ID.jsonl)."
         ),
-    ] = DistillDefaults.data,
+    ] = DistillConfig.data,
     text_column: Annotated[str | None, typer.Option(help="Column holding the text (detected if omitted).")] = (
-        DistillDefaults.text_column
+        DistillConfig.text_column
     ),
-    tokens: Annotated[str, typer.Option(help="Token budget, e.g. 500K or 2M.")] = str(DistillDefaults.tokens),
-    seq_len: Annotated[int, typer.Option(help="Tokens per packed training block.")] = DistillDefaults.seq_len,
-    batch_size: Annotated[int, typer.Option(help="Blocks per micro-batch and process.")] = DistillDefaults.batch_size,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = DistillDefaults.grad_accum,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default per stage).")] = DistillDefaults.lr,
-    freeze: Annotated[
-        str, typer.Option(help="e2e: what trains: mixers, all-but-mlp or all.")
-    ] = DistillDefaults.freeze,
-    loss: Annotated[str, typer.Option(help="e2e: forward_kl or reverse_kl.")] = DistillDefaults.loss,
+    tokens: Annotated[str, typer.Option(help="Token budget, e.g. 500K or 2M.")] = str(DistillConfig.tokens),
+    seq_len: Annotated[int, typer.Option(help="Tokens per packed training block.")] = DistillConfig.seq_len,
+    batch_size: Annotated[int, typer.Option(help="Blocks per micro-batch and process.")] = DistillConfig.batch_size,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = DistillConfig.grad_accum,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default per stage).")] = DistillConfig.lr,
+    freeze: Annotated[str, typer.Option(help="e2e: what trains: mixers, all-but-mlp or all.")] = DistillConfig.freeze,
+    loss: Annotated[str, typer.Option(help="e2e: forward_kl or reverse_kl.")] = DistillConfig.loss,
     layer_loss: Annotated[
         str,
         typer.Option(help="layerwise: l2 or mse on each block's output, or mixer (MSE against the attention output)."),
-    ] = DistillDefaults.layer_loss,
+    ] = DistillConfig.layer_loss,
     ce_weight: Annotated[float, typer.Option(help="e2e: weight of next-token cross-entropy.")] = (
-        DistillDefaults.ce_weight
+        DistillConfig.ce_weight
     ),
     kl_weight: Annotated[
         float, typer.Option(help="e2e: weight of the KL; 0 with --ce-weight 1 is plain fine-tuning on --data.")
-    ] = DistillDefaults.kl_weight,
+    ] = DistillConfig.kl_weight,
     lora_rank: Annotated[int, typer.Option(help="e2e: LoRA rank on kept layers (0: full training).")] = (
-        DistillDefaults.lora_rank
+        DistillConfig.lora_rank
     ),
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens per evaluation (0: none).")] = (
-        DistillDefaults.eval_tokens
+        DistillConfig.eval_tokens
     ),
-    seed: Annotated[int, typer.Option(help="Seed of the data order.")] = DistillDefaults.seed,
+    seed: Annotated[int, typer.Option(help="Seed of the data order.")] = DistillConfig.seed,
     eval_every: Annotated[int, typer.Option(help="Steps between held-out evaluations (0: start and end).")] = (
-        DistillRunDefaults.EVAL_EVERY
+        EVAL_EVERY
     ),
-    save_every: Annotated[
-        int, typer.Option(help="Steps between checkpoints (0: only on Ctrl-C).")
-    ] = DistillRunDefaults.SAVE_EVERY,
+    save_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: only on Ctrl-C).")] = SAVE_EVERY,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in OUTPUT.distill/.")] = False,
     overwrite: Overwrite = False,
 ):
     """Distill a hybrid towards its teacher (layerwise or end-to-end); Ctrl-C saves a checkpoint for --resume."""
-    from hybridize.distill import DistillConfig, finish, run_dir_for
-
     config = DistillConfig(
         stage=stage,
         data=data,
@@ -519,6 +471,8 @@ def distill(
         seed=seed,
     )
     hybridize.check_output(output, overwrite=overwrite, inputs=[student, teacher])
+    from hybridize.distill import finish, run_dir_for
+
     model, tokenizer = hybridize.load(student)
     reference, reference_tokenizer = hybridize.load(teacher)
     result = hybridize.distill(
@@ -550,38 +504,34 @@ def prune(
     model: ModelArg,
     output: Output,
     params: Annotated[float | None, typer.Option(help="Fraction of parameters to keep; searches the axes.")] = (
-        PruneDefaults.params
+        PruneConfig.params
     ),
-    hidden: Annotated[int | None, typer.Option(help="New hidden size.")] = PruneDefaults.hidden,
-    ffn: Annotated[int | None, typer.Option(help="New MLP intermediate size.")] = PruneDefaults.ffn,
-    attn_heads: Annotated[
-        int | None, typer.Option(help="Query heads per attention layer.")
-    ] = PruneDefaults.attn_heads,
+    hidden: Annotated[int | None, typer.Option(help="New hidden size.")] = PruneConfig.hidden,
+    ffn: Annotated[int | None, typer.Option(help="New MLP intermediate size.")] = PruneConfig.ffn,
+    attn_heads: Annotated[int | None, typer.Option(help="Query heads per attention layer.")] = PruneConfig.attn_heads,
     ssm_heads: Annotated[int | None, typer.Option(help="Heads per Mamba2 layer (a multiple of its groups).")] = (
-        PruneDefaults.ssm_heads
+        PruneConfig.ssm_heads
     ),
-    ssm_head_dim: Annotated[int | None, typer.Option(help="Channels per Mamba2 head.")] = PruneDefaults.ssm_head_dim,
-    drop_layers: Annotated[int | None, typer.Option(help="Whole layers to remove.")] = PruneDefaults.drop_layers,
+    ssm_head_dim: Annotated[int | None, typer.Option(help="Channels per Mamba2 head.")] = PruneConfig.ssm_head_dim,
+    drop_layers: Annotated[int | None, typer.Option(help="Whole layers to remove.")] = PruneConfig.drop_layers,
     ssm_grouping: Annotated[str, typer.Option(help="aware (same heads per group) or ignore (baseline).")] = (
-        PruneDefaults.ssm_grouping
+        PruneConfig.ssm_grouping
     ),
     attn_grouping: Annotated[str, typer.Option(help="aware (heads ranked in their KV group) or ignore.")] = (
-        PruneDefaults.attn_grouping
+        PruneConfig.attn_grouping
     ),
     depth_metric: Annotated[str, typer.Option(help="block (1 - cosine) or ppl (loss with the layer skipped).")] = (
-        PruneDefaults.depth_metric
+        PruneConfig.depth_metric
     ),
     data: Annotated[str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")] = (
-        PruneDefaults.data
+        PruneConfig.data
     ),
-    num_blocks: Annotated[int, typer.Option(help="Calibration blocks.")] = PruneDefaults.num_blocks,
-    seq_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = PruneDefaults.seq_len,
+    num_blocks: Annotated[int, typer.Option(help="Calibration blocks.")] = PruneConfig.num_blocks,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = PruneConfig.seq_len,
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Prune a hybrid or dense model (Minitron width/depth, group-aware Mamba2 heads) to given sizes or a budget."""
-    from hybridize.compress.prune import PruneConfig, format_prune
-
     config = PruneConfig(
         params=params,
         hidden=hidden,
@@ -601,6 +551,8 @@ def prune(
     source, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
     pruned = hybridize.prune(source, config, tokenizer=tokenizer, progress=True)
     hybridize.save(pruned, output, tokenizer=tokenizer, overwrite=overwrite, inputs=[model])
+    from hybridize.compress.prune import format_prune
+
     typer.echo(format_prune(pruned.hybridize_steps[-1]["metrics"]))
     typer.echo(f"wrote {output}")
 
@@ -623,36 +575,34 @@ def factorize(
     model: ModelArg,
     output: Output,
     ratio: Annotated[float, typer.Option(help="Fraction of the targeted linear parameters kept, in (0, 1].")] = (
-        FactorizeDefaults.ratio
+        FactorizeConfig.ratio
     ),
-    method: Annotated[str, typer.Option(help="svd, asvd, fwsvd or svd-llm.")] = FactorizeDefaults.method,
+    method: Annotated[str, typer.Option(help="svd, asvd, fwsvd or svd-llm.")] = FactorizeConfig.method,
     targets: Annotated[str, typer.Option(help="Comma-separated linears to factorize: attn, mlp, mamba.")] = ",".join(
-        FactorizeDefaults.targets
+        FactorizeConfig.targets
     ),
     rank_alloc: Annotated[str, typer.Option(help="uniform, or sensitivity (measured per matrix).")] = (
-        FactorizeDefaults.rank_alloc
+        FactorizeConfig.rank_alloc
     ),
-    alpha: Annotated[float, typer.Option(help="asvd: exponent of the activation scaling.")] = FactorizeDefaults.alpha,
+    alpha: Annotated[float, typer.Option(help="asvd: exponent of the activation scaling.")] = FactorizeConfig.alpha,
     damp: Annotated[float, typer.Option(help="svd-llm: ridge on the Gram matrix, relative to its mean diagonal.")] = (
-        FactorizeDefaults.damp
+        FactorizeConfig.damp
     ),
     calibration: Annotated[
         str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")
-    ] = FactorizeDefaults.calibration,
-    calibration_docs: Annotated[int, typer.Option(help="Calibration blocks.")] = FactorizeDefaults.calibration_docs,
+    ] = FactorizeConfig.calibration,
+    calibration_docs: Annotated[int, typer.Option(help="Calibration blocks.")] = FactorizeConfig.calibration_docs,
     calibration_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = (
-        FactorizeDefaults.calibration_len
+        FactorizeConfig.calibration_len
     ),
     sensitivity_tokens: Annotated[int, typer.Option(help="--rank-alloc sensitivity: tokens measured per matrix.")] = (
-        FactorizeDefaults.sensitivity_tokens
+        FactorizeConfig.sensitivity_tokens
     ),
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Factorize linear layers into low-rank pairs (SVD-LLM, ASVD, FWSVD or plain SVD); a dense model is first
     converted to a hybrid that keeps every attention layer."""
-    from hybridize.compress.lowrank import FactorizeConfig
-
     config = FactorizeConfig(
         ratio=ratio,
         method=method,
@@ -686,30 +636,27 @@ def fuse(
     ],
     output: Output,
     align: Annotated[str, typer.Option(help="Ground cost: activations, weights, or none (plain averaging).")] = (
-        FuseDefaults.align
+        FuseConfig.align
     ),
-    solver: Annotated[str, typer.Option(help="emd (exact) or sinkhorn (soft).")] = FuseDefaults.solver,
-    reg: Annotated[float, typer.Option(help="sinkhorn: entropic regularisation.")] = FuseDefaults.reg,
+    solver: Annotated[str, typer.Option(help="emd (exact) or sinkhorn (soft).")] = FuseConfig.solver,
+    reg: Annotated[float, typer.Option(help="sinkhorn: entropic regularisation.")] = FuseConfig.reg,
     weights: Annotated[str | None, typer.Option(help="Comma-separated averaging weights, one per model.")] = None,
     width: Annotated[float, typer.Option(help="Fused width as a fraction of the anchor's, in (0, 1].")] = (
-        FuseDefaults.width
+        FuseConfig.width
     ),
     width_axes: Annotated[str, typer.Option(help="Comma-separated axes --width narrows: hidden, mlp, heads.")] = (
-        ",".join(FuseDefaults.width_axes)
+        ",".join(FuseConfig.width_axes)
     ),
     calibration: Annotated[
         str, typer.Option(help="Calibration text: wiki, a local file or folder, or a Hub name.")
-    ] = FuseDefaults.calibration,
-    calibration_docs: Annotated[int, typer.Option(help="Calibration blocks.")] = FuseDefaults.calibration_docs,
-    calibration_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = FuseDefaults.calibration_len,
+    ] = FuseConfig.calibration,
+    calibration_docs: Annotated[int, typer.Option(help="Calibration blocks.")] = FuseConfig.calibration_docs,
+    calibration_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = FuseConfig.calibration_len,
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Fuse models of one family by optimal-transport alignment onto the first, then averaging; --width < 1 fuses
     into a narrower copy of the anchor."""
-    from hybridize.compress.fuse import FuseConfig, check_fuse
-    from hybridize.sources import load_config
-
     config = FuseConfig(
         align=align,
         solver=solver,
@@ -722,6 +669,9 @@ def fuse(
         calibration_len=calibration_len,
     )
     hybridize.check_output(output, overwrite=overwrite, inputs=models)
+    from hybridize.compress.fuse import check_fuse
+    from hybridize.sources import load_config
+
     check_fuse([load_config(spec, trust_remote_code=trust_remote_code) for spec in models], config)
     loaded = [hybridize.load(spec, trust_remote_code=trust_remote_code) for spec in models]
     tokenizer = loaded[0][1]
@@ -747,28 +697,26 @@ def generate(
     prompt_lookup: Annotated[
         bool, typer.Option(help="Draft without a model: copy what followed the last n-gram earlier in the text.")
     ] = False,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated at most.")] = GenerateDefaults.max_new_tokens,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated at most.")] = GenerateConfig.max_new_tokens,
     draft_tokens: Annotated[int, typer.Option(help="Tokens the draft proposes per round (K).")] = (
-        GenerateDefaults.draft_tokens
+        GenerateConfig.draft_tokens
     ),
     adaptive: Annotated[bool, typer.Option(help="Grow K after full acceptance, shrink it after a rejection.")] = (
-        GenerateDefaults.adaptive
+        GenerateConfig.adaptive
     ),
     max_draft_tokens: Annotated[int, typer.Option(help="Largest K adaptive rounds may reach.")] = (
-        GenerateDefaults.max_draft_tokens
+        GenerateConfig.max_draft_tokens
     ),
-    sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = GenerateDefaults.do_sample,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = GenerateDefaults.temperature,
-    top_p: Annotated[
-        float, typer.Option(help="Nucleus sampling mass (1 keeps every token).")
-    ] = GenerateDefaults.top_p,
-    seed: Annotated[int, typer.Option(help="Seed of sampling and of the acceptance tests.")] = GenerateDefaults.seed,
+    sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = GenerateConfig.do_sample,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = GenerateConfig.temperature,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 keeps every token).")] = GenerateConfig.top_p,
+    seed: Annotated[int, typer.Option(help="Seed of sampling and of the acceptance tests.")] = GenerateConfig.seed,
     chat: Annotated[bool, typer.Option(help="Apply the tokenizer's chat template to the prompt.")] = (
-        GenerateDefaults.chat
+        GenerateConfig.chat
     ),
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeat the option for several).")] = None,
     ignore_eos: Annotated[bool, typer.Option(help="Go on past end-of-sequence tokens (for timing).")] = (
-        GenerateDefaults.ignore_eos
+        GenerateConfig.ignore_eos
     ),
     compare: Annotated[
         bool, typer.Option(help="Also decode without the draft, interleaved, and print both speeds and their ratio.")
@@ -777,8 +725,6 @@ def generate(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
 ):
     """Generate text, speculatively with a draft model (Mamba2/NHA states rolled back by replay, MambaInLlama)."""
-    from hybridize.generate import GenerateConfig, format_compare, format_generate, load_draft
-
     config = GenerateConfig(
         max_new_tokens=max_new_tokens,
         do_sample=sample,
@@ -793,6 +739,8 @@ def generate(
         ignore_eos=ignore_eos,
     )
     _check_json(json_path, [model, draft])
+    from hybridize.generate import format_compare, format_generate, load_draft
+
     target, tokenizer = hybridize.load(model)
     draft_model, draft_tokenizer = load_draft(target, draft, layers=draft_layers, lookup=prompt_lookup)
     if compare:
@@ -827,16 +775,20 @@ def run_recipe(
 ):
     """Run a recipe of steps (convert, distill, eval, bench, export, push); re-running resumes after the last
     completed step."""
-    from hybridize.distill import DistillInterrupted
-    from hybridize.pipeline import load_recipe
-
     if check:
+        from hybridize.pipeline import load_recipe  # the configs only: the steps import their API when they run
+
         parsed = load_recipe(recipe)
         typer.echo(f"{recipe}: {len(parsed.steps)} valid steps: {', '.join(s.name for s in parsed.steps)}")
         return
     try:
         report = hybridize.run(recipe, overwrite=overwrite)
-    except DistillInterrupted as error:
+    except HybridizeError as error:
+        # A distill step's interruption. Its class is looked up, not imported: a recipe refused before its first step
+        # has not imported the distillation code (nor torch), and cannot have raised it.
+        engine = sys.modules.get("hybridize.distill.engine")
+        if engine is None or not isinstance(error, engine.DistillInterrupted):
+            raise
         # The distill step's advice is `hybridize distill`'s (--resume); a recipe resumes when run again
         where = str(error).removesuffix("; run the same command with --resume to continue")
         raise HybridizeError(f"{where}; run `hybridize run {recipe}` again to continue from it") from None

@@ -8,30 +8,15 @@ repeated per head, which is exact. transformers 5's Granite then normalises the 
 our mixer does.
 """
 
-from dataclasses import dataclass
-
 import torch
 from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
 
-from .errors import ConfigError, UnsupportedModelError
+from .configs.export import TARGETS, ExportConfig
+from .errors import UnsupportedModelError
 from .modeling import HybridForCausalLM, Mamba2MixerConfig
 from .provenance import record_step
-from .validation import check_fields
 
-TARGETS = ("granitemoehybrid",)
 _LAYER_TYPES = {"attention": "full_attention", "mamba2": "linear_attention"}
-
-
-@dataclass(frozen=True, kw_only=True)
-class ExportConfig:
-    """Args: to (`str`, *optional*, defaults to `"granitemoehybrid"`): the native transformers model type."""
-
-    to: str = "granitemoehybrid"
-
-    def __post_init__(self):
-        check_fields(self)
-        if self.to not in TARGETS:
-            raise ConfigError(f"export target {self.to!r} is not supported; choose one of {TARGETS}")
 
 
 def check_export(model: HybridForCausalLM, config: ExportConfig) -> None:

@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard
@@ -18,63 +17,18 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import (
     DEFAULT_IGNORE_PATTERNS,
-    HFValidationError,
     filter_repo_objects,
     get_token,
-    validate_repo_id,
 )
 
+from .configs.hub import PushConfig
 from .errors import CheckpointError, ConfigError, HybridizeError
-from .model_card import HUB_ID_PATTERN, model_card
+from .model_card import model_card
 from .sources import resolve
-from .validation import check_fields
 
 logger = logging.getLogger(__name__)
 
 _LOGIN = "run `hf auth login` (with a write token), set the HF_TOKEN environment variable, or pass token="
-
-
-@dataclass(frozen=True, kw_only=True)
-class PushConfig:
-    """Where and how to publish a saved model.
-
-    Args:
-        repo_id (`str`): the Hub repository `"owner/name"`; created if it does not exist.
-        private (`bool`, *optional*, defaults to `False`): create the repository as private. An existing repository
-            keeps its visibility.
-        revision (`str`, *optional*): the branch to commit to, created from `main` if missing; defaults to `main`.
-        commit_message (`str`, *optional*): defaults to `"Upload <directory name> with hybridize"`.
-        endpoint (`str`, *optional*): the Hub URL; defaults to `$HF_ENDPOINT`, else https://huggingface.co.
-
-    Example:
-        ```python
-        >>> push("out/smol-mamba50", PushConfig(repo_id="someone/smol-mamba50", private=True))
-        ```
-    """
-
-    repo_id: str
-    private: bool = False
-    revision: str | None = None
-    commit_message: str | None = None
-    endpoint: str | None = None
-
-    def __post_init__(self):
-        check_fields(self)
-        try:
-            if not HUB_ID_PATTERN.fullmatch(self.repo_id):
-                raise HFValidationError("it must have the form 'owner/name'")
-            validate_repo_id(self.repo_id)
-        except HFValidationError as error:
-            raise ConfigError(
-                f"repo id {self.repo_id!r} is not valid ({error}); pass 'owner/name' with your user or organisation "
-                "name, e.g. someone/smol-mamba50"
-            ) from None
-        if self.revision is not None and (not self.revision.strip() or self.revision != self.revision.strip()):
-            raise ConfigError(f"revision {self.revision!r} is not a branch name; pass e.g. main or dev, or omit it")
-        if self.commit_message is not None and not self.commit_message.strip():
-            raise ConfigError("commit_message is empty; pass a message or omit it for the default")
-        if self.endpoint is not None and not self.endpoint.startswith(("http://", "https://")):
-            raise ConfigError(f"endpoint {self.endpoint!r} is not an http(s) URL; pass e.g. https://huggingface.co")
 
 
 # Upload

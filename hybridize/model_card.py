@@ -36,6 +36,7 @@ from huggingface_hub.utils import (
     validate_repo_id,
 )
 
+from .configs.hub import HUB_ID_PATTERN
 from .errors import CheckpointError
 from .provenance import MANIFEST_NAME, read_manifest
 from .sources import ALIASES
@@ -68,7 +69,6 @@ _NOT_METRICS = {
 _DATA_KEYS = re.compile(r"token|data|corpus|sample|example|split", re.IGNORECASE)
 # Built-in perplexity of `hybridize eval` (flat metrics): the held-out articles of the packaged Wikipedia corpus.
 _BUILTIN_TASK = ("wiki_heldout", "Wikipedia held-out articles (hybridize corpus, CC BY-SA)")
-HUB_ID_PATTERN = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
 # Native layer names -> our mixer names; Granite's `linear_attention`/`mamba` layers are Mamba2 (export.py).
 _NATIVE_LAYER_NAMES = {
     "granitemoehybrid": {"full_attention": "attention", "linear_attention": "mamba2", "mamba": "mamba2"},

@@ -23,6 +23,7 @@ none may overlap a path it reads (the model, a teacher, a baseline, a model to f
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import logging
 import shutil
@@ -33,21 +34,47 @@ from typing import Any
 
 import yaml
 
-from .compress.fuse import FuseConfig, fuse
-from .compress.lowrank import FactorizeConfig, factorize
-from .compress.prune import PruneConfig, prune
-from .convert import ConvertConfig, convert
-from .distill import EVAL_EVERY, DistillConfig, distill, finish, run_dir_for
+from .configs import (
+    BenchConfig,
+    ConvertConfig,
+    DistillConfig,
+    EvalConfig,
+    ExportConfig,
+    FactorizeConfig,
+    FuseConfig,
+    PruneConfig,
+    PushConfig,
+)
+from .configs.distill import EVAL_EVERY
 from .errors import ConfigError, HybridizeError, OutputExistsError
-from .evaluate.bench import BenchConfig, bench
-from .evaluate.perplexity import EvalConfig, evaluate
-from .export import ExportConfig, export
-from .hub import PushConfig, push
 from .provenance import append_step, read_manifest, record_step
 from .saving import check_output, save
-from .sources import load
 
 logger = logging.getLogger(__name__)
+
+
+def _on_first_call(module: str, name: str) -> Callable:
+    """`hybridize.<module>.<name>`, imported when first called: validating a recipe (`hybridize run --check`, or a bad
+    recipe refused before any work) needs only the configs above, which import no torch."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(f".{module}", __package__), name)(*args, **kwargs)
+
+    return call
+
+
+bench = _on_first_call("evaluate.bench", "bench")
+convert = _on_first_call("convert", "convert")
+distill = _on_first_call("distill", "distill")
+evaluate = _on_first_call("evaluate.perplexity", "evaluate")
+export = _on_first_call("export", "export")
+factorize = _on_first_call("compress.lowrank", "factorize")
+finish = _on_first_call("distill", "finish")
+fuse = _on_first_call("compress.fuse", "fuse")
+load = _on_first_call("sources", "load")
+prune = _on_first_call("compress.prune", "prune")
+push = _on_first_call("hub", "push")
+run_dir_for = _on_first_call("distill", "run_dir_for")
 
 
 @dataclass

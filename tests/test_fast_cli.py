@@ -1,7 +1,7 @@
-"""Fast to say no: `import hybridize`, `hybridize --help`, `--version`, every subcommand's `--help` and usage errors
-import none of the heavy libraries (checked in `sys.modules` of a fresh process, not timed); the CLI's option
-defaults, read from the config sources, equal the configs'; the lazy package keeps its public names and registers
-the hybrid with transformers in any import order."""
+"""Fast to say no: `import hybridize`, `hybridize --help`, `--version`, every subcommand's `--help`, usage errors and
+config errors (every command's, a recipe's) import none of the heavy libraries (checked in `sys.modules` of a fresh
+process, not timed); the configs are one class under every import path and the CLI's option defaults are theirs; the
+lazy package keeps its public names and registers the hybrid with transformers in any import order."""
 
 import dataclasses
 import json
@@ -80,32 +80,130 @@ def test_version():
     assert result.returncode == 0 and result.stdout.strip() == f"hybridize {hybridize.__version__}"
 
 
-@pytest.mark.parametrize(
-    "defaults, module, name",
-    [
-        (cli.AnalyzeDefaults, "hybridize.analyze", "AnalyzeConfig"),
-        (cli.BenchDefaults, "hybridize.evaluate.bench", "BenchConfig"),
-        (cli.ConvertDefaults, "hybridize.convert", "ConvertConfig"),
-        (cli.DistillDefaults, "hybridize.distill", "DistillConfig"),
-        (cli.EvalDefaults, "hybridize.evaluate.perplexity", "EvalConfig"),
-        (cli.ExportDefaults, "hybridize.export", "ExportConfig"),
-        (cli.FactorizeDefaults, "hybridize.compress.lowrank", "FactorizeConfig"),
-        (cli.FuseDefaults, "hybridize.compress.fuse", "FuseConfig"),
-        (cli.GenerateDefaults, "hybridize.generate", "GenerateConfig"),
-        (cli.PruneDefaults, "hybridize.compress.prune", "PruneConfig"),
-        (cli.PushDefaults, "hybridize.hub", "PushConfig"),
-    ],
-)
-def test_option_defaults_are_the_configs(defaults, module, name):
-    config_class = getattr(sys.modules.get(module) or __import__(module, fromlist=[name]), name)
-    expected = {f.name: f.default for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING}
-    assert vars(defaults) == expected
+def _run_in_fresh_process(runs: list[list]) -> list:
+    """Run `hybridize.cli.main` with each argument list in turn, in one fresh process; for each run: the arguments,
+    the exit code, stderr and the heavy modules imported so far (in `sys.modules`, not timed)."""
+    result = _python(
+        f"""
+        import contextlib, io, json, sys
+        from hybridize.cli import main
+
+        report = []
+        for args in json.loads(sys.argv[1]):
+            sys.argv = ["hybridize", *args]
+            err = io.StringIO()
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                try:
+                    main()
+                    code = 0
+                except SystemExit as exit_:
+                    code = exit_.code
+            report.append([args, code, err.getvalue(), sorted(name for name in {HEAVY!r} if name in sys.modules)])
+        print(json.dumps(report))
+        """,
+        json.dumps([[str(a) for a in args] for args in runs]),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [args for args, *_ in report] == [[str(a) for a in args] for args in runs]
+    return report
 
 
-def test_distill_run_defaults_are_the_modules():
-    from hybridize.distill import EVAL_EVERY, SAVE_EVERY
+def test_config_errors_import_no_heavy_module(tmp_path):
+    """Every command that builds a config refuses a bad value with `error: ...` and exit code 1 before importing
+    torch and the rest: the configs live in `hybridize.configs`, and each command imports its API only after building
+    its config. A recipe is validated the same way, with `--check` or without."""
+    out, model_dir = tmp_path / "out", tmp_path / "model"
+    model_dir.mkdir()
+    recipe = tmp_path / "bad-seed.yaml"
+    recipe.write_text(f"model: llama\noutput: {out}\nsteps:\n  - convert: {{ratio: 0.5, seed: abc}}\n")
+    distill = ["distill", model_dir, "--teacher", "llama", "-o", out]
+    runs = {
+        "convert ratio": (["convert", "llama", "--ratio", "1.5", "-o", out], "ratio must be in [0, 1]"),
+        "convert attn-layers": (["convert", "llama", "--attn-layers", "1,x", "-o", out], "--attn-layers takes"),
+        "convert full-every": (["convert", "llama", "--full-every", "4", "--select", "lazy", "-o", out], "only one"),
+        "distill lr": ([*distill, "--lr", "-1"], "lr=-1.0 must be positive"),
+        "distill tokens": ([*distill, "--tokens", "12Q"], "not a token count"),
+        "distill generate": ([*distill, "--data", "generate:0"], "must be at least 1"),
+        "distill freeze": ([*distill, "--stage", "layerwise", "--freeze", "all"], "does not apply"),
+        "eval seq-len": (["eval", "llama", "--seq-len", "0"], "seq_len=0 is too short"),
+        "eval tasks": (["eval", "llama", "--tasks", "wiki_ppl,wiki_ppl"], "more than once"),
+        "bench context": (["bench", "llama", "--context", "0"], "contexts must be positive"),
+        "analyze ratio": (["analyze", "llama", "--ratio", "2"], "ratio must be in [0, 1]"),
+        "analyze mixer": (["analyze", "llama", "--mixer", "rnn"], "mixer 'rnn' is not supported"),
+        "prune nothing": (["prune", "llama", "-o", out], "nothing to prune"),
+        "prune params": (["prune", "llama", "--params", "1.5", "-o", out], "params=1.5"),
+        "factorize ratio": (["factorize", "llama", "--ratio", "2", "-o", out], "ratio must be in (0, 1]"),
+        "factorize method": (["factorize", "llama", "--method", "qr", "-o", out], "method 'qr'"),
+        "fuse width": (["fuse", "llama", "llama", "--width", "0", "-o", out], "width must be in (0, 1]"),
+        "generate max-new-tokens": (["generate", "llama", "--prompt", "hi", "--max-new-tokens", "0"], "max_new"),
+        "export to": (["export", "llama", "--to", "onnx", "-o", out], "export target 'onnx'"),
+        "push repo id": (["push", model_dir, "not-a-repo"], "repo id 'not-a-repo' is not valid"),
+        "run --check": (["run", recipe, "--check"], "line 4: step 'convert': seed='abc' must be an integer"),
+        "run": (["run", recipe], "line 4: step 'convert': seed='abc' must be an integer"),
+    }
+    report = _run_in_fresh_process([args for args, _ in runs.values()])
+    for (case, (_, message)), (_, code, stderr, _) in zip(runs.items(), report):
+        assert code == 1 and stderr.startswith("error: ") and message in stderr, (case, code, stderr)
+    assert [(args, heavy) for args, _, _, heavy in report if heavy] == []
+    assert not out.exists()
 
-    assert (cli.DistillRunDefaults.EVAL_EVERY, cli.DistillRunDefaults.SAVE_EVERY) == (EVAL_EVERY, SAVE_EVERY)
+
+def test_configs_are_one_class_wherever_imported():
+    """The API modules re-export the configs of `hybridize.configs`: one class under every import path."""
+    from hybridize import configs
+    from hybridize.analyze import AnalyzeConfig
+    from hybridize.compress import FactorizeConfig, FuseConfig, PruneConfig
+    from hybridize.convert import INITIALIZERS, ConvertConfig
+    from hybridize.distill import DistillConfig
+    from hybridize.distill.generated import GenerateConfig as GeneratedDataConfig
+    from hybridize.evaluate import BenchConfig, EvalConfig
+    from hybridize.export import ExportConfig
+    from hybridize.generate import GenerateConfig, PromptLookupDraft
+    from hybridize.hub import PushConfig
+
+    imported = [AnalyzeConfig, BenchConfig, ConvertConfig, DistillConfig, EvalConfig, ExportConfig, FactorizeConfig,
+                FuseConfig, GenerateConfig, PromptLookupDraft, PruneConfig, PushConfig]  # fmt: skip
+    assert imported == [getattr(configs, cls.__name__) for cls in imported]
+    assert imported == [getattr(hybridize, cls.__name__) for cls in imported]
+    assert GeneratedDataConfig is configs.distill.GenerateConfig
+    assert set(INITIALIZERS) == set(configs.convert.CONVERT_MIXERS)
+
+
+_CONFIG_OF_COMMAND = {
+    "analyze": "AnalyzeConfig",
+    "bench": "BenchConfig",
+    "convert": "ConvertConfig",
+    "distill": "DistillConfig",
+    "eval": "EvalConfig",
+    "export": "ExportConfig",
+    "factorize": "FactorizeConfig",
+    "fuse": "FuseConfig",
+    "generate": "GenerateConfig",
+    "prune": "PruneConfig",
+    "push": "PushConfig",
+}
+
+
+@pytest.mark.parametrize("command", sorted(_CONFIG_OF_COMMAND))
+def test_option_defaults_are_the_configs(command):
+    """An option named like a field of its command's config defaults to that field's default (a list as the
+    comma-separated text the option takes)."""
+    from hybridize import configs
+
+    fields = dataclasses.fields(getattr(configs, _CONFIG_OF_COMMAND[command]))
+    options = {p.name: p.default for p in typer.main.get_command(cli.app).commands[command].params}
+    shared = [f for f in fields if f.name in options and f.default is not dataclasses.MISSING]
+    assert shared, command
+    for field in shared:
+        expected = field.default
+        if expected == () and options[field.name] is None:  # eval --tasks: an empty list is the option left out
+            continue
+        if isinstance(expected, tuple):
+            expected = ",".join(map(str, expected))
+        elif isinstance(options[field.name], str) and not isinstance(expected, str):  # distill --tokens
+            expected = str(expected)
+        assert options[field.name] == expected, (command, field.name)
 
 
 def test_public_names_resolve_and_functions_stay_functions():

@@ -42,84 +42,14 @@ import torch
 from torch import nn
 
 from ..calibrate import calibrate, calibration_blocks
+from ..configs.compress import ALIGNS, SOLVERS, WIDTH_AXES, FuseConfig
 from ..errors import ConfigError, UnsupportedModelError
 from ..modeling import HybridConfig, HybridForCausalLM
 from ..provenance import record_step
-from ..validation import check_fields
 
 logger = logging.getLogger(__name__)
 
-ALIGNS = ("activations", "weights", "none")
-SOLVERS = ("emd", "sinkhorn")
-WIDTH_AXES = ("hidden", "mlp", "heads")
 _MIXERS = ("attention", "mamba2")
-
-
-@dataclass(frozen=True, kw_only=True)
-class FuseConfig:
-    """How to fuse models.
-
-    Args:
-        align (`str`, *optional*, defaults to `"activations"`): the ground cost: `"activations"` (calibration text),
-            `"weights"`, or `"none"` (plain weight averaging, no alignment).
-        solver (`str`, *optional*, defaults to `"emd"`): `"emd"` (exact OT: a hard matching when sizes are equal)
-            or `"sinkhorn"` (entropic, soft; the Transformer fusion paper's choice).
-        reg (`float`, *optional*, defaults to 0.08): Sinkhorn's entropic regularisation, relative to the
-            max-normalised cost (the paper's 0.08 for activations, 0.06 for weights).
-        weights (`tuple[float, ...]`, *optional*): the averaging weight of each model, normalised to sum to 1;
-            defaults to equal weights.
-        width (`float`, *optional*, defaults to 1.0): in (0, 1]: the fused model's width as a fraction of the
-            anchor's, along `width_axes` (heterogeneous fusion: compress while fusing).
-        width_axes (`tuple[str, ...]`, *optional*, defaults to `("hidden", "mlp", "heads")`): what `width` narrows:
-            the residual stream, the MLP, the query heads (and Mamba2 heads) per group.
-        calibration (`str`, *optional*, defaults to `"wiki"`): `align="activations"` only: the calibration text,
-            `"wiki"` (the packaged corpus' train split) or a data spec as `hybridize distill --data` takes it.
-        calibration_docs (`int`, *optional*, defaults to 8): calibration blocks.
-        calibration_len (`int`, *optional*, defaults to 512): tokens per calibration block.
-
-    Example:
-        ```python
-        >>> fused = fuse([model_a, model_b], FuseConfig(solver="emd"), tokenizer=tokenizer)
-        ```
-    """
-
-    align: str = "activations"
-    solver: str = "emd"
-    reg: float = 0.08
-    weights: tuple[float, ...] | None = None
-    width: float = 1.0
-    width_axes: tuple[str, ...] = WIDTH_AXES
-    calibration: str = "wiki"
-    calibration_docs: int = 8
-    calibration_len: int = 512
-
-    def __post_init__(self):
-        if isinstance(self.width_axes, str):  # one axis by name
-            object.__setattr__(self, "width_axes", (self.width_axes,))
-        check_fields(self, distinct=("width_axes",))
-        if self.align not in ALIGNS:
-            raise ConfigError(f"align {self.align!r} is not supported; choose one of {', '.join(ALIGNS)}")
-        if self.solver not in SOLVERS:
-            raise ConfigError(f"solver {self.solver!r} is not supported; choose one of {', '.join(SOLVERS)}")
-        if not self.reg > 0:
-            raise ConfigError(f"reg must be positive (Sinkhorn's regularisation), got {self.reg}")
-        if not 0.0 < self.width <= 1.0:
-            raise ConfigError(f"width must be in (0, 1] (a fraction of the anchor's width), got {self.width}")
-        if set(self.width_axes) - set(WIDTH_AXES):
-            raise ConfigError(f"width_axes {list(self.width_axes)} must be a subset of {', '.join(WIDTH_AXES)}")
-        object.__setattr__(self, "width_axes", tuple(a for a in WIDTH_AXES if a in self.width_axes))
-        if self.align == "none" and self.width < 1:
-            raise ConfigError("width < 1 merges units by their alignment; use align activations or weights")
-        if self.weights is not None:
-            weights = tuple(float(w) for w in self.weights)
-            if any(w < 0 for w in weights) or sum(weights) <= 0:
-                raise ConfigError(f"weights {list(weights)} must be non-negative with a positive sum")
-            object.__setattr__(self, "weights", tuple(w / sum(weights) for w in weights))
-        if self.calibration_docs < 1 or self.calibration_len < 2:
-            raise ConfigError(
-                f"calibration_docs ({self.calibration_docs}) must be >= 1 and calibration_len "
-                f"({self.calibration_len}) >= 2"
-            )
 
 
 # Checks, before any heavy work

@@ -30,101 +30,21 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..calibrate import calibrate, calibration_blocks
+from ..configs.compress import METHODS, RANK_ALLOCS, TARGETS, FactorizeConfig
 from ..errors import ConfigError
 from ..modeling import HybridForCausalLM, LowRankLinear
 from ..provenance import record_step
-from ..validation import check_fields
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("svd", "asvd", "fwsvd", "svd-llm")
-RANK_ALLOCS = ("uniform", "sensitivity")
-TARGETS = {
-    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),  # attention-like mixers: attention, streaming, nha
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-    "mamba": ("in_proj", "out_proj"),
-}
 # Linears that read the same input share one set of statistics, kept under the first one's name
 _SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
-
-
-@dataclass(frozen=True, kw_only=True)
-class FactorizeConfig:
-    """How to factorize a model's linear layers.
-
-    Args:
-        ratio (`float`, *optional*, defaults to 0.8): fraction of the targeted linear parameters kept, in (0, 1];
-            0.8 is a 20% reduction of those matrices. 1 changes nothing (no rank below full saves parameters).
-        method (`str`, *optional*, defaults to `"svd-llm"`): `"svd"`, `"asvd"`, `"fwsvd"` or `"svd-llm"` (see the
-            module docstring).
-        targets (`tuple[str, ...]`, *optional*, defaults to `("attn", "mlp", "mamba")`): which linears:
-            `"attn"` (q/k/v/o of attention-like mixers), `"mlp"` (gate/up/down), `"mamba"` (Mamba2 in/out_proj).
-        rank_alloc (`str`, *optional*, defaults to `"uniform"`): `"uniform"` (the same parameter fraction for every
-            matrix) or `"sensitivity"` (measured per matrix, same total budget; about one forward pass per matrix).
-        alpha (`float`, *optional*, defaults to 0.5): `asvd` only: the exponent of the activation scaling.
-        damp (`float`, *optional*, defaults to 0.0): `svd-llm` only: ridge added to the Gram matrix before its
-            Cholesky factorization, relative to its mean diagonal. A Gram that is not positive definite always gets
-            the smallest ridge that makes it so (SVD-LLM's rule).
-        calibration (`str`, *optional*, defaults to `"wiki"`): calibration text: `"wiki"` (the packaged corpus' train
-            split) or a data spec as `hybridize distill --data` takes it. Unused by `svd` with uniform ranks.
-        calibration_docs (`int`, *optional*, defaults to 16): calibration blocks.
-        calibration_len (`int`, *optional*, defaults to 512): tokens per calibration block.
-        sensitivity_tokens (`int`, *optional*, defaults to 256): `sensitivity` only: tokens of the first calibration
-            block on which each matrix's truncation is measured.
-
-    Example:
-        ```python
-        >>> model = factorize(model, FactorizeConfig(ratio=0.8, method="svd-llm"), tokenizer=tokenizer)
-        ```
-    """
-
-    ratio: float = 0.8
-    method: str = "svd-llm"
-    targets: tuple[str, ...] = ("attn", "mlp", "mamba")
-    rank_alloc: str = "uniform"
-    alpha: float = 0.5
-    damp: float = 0.0
-    calibration: str = "wiki"
-    calibration_docs: int = 16
-    calibration_len: int = 512
-    sensitivity_tokens: int = 256
-
-    def __post_init__(self):
-        if isinstance(self.targets, str):  # one target by name
-            object.__setattr__(self, "targets", (self.targets,))
-        check_fields(self, distinct=("targets",))
-        if not 0.0 < self.ratio <= 1.0:
-            raise ConfigError(
-                f"ratio must be in (0, 1] (the fraction of the targeted linear parameters kept), got {self.ratio}"
-            )
-        if self.method not in METHODS:
-            raise ConfigError(f"method {self.method!r} is not supported; choose one of {', '.join(METHODS)}")
-        if self.rank_alloc not in RANK_ALLOCS:
-            raise ConfigError(
-                f"rank_alloc {self.rank_alloc!r} is not supported; choose one of {', '.join(RANK_ALLOCS)}"
-            )
-        unknown = sorted(set(self.targets) - set(TARGETS))
-        if unknown or not self.targets:
-            raise ConfigError(f"targets {list(self.targets)} must be a non-empty subset of {', '.join(TARGETS)}")
-        object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in self.targets))
-        if self.alpha < 0 or self.damp < 0:
-            raise ConfigError(f"alpha ({self.alpha}) and damp ({self.damp}) must not be negative")
-        if self.calibration_docs < 1 or self.calibration_len < 2 or self.sensitivity_tokens < 2:
-            raise ConfigError(
-                f"calibration_docs ({self.calibration_docs}) must be >= 1, calibration_len ({self.calibration_len}) "
-                f"and sensitivity_tokens ({self.sensitivity_tokens}) >= 2"
-            )
-
-    @property
-    def needs_data(self) -> bool:
-        return self.method != "svd" or self.rank_alloc == "sensitivity"
 
 
 # Factorization of one matrix

@@ -65,7 +65,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,115 +73,15 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ..calibrate import calibrate, calibration_blocks
+from ..configs.compress import AXES, DEPTH_METRICS, GROUPINGS, PruneConfig
 from ..errors import ConfigError, UnsupportedModelError
 from ..modeling import MIXERS, HybridConfig, HybridForCausalLM, Mamba2Mixer, Mamba2MixerConfig
 from ..modeling.attention import AttentionMixer
 from ..provenance import record_step
-from ..validation import check_fields
 
 logger = logging.getLogger(__name__)
 
-GROUPINGS = ("aware", "ignore")
-DEPTH_METRICS = ("block", "ppl")
-AXES = ("hidden", "ffn", "attn_heads", "ssm_heads", "ssm_head_dim", "drop_layers")
 _WIDTH_STEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
-
-
-@dataclass(frozen=True, kw_only=True)
-class PruneConfig:
-    """What to prune and how to measure importance. Give either `params` or one or more explicit axes.
-
-    Args:
-        params (`float`, *optional*): fraction of the model's parameters to keep, in (0, 1]; the axis sizes are found
-            by a small search (see the module docstring) and recorded in `hybridize.json`.
-        hidden (`int`, *optional*): new hidden size (residual width).
-        ffn (`int`, *optional*): new MLP intermediate size.
-        attn_heads (`int`, *optional*): new query heads per attention layer; a multiple of the KV heads.
-        ssm_heads (`int`, *optional*): new heads per Mamba2 layer; a multiple of its groups.
-        ssm_head_dim (`int`, *optional*): new channels per Mamba2 head (the same channels in every head).
-        drop_layers (`int`, *optional*): number of whole layers to remove.
-        ssm_grouping (`str`, *optional*, defaults to `"aware"`): `"aware"` keeps the same heads count in every Mamba2
-            group; `"ignore"` keeps the best heads of the layer regardless of their group (the paper's baseline).
-        attn_grouping (`str`, *optional*, defaults to `"aware"`): the same choice for attention heads and their KV
-            groups (Minitron ranks inside each group).
-        depth_metric (`str`, *optional*, defaults to `"block"`): `"block"` (1 - cosine of a layer's input and output)
-            or `"ppl"` (loss increase on the scoring blocks when the layer is skipped; one pass per layer).
-        rescale_norms (`bool`, *optional*, defaults to `True`): multiply norm weights by sqrt(old / new width), so
-            the pruned model equals the original with the pruned channels zeroed.
-        data (`str`, *optional*, defaults to `"wiki"`): calibration text: the packaged corpus' train split, or a
-            data spec as `hybridize distill --data` takes it.
-        num_blocks (`int`, *optional*, defaults to 16): calibration blocks for the importances.
-        seq_len (`int`, *optional*, defaults to 512): tokens per calibration and scoring block.
-        score_blocks (`int`, *optional*, defaults to 4): further blocks scoring the `params` candidates and the
-            `"ppl"` depth metric.
-        max_width_pruning (`float`, *optional*, defaults to 0.4): `params` search: at most this fraction of any
-            width axis is removed (Minitron's limit).
-        max_depth_pruning (`float`, *optional*, defaults to 0.2): `params` search: at most this fraction of layers.
-        num_candidates (`int`, *optional*, defaults to 8): `params` search: candidates pruned and scored.
-
-    Example:
-        ```python
-        >>> pruned = prune(hybrid, PruneConfig(ssm_heads=6, ffn=1024), tokenizer=tokenizer)
-        >>> pruned = prune(hybrid, PruneConfig(params=0.8), tokenizer=tokenizer)
-        ```
-    """
-
-    params: float | None = None
-    hidden: int | None = None
-    ffn: int | None = None
-    attn_heads: int | None = None
-    ssm_heads: int | None = None
-    ssm_head_dim: int | None = None
-    drop_layers: int | None = None
-    ssm_grouping: Literal["aware", "ignore"] = "aware"
-    attn_grouping: Literal["aware", "ignore"] = "aware"
-    depth_metric: Literal["block", "ppl"] = "block"
-    rescale_norms: bool = True
-    data: str = "wiki"
-    num_blocks: int = 16
-    seq_len: int = 512
-    score_blocks: int = 4
-    max_width_pruning: float = 0.4
-    max_depth_pruning: float = 0.2
-    num_candidates: int = 8
-
-    def __post_init__(self):
-        check_fields(self)
-        explicit = self.explicit_axes()
-        if self.params is None and not explicit:
-            raise ConfigError(
-                f"nothing to prune: pass params (a fraction of parameters to keep, e.g. 0.8) or at least one of "
-                f"{', '.join(AXES)}"
-            )
-        if self.params is not None and explicit:
-            raise ConfigError(
-                f"params={self.params} searches every axis and cannot be combined with explicit axes {explicit}; "
-                "pass one or the other"
-            )
-        if self.params is not None and not 0.0 < self.params <= 1.0:
-            raise ConfigError(f"params={self.params} must be a fraction of parameters to keep, in (0, 1]")
-        for name, value in explicit.items():
-            if not isinstance(value, int) or value < (0 if name == "drop_layers" else 1):
-                raise ConfigError(
-                    f"{name}={value!r} must be a {'non-negative' if name == 'drop_layers' else 'positive'} integer"
-                )
-        for name in ("ssm_grouping", "attn_grouping"):
-            if getattr(self, name) not in GROUPINGS:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(GROUPINGS)}")
-        if self.depth_metric not in DEPTH_METRICS:
-            raise ConfigError(f"depth_metric={self.depth_metric!r} is not one of {', '.join(DEPTH_METRICS)}")
-        for name in ("num_blocks", "score_blocks", "num_candidates"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.seq_len < 2:
-            raise ConfigError(f"seq_len={self.seq_len} must be at least 2")
-        for name in ("max_width_pruning", "max_depth_pruning"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
-
-    def explicit_axes(self) -> dict[str, int]:
-        """The axes given explicitly, by name."""
-        return {name: getattr(self, name) for name in AXES if getattr(self, name) is not None}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -38,186 +38,26 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..configs.distill import DEFAULT_LR, EVAL_EVERY, SAVE_EVERY, STAGES, DistillConfig, parse_tokens
 from ..errors import ConfigError, OutputExistsError, UnsupportedModelError
 from ..evaluate.perplexity import compare_logits
 from ..provenance import record_step
 from ..saving import save
-from ..validation import check_fields
 from .data import DistillData, load_data
-from .e2e import FREEZE_PRESETS, LogitsObjective, add_lora, converted_layers, freeze, merge_lora
+from .e2e import LogitsObjective, add_lora, converted_layers, freeze, merge_lora
 from .engine import CHECKPOINT, METRICS, DistillInterrupted, read_checkpoint_state, recover_checkpoint, train
-from .generated import generated_data, is_generate_spec, parse_generate_spec
-from .layerwise import LAYER_LOSSES, LayerwiseObjective
-from .losses import KL_KINDS, KL_REDUCTIONS
+from .generated import generated_data, is_generate_spec
+from .layerwise import LayerwiseObjective
 
 logger = logging.getLogger(__name__)
-
-STAGES = ("layerwise", "e2e")
-PRECISIONS = ("auto", "no", "bf16")
-# Peak learning rates per stage when `lr` is not given. Layerwise trains freshly converted mixers on a smooth,
-# per-layer target, so it takes a larger step; e2e also moves kept weights under presets other than `mixers`.
-DEFAULT_LR = {"layerwise": 1e-3, "e2e": 3e-4}
-# Runtime defaults (they never change the result): evaluation and checkpoint periods, in optimizer steps
-EVAL_EVERY = 50
-SAVE_EVERY = 50
-_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
-
-
-def parse_tokens(value: int | str) -> int:
-    """A token count: an int, or a string with an optional K/M/B suffix (`"500K"`, `"2M"`, `"1.5M"`)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        count = value
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgG]?)\s*", str(value))
-        if match is None:
-            raise ConfigError(f"tokens={value!r} is not a token count; write e.g. 500000, 500K, 2M or 1.5B")
-        count = round(float(match.group(1)) * _SUFFIXES[match.group(2).upper()])
-    if count < 1:
-        raise ConfigError(f"tokens={value!r} must be at least 1")
-    return count
-
-
-@dataclass(frozen=True, kw_only=True)
-class DistillConfig:
-    """How to distill a hybrid student from its teacher. Everything here can change the result and is recorded in
-    `hybridize.json`; a resumed run must use the same values.
-
-    Args:
-        stage (`str`, *optional*, defaults to `"e2e"`): `"layerwise"` (train each converted mixer on the teacher's
-            per-layer hidden states) or `"e2e"` (logit distillation of the whole student).
-        data (`str`, *optional*, defaults to `"wiki"`): the packaged Wikipedia corpus, a local `.txt`/`.jsonl`/
-            `.parquet` file or folder, or a Hub dataset `name[:config]` (see `hybridize.distill.data`); or
-            `generate:N[:PROMPTS]`, N tokens written by the teacher continuing prompts from PROMPTS (default wiki),
-            cached beside the output as `<output>.generated-<id>.jsonl` and resumable (`hybridize.distill.generated`).
-        text_column (`str`, *optional*): the column holding the text; detected when omitted.
-        heldout_ratio (`float`, *optional*, defaults to 0.05): fraction of documents held out of training (by a hash
-            of their text); `wiki` has its own held-out split and ignores it.
-        tokens (`int` or `str`, *optional*, defaults to 500K): the token budget, e.g. `500_000`, `"500K"`, `"2M"`;
-            rounded up to whole optimizer steps. A budget larger than the data repeats it (one shuffle per epoch).
-        seq_len (`int`, *optional*, defaults to 512): tokens per packed training block.
-        batch_size (`int`, *optional*, defaults to 4): blocks per micro-batch and process.
-        grad_accum (`int`, *optional*, defaults to 1): micro-batches per optimizer step. One step takes
-            `batch_size * grad_accum * num_processes` blocks.
-        lr (`float`, *optional*): peak learning rate; defaults to `DEFAULT_LR[stage]`.
-        min_lr_ratio (`float`, *optional*, defaults to 0.1): the cosine decays to `lr * min_lr_ratio`.
-        warmup_ratio (`float`, *optional*, defaults to 0.05): fraction of steps of linear warmup.
-        weight_decay (`float`, *optional*, defaults to 0.0): AdamW's decoupled weight decay.
-        betas (`tuple[float, float]`, *optional*, defaults to `(0.9, 0.98)`): AdamW betas (MambaInLlama's).
-        max_grad_norm (`float`, *optional*, defaults to 1.0): gradient clipping norm; 0 disables clipping.
-        loss (`str`, *optional*, defaults to `"forward_kl"`): e2e logit loss, `"forward_kl"` KL(teacher || student)
-            or `"reverse_kl"` KL(student || teacher).
-        kl_reduction (`str`, *optional*, defaults to `"token"`): `"token"` averages the KL per position;
-            `"batchmean"` reproduces MambaInLlama's per-sequence sum (see `hybridize.distill.losses`).
-        ce_weight (`float`, *optional*, defaults to 0.0): weight of the next-token cross-entropy added to the KL.
-        kl_weight (`float`, *optional*, defaults to 1.0): weight of the e2e KL. 0 with `ce_weight` > 0 is plain
-            fine-tuning on the data (the teacher is then not run in training, only in evaluation).
-        layer_loss (`str`, *optional*, defaults to `"l2"`): layerwise loss per token: on each converted block's output,
-            `"l2"` (MaTVLM's unsquared L2 norm) or `"mse"`; or `"mixer"`, the MSE of each new mixer's output against the
-            teacher attention's output on the same input (attention transfer: no norm or MLP runs, about twice as
-            cheap).
-        freeze (`str`, *optional*, defaults to `"mixers"`): e2e freezing preset, named after what trains: `"mixers"`
-            (the converted mixers), `"all-but-mlp"` or `"all"`. The layerwise stage always trains the mixers only.
-        lora_rank (`int`, *optional*, defaults to 0): with a rank > 0, the pretrained linear layers the preset trains
-            learn a LoRA update (merged at the end) instead of a full one; needs `freeze` `all-but-mlp` or `all`.
-        lora_alpha (`float`, *optional*, defaults to 16.0): LoRA scaling numerator (update scaled by alpha / rank).
-        eval_tokens (`int`, *optional*, defaults to 16384): held-out tokens per evaluation (perplexity, KL and top-1
-            agreement against the teacher); 0 disables evaluation.
-        mixed_precision (`str`, *optional*, defaults to `"auto"`): `"bf16"` autocast, `"no"` (float32), or
-            `"auto"`: bf16 on a GPU that supports it, float32 on CPU.
-        seed (`int`, *optional*, defaults to 0): seeds the data order and everything random.
-
-    Example:
-        ```python
-        >>> config = DistillConfig(stage="layerwise", tokens="500K")
-        ```
-    """
-
-    stage: Literal["layerwise", "e2e"] = "e2e"
-    data: str = "wiki"
-    text_column: str | None = None
-    heldout_ratio: float = 0.05
-    tokens: int | str = 500_000
-    seq_len: int = 512
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float | None = None
-    min_lr_ratio: float = 0.1
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.98)
-    max_grad_norm: float = 1.0
-    loss: Literal["forward_kl", "reverse_kl"] = "forward_kl"
-    kl_reduction: Literal["token", "batchmean"] = "token"
-    ce_weight: float = 0.0
-    kl_weight: float = 1.0
-    layer_loss: Literal["l2", "mse", "mixer"] = "l2"
-    freeze: Literal["mixers", "all-but-mlp", "all"] = "mixers"
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    eval_tokens: int = 16384
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
-    seed: int = 0
-
-    def __post_init__(self):
-        check_fields(self)
-
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-
-        choice("stage", STAGES)
-        choice("loss", KL_KINDS)
-        choice("kl_reduction", KL_REDUCTIONS)
-        choice("layer_loss", LAYER_LOSSES)
-        choice("freeze", FREEZE_PRESETS)
-        choice("mixed_precision", PRECISIONS)
-        if is_generate_spec(self.data):
-            parse_generate_spec(self.data)  # a bad count fails here, before any model is loaded
-        object.__setattr__(self, "tokens", parse_tokens(self.tokens))
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        if self.lr is None:
-            object.__setattr__(self, "lr", DEFAULT_LR[self.stage])
-        for name in ("seq_len", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.seq_len < 2:
-            raise ConfigError(f"seq_len={self.seq_len} is too short; a block needs at least 2 tokens")
-        if not self.lr > 0:
-            raise ConfigError(f"lr={self.lr} must be positive")
-        for name in ("min_lr_ratio", "warmup_ratio", "heldout_ratio"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1]")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"betas={self.betas} must be two numbers in [0, 1)")
-        for name in ("weight_decay", "max_grad_norm", "ce_weight", "kl_weight", "eval_tokens", "lora_rank"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must not be negative")
-        if self.stage == "e2e" and not (self.kl_weight or self.ce_weight):
-            raise ConfigError("kl_weight and ce_weight are both 0: nothing to train on; give one of them a weight")
-        if self.stage == "layerwise" and self.freeze != "mixers":
-            raise ConfigError(
-                f"freeze={self.freeze!r} does not apply to the layerwise stage, which trains only the converted "
-                "mixers; use --stage e2e, or leave --freeze at mixers"
-            )
-        if self.lora_rank and (self.stage != "e2e" or self.freeze == "mixers"):
-            raise ConfigError(
-                f"lora_rank={self.lora_rank} needs stage e2e with freeze all-but-mlp or all: LoRA adapts the kept "
-                "pretrained layers, and the new mixers always train in full"
-            )
-        if self.eval_tokens and self.eval_tokens < self.seq_len:
-            raise ConfigError(
-                f"eval_tokens={self.eval_tokens} is less than seq_len={self.seq_len}; raise it, or 0 disables evaluation"
-            )
 
 
 def check_distill(

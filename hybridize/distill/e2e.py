@@ -19,10 +19,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..configs.distill import FREEZE_PRESETS
 from ..errors import ConfigError
 from .losses import kl_loss, next_token_loss
 
-FREEZE_PRESETS = ("mixers", "all-but-mlp", "all")
 _ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 

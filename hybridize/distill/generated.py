@@ -25,85 +25,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ..configs.distill import GenerateConfig, is_generate_spec, parse_generate_spec
 from ..errors import ConfigError
-from ..validation import check_fields
 
 logger = logging.getLogger(__name__)
-
-PREFIX = "generate:"
-
-
-@dataclass(frozen=True, kw_only=True)
-class GenerateConfig:
-    """How the teacher writes training text.
-
-    Args:
-        tokens (`int`): generated tokens wanted in all (prompts not counted).
-        prompts (`str`, *optional*, defaults to `"wiki"`): where prompts come from; any data spec `--data` takes.
-        prompt_tokens (`int`, *optional*, defaults to 32): tokens per prompt, cut from the start of each document.
-        new_tokens (`int`, *optional*, defaults to 480): tokens the teacher adds per prompt (prompt + continuation is
-            one 512-token block by default).
-        batch_size (`int`, *optional*, defaults to 16): prompts continued together.
-        temperature (`float`, *optional*, defaults to 1.0): sampling temperature (1: the teacher's distribution).
-        top_k (`int`, *optional*, defaults to 0): sample from the k likeliest tokens only; 0 keeps them all.
-        seed (`int`, *optional*, defaults to 0): seeds every batch (`(seed, batch)`).
-    """
-
-    tokens: int
-    prompts: str = "wiki"
-    prompt_tokens: int = 32
-    new_tokens: int = 480
-    batch_size: int = 16
-    temperature: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-
-    def __post_init__(self):
-        check_fields(self)
-        for name in ("tokens", "prompt_tokens", "new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"generate {name}={getattr(self, name)} must be at least 1")
-        if not self.temperature > 0:
-            raise ConfigError(f"generate temperature={self.temperature} must be positive")
-        if self.top_k < 0:
-            raise ConfigError(f"generate top_k={self.top_k} must not be negative (0 keeps every token)")
-
-    @property
-    def num_samples(self) -> int:
-        return -(-self.tokens // self.new_tokens)
-
-    def identity(self, teacher: torch.nn.Module) -> dict[str, Any]:
-        """What a cached file must have been generated with to be reused (the token count may differ)."""
-        from ..fingerprint import weights_fingerprint
-
-        return {**{k: v for k, v in self.__dict__.items() if k != "tokens"}, "teacher": weights_fingerprint(teacher)}
-
-
-def is_generate_spec(spec: str) -> bool:
-    return spec.startswith(PREFIX)
-
-
-def parse_generate_spec(spec: str, **settings) -> GenerateConfig:
-    """`generate:N[:PROMPTS]` (N with an optional K/M suffix) -> `GenerateConfig(tokens=N, prompts=PROMPTS, ...)`."""
-    from . import parse_tokens
-
-    match = re.fullmatch(r"generate:([^:]+)(?::(.+))?", spec)
-    if match is None:
-        raise ConfigError(f"data {spec!r}: write generate:N or generate:N:PROMPTS, e.g. generate:200K:prompts.txt")
-    try:
-        tokens = parse_tokens(match.group(1))
-    except ConfigError as error:
-        raise ConfigError(f"data {spec!r}: {error} (after generate:)") from None
-    return GenerateConfig(tokens=tokens, prompts=match.group(2) or "wiki", **settings)
 
 
 def prompt_stream(config: GenerateConfig, tokenizer: Any, heldout_ratio: float = 0.0) -> Iterator[list[int]]:

@@ -26,11 +26,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..configs.distill import LAYER_LOSSES
 from ..errors import ConfigError
-from .losses import HIDDEN_LOSSES, hidden_state_loss
+from .losses import hidden_state_loss
 
 # per-layer losses: the block output under `hidden_state_loss` (l2, mse), or the mixer output against the attention's
-LAYER_LOSSES = (*HIDDEN_LOSSES, "mixer")
 
 
 class _TeacherDone(Exception):

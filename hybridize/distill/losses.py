@@ -23,9 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-KL_KINDS = ("forward_kl", "reverse_kl")
-KL_REDUCTIONS = ("token", "batchmean")
-HIDDEN_LOSSES = ("l2", "mse")
+from ..configs.distill import HIDDEN_LOSSES, KL_KINDS, KL_REDUCTIONS
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -11,7 +11,6 @@ import os
 import statistics
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -19,38 +18,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..configs.evaluate import BenchConfig
 from ..errors import ConfigError
-from ..validation import check_fields
 from .corpus import load_corpus, token_blocks
-
-
-@dataclass(frozen=True, kw_only=True)
-class BenchConfig:
-    """What to measure.
-
-    Args:
-        contexts (`tuple[int, ...]`, *optional*, defaults to `(512, 2048, 8192)`): prompt lengths in tokens.
-        new_tokens (`int`, *optional*, defaults to 16): tokens decoded (greedy) after each prompt.
-        repeats (`int`, *optional*, defaults to 2): rounds; each round runs every model once, interleaved; the
-            median is reported.
-        batch_sizes (`tuple[int, ...]`, *optional*, defaults to `(1,)`): sequences decoded together; every
-            context is measured at every batch size.
-    """
-
-    contexts: tuple[int, ...] = (512, 2048, 8192)
-    new_tokens: int = 16
-    repeats: int = 2
-    batch_sizes: tuple[int, ...] = (1,)
-
-    def __post_init__(self):
-        check_fields(self, distinct=("contexts", "batch_sizes"))
-        if not self.contexts or min(self.contexts) < 1:
-            raise ConfigError(f"contexts must be positive token counts, got {self.contexts}")
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise ConfigError(f"batch_sizes must be positive, got {self.batch_sizes}")
-        for name in ("new_tokens", "repeats"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 def check_bench(model_config: Any, config: BenchConfig) -> None:

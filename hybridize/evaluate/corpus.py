@@ -19,9 +19,8 @@ from typing import Any, Literal
 
 import torch
 
+from ..configs.evaluate import SPLITS
 from ..errors import ConfigError
-
-SPLITS = ("train", "heldout")
 
 
 def load_articles(split: Literal["train", "heldout"]) -> list[dict[str, str]]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,77 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..configs.evaluate import EvalConfig
 from ..errors import ConfigError
 from ..modeling.cache import new_cache
-from ..validation import check_fields
-from .corpus import SPLITS, load_corpus, token_blocks
+from .corpus import load_corpus, token_blocks
 
 # Tokens per cached forward after the prompt in prompt + continuation scoring: one token at a time is exactly
 # decoding, but slow; every mixer's cache accepts chunks and gives the same logits (tested).
 CONTINUATION_CHUNK = 64
-
-
-@dataclass(frozen=True, kw_only=True)
-class EvalConfig:
-    """What `evaluate` measures on.
-
-    Args:
-        split (`str`, *optional*, defaults to `"heldout"`): the corpus split, `"heldout"` or `"train"`.
-        data (`str`, *optional*): evaluate on this text instead of the packaged split: a local `.txt`/`.jsonl`/
-            `.parquet` file or folder, or a Hub dataset `name[:config]` (the specs `distill --data` reads).
-        prompt_len (`int`, *optional*, defaults to 0): when > 0, the first `prompt_len` tokens of each block are a
-            prompt, run as one cached prefill; the rest of the block goes through that cache in chunks, and only
-            its tokens are scored (perplexity, KL and agreement).
-        seq_len (`int`, *optional*, defaults to 512): tokens per block; each block is scored independently.
-        max_tokens (`int`, *optional*, defaults to 16384): at most this many tokens in all blocks.
-        batch_size (`int`, *optional*, defaults to 1): blocks (or, with `tasks`, lm-eval requests) per forward
-            pass; never changes the result beyond floating-point rounding.
-        tasks (`tuple[str, ...]`, *optional*, defaults to `()`): lm-eval tasks to run instead of the built-in
-            perplexity (see `hybridize.evaluate.harness`): the offline `wiki_ppl`, `lambada_wiki`, `passkey_2k`,
-            `passkey_4k`, `passkey_8k`, or any lm-eval registry task whose data is reachable. Empty: the built-in
-            held-out perplexity (and KL with a baseline), configured by the fields above.
-        max_length (`int`, *optional*): with `tasks`, the context of every lm-eval request; defaults to the model's
-            `max_position_embeddings`, at most 8192. Perplexities depend on it: compare models at the same value.
-        limit (`int`, *optional*): with `tasks`, evaluate only the first `limit` items of each task (quick checks).
-    """
-
-    split: str = "heldout"
-    data: str | None = None
-    seq_len: int = 512
-    max_tokens: int = 16384
-    batch_size: int = 1
-    tasks: tuple[str, ...] = ()
-    max_length: int | None = None
-    limit: int | None = None
-    prompt_len: int = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.tasks, str):
-            raise ConfigError(f"tasks={self.tasks!r} must be a tuple of task names, e.g. ('wiki_ppl', 'passkey_4k')")
-        check_fields(self, distinct=("tasks",))
-        if self.split not in SPLITS:
-            raise ConfigError(f"split={self.split!r} is not a corpus split; use one of {', '.join(SPLITS)}")
-        if self.seq_len < 2:
-            raise ConfigError(f"seq_len={self.seq_len} is too short; a block needs at least 2 tokens to predict one")
-        if self.max_tokens < self.seq_len:
-            raise ConfigError(f"max_tokens={self.max_tokens} is less than seq_len={self.seq_len}; raise max_tokens")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
-        if not 0 <= self.prompt_len < self.seq_len - 1:
-            raise ConfigError(
-                f"prompt_len={self.prompt_len} must be in [0, seq_len - 1) = [0, {self.seq_len - 1}) so that a "
-                "continuation is left to score"
-            )
-        if not all(task.strip() for task in self.tasks):
-            raise ConfigError(f"tasks={self.tasks!r} must be a tuple of task names, e.g. ('wiki_ppl', 'passkey_4k')")
-        if self.tasks and (self.prompt_len or self.data is not None):
-            raise ConfigError(
-                "prompt_len and data apply to the built-in perplexity; lm-eval tasks bring their own text"
-            )
-        if self.max_length is not None and self.max_length < 2:
-            raise ConfigError(f"max_length={self.max_length} must be at least 2 (or None for the model's context)")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit={self.limit} must be at least 1 (or None for every item)")
 
 
 def perplexity(
