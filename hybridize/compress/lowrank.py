@@ -95,8 +95,13 @@ def cholesky_whitening(gram: torch.Tensor, damp: float = 0.0) -> torch.Tensor:
 
 def error_curve(U, sigma, R, gram: torch.Tensor) -> torch.Tensor:
     """‖(W − W_r) Xᵀ‖_F² on the calibration inputs for r = 0 … k, from their Gram matrix XᵀX: Σ_{i>r} σ_i² R_i G R_iᵀ
-    (U has orthonormal columns, so the cross terms vanish)."""
-    weights = sigma.square() * torch.einsum("kn,nm,km->k", R, gram.double(), R)  # (k,)
+    (U has orthonormal columns, so the cross terms vanish).
+
+    Each term is σ_i² ‖X R_iᵀ‖², a square, and is clamped at 0: with fewer distinct calibration inputs than input
+    channels the Gram matrix is singular, its float32 sum has eigenvalues slightly below 0, and the whitening ridge
+    (`cholesky_whitening`) is only just above them, so the terms of the directions the inputs never take, exactly 0,
+    come out slightly negative. Unclamped, the curve then dips below 0 past the inputs' rank."""
+    weights = (sigma.square() * torch.einsum("kn,nm,km->k", R, gram.double(), R)).clamp_min(0)  # (k,)
     tail = weights.flip(0).cumsum(0).flip(0)
     return torch.cat([tail, tail.new_zeros(1)])
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from tiny import make_tiny, run_cli, word_tokenizer
+from tiny import make_tiny, run_cli, save_tiny, word_tokenizer
 from transformers import AutoModelForCausalLM
 
 import hybridize
@@ -24,6 +24,7 @@ from hybridize.compress.lowrank import (
 from hybridize.convert import ConvertConfig, convert
 from hybridize.errors import ConfigError
 from hybridize.modeling import HybridForCausalLM, LowRankLinear
+from hybridize.provenance import read_manifest
 
 IDS = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(2))
 
@@ -94,6 +95,23 @@ def test_svd_llm_error_on_the_calibration_set_is_the_dropped_singular_values():
         # and its error curve predicts it for every rank
         curve = error_curve(*whitened_svd(W, torch.linalg.cholesky(X.T @ X)), X.T @ X)
         assert curve[layer.rank].sqrt().item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_error_curve_of_a_singular_gram_is_never_negative():
+    """Fewer distinct calibration inputs than input channels: the float32 Gram matrix is singular, rounding puts its
+    smallest eigenvalues just below 0, and the error of every rank past the inputs' rank (exactly 0) came out
+    negative, so that `factorize` failed in `math.sqrt` (`factorize --calibration-docs 2 --calibration-len 32`)."""
+    generator = torch.Generator().manual_seed(0)
+    distinct = torch.randn(12, 48, generator=generator) * torch.linspace(0.1, 10, 48)
+    x = distinct[torch.randint(0, 12, (64,), generator=generator)]  # 64 tokens, 12 distinct, 48 channels
+    weight, gram = torch.randn(64, 48, generator=generator), x.T @ x
+    decomposition = whitened_svd(weight, cholesky_whitening(gram))
+    curve = error_curve(*decomposition, gram)
+    assert (curve >= 0).all() and (curve[:-1] >= curve[1:]).all()
+    for rank in (4, 12, 30):  # still the error measured on the inputs; 0 from their rank on
+        down, up = factors(*decomposition, rank)
+        measured = torch.linalg.matrix_norm((weight.double() - up @ down) @ x.double().T).square()
+        assert curve[rank].item() == pytest.approx(measured.item(), rel=1e-3, abs=1e-6 * curve[0].item())
 
 
 def test_svd_llm_beats_plain_svd_on_the_calibration_outputs():
@@ -207,3 +225,13 @@ def test_cli(tmp_path):
     assert len(loaded.config.lowrank) == 16 and math.isfinite(loaded(IDS).logits.sum().item())
     code, out = run_cli("factorize", tmp_path / "hybrid", "--ratio", "0", "-o", tmp_path / "bad")
     assert code == 1 and "ratio must be in (0, 1]" in out and not (tmp_path / "bad").exists()
+
+
+def test_cli_with_fewer_calibration_tokens_than_input_channels(tmp_path):
+    """The reported crash: 2 blocks of 32 tokens calibrate matrices of 64 and 128 input channels."""
+    model = save_tiny(tmp_path / "tiny")
+    args = ["--ratio", "0.8", "--calibration-docs", "2", "--calibration-len", "32", "-o", tmp_path / "lr"]
+    code, out = run_cli("factorize", model, *args)
+    assert code == 0, out
+    metrics = read_manifest(tmp_path / "lr")["steps"][-1]["metrics"]
+    assert metrics["calibration_tokens"] == 64 and 0 <= metrics["mean_relative_error"] < 1
