@@ -76,6 +76,17 @@ def mamba2_step(state, x, dt, A, B, C, D):
     return state, (state * C[:, :, None]).sum(-1) + D[:, None] * x
 
 
+def mamba2_step_grouped_(state, x, dt, A, B, C, D):
+    """`mamba2_step` with GQA groups left unexpanded, updating `state` in place (the decode fast path).
+
+    state (b, g, r, p, n) with r = heads per group, x (b, g, 1, p), dt (b, g, r), A and D (g, r), B (b, g, 1, n),
+    C (b, g, r, n) -> y (b, g, r, p). Broadcasting over r replaces the `repeat_interleave` of x and B.
+    """
+    state.mul_(torch.exp(dt * A)[..., None, None])  # decay, (b, g, r, p, n)
+    state.addcmul_((dt[..., None] * x)[..., None], B[:, :, :, None])  # + dt x B^T
+    return (state @ C[..., None])[..., 0] + D[..., None] * x  # H C + D x, (b, g, r, p)
+
+
 def mamba2_scan_ref(x, dt, A, B, C, D, state=None):
     """`mamba2_step` over the sequence. x (b, l, h, p), dt (b, l, h), B and C (b, l, h, n) -> y (b, l, h, p) and
     the final state (b, h, p, n)."""
@@ -254,8 +265,65 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt + self.dt_bias)  # (b, l, h)
         return x, dt, B, C, conv_state
 
+    def _can_step(self, hidden_states, cache) -> bool:
+        """Whether `_step` applies: one token after a prefill, states in the dtypes it writes in place, and no
+        speculative verification or transformers past recording (both need the generic path's bookkeeping)."""
+        if cache is None or hidden_states.shape[1] != 1:
+            return False
+        layer = cache.layers[self.layer_idx]
+        if not layer.has_previous_state[0] or layer.record_past or getattr(layer, "checkpoint", None) is not None:
+            return False
+        conv_state, state = layer.conv_states[0], layer.recurrent_states[0]
+        scan_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+        return (
+            conv_state.dtype == hidden_states.dtype
+            and state.dtype == scan_dtype
+            and conv_state.is_contiguous()
+            and state.is_contiguous()
+        )
+
+    def _step(self, hidden_states, attention_mask, layer) -> torch.Tensor:
+        """One decode token (b, 1, hidden) -> (b, 1, hidden), updating the conv and SSM states of `layer` in place.
+
+        The same function as the generic path with l = 1, doing only what one token needs: the depthwise conv is a
+        multiply-and-sum over the rolling conv state, and GQA groups broadcast instead of being repeated.
+        """
+        s = self.settings
+        b, g, r = hidden_states.shape[0], s.num_groups, s.num_heads // s.num_groups
+        hidden_states = hidden_states[:, 0]  # (b, hidden)
+        if attention_mask is not None:  # as in `_project`: a padded position never enters the state
+            hidden_states = hidden_states * attention_mask[:, -1:].to(hidden_states.dtype)
+        gate, xBC, dt = self.in_proj(hidden_states).split([self.inner_size, self.conv_size, s.num_heads], dim=-1)
+
+        # Causal conv: shift the last k inputs left by one in place, append this token, multiply-and-sum the taps
+        conv_state = layer.conv_states[0]  # (b, conv_size, k)
+        conv_state.copy_(conv_state.roll(-1, dims=-1))
+        conv_state[..., -1] = xBC
+        xBC = (conv_state * self.conv1d.weight[:, 0]).sum(-1)  # (b, conv_size)
+        if self.conv1d.bias is not None:
+            xBC = xBC + self.conv1d.bias
+        xBC = F.silu(xBC)
+        if attention_mask is not None:
+            xBC = xBC * attention_mask[:, -1:].to(xBC.dtype)
+
+        # SSM step in the scan dtype (float32 at least), heads grouped as (g, r) so x and B broadcast over r
+        scan_dtype = layer.recurrent_states[0].dtype
+        x, B, C = xBC.to(scan_dtype).split([g * s.head_dim, g * s.state_size, s.num_heads * s.state_size], -1)
+        x = x.view(b, g, 1, s.head_dim)
+        B = B.view(b, g, 1, s.state_size)
+        C = C.view(b, g, r, s.state_size)
+        dt = F.softplus(dt + self.dt_bias).to(scan_dtype).view(b, g, r)
+        A = -torch.exp(self.A_log.to(scan_dtype)).view(g, r)
+        D = self.D.to(scan_dtype).view(g, r)
+        state = layer.recurrent_states[0].view(b, g, r, s.head_dim, s.state_size)
+        y = mamba2_step_grouped_(state, x, dt, A, B, C, D)  # (b, g, r, p)
+        y = y.reshape(b, 1, self.inner_size).to(hidden_states.dtype)
+        return self.out_proj(self.norm(y, gate[:, None]))
+
     def forward(self, hidden_states, *, attention_mask=None, cache=None, **kwargs) -> torch.Tensor:
         """hidden_states (b, l, hidden) -> (b, l, hidden). `attention_mask` is the 2-D padding mask (1 = token)."""
+        if self._can_step(hidden_states, cache):
+            return self._step(hidden_states, attention_mask, cache.layers[self.layer_idx])
         conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         gate, conv_inputs, dt = self._project(hidden_states, attention_mask)
@@ -291,4 +359,5 @@ __all__ = [
     "mamba2_scan_kernel",
     "mamba2_scan_ref",
     "mamba2_step",
+    "mamba2_step_grouped_",
 ]

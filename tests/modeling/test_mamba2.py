@@ -2,11 +2,18 @@
 
 import pytest
 import torch
-from tiny import TINY, TOLERANCES
+from tiny import TINY, TOLERANCES, tiny_hybrid
 
 from hybridize.modeling import HybridConfig, HybridForCausalLM
 from hybridize.modeling.common import causal_conv1d
-from hybridize.modeling.mamba2 import Mamba2MixerConfig, mamba2_scan_chunked, mamba2_scan_ref, mamba2_step
+from hybridize.modeling.mamba2 import (
+    Mamba2Mixer,
+    Mamba2MixerConfig,
+    mamba2_scan_chunked,
+    mamba2_scan_ref,
+    mamba2_step,
+    mamba2_step_grouped_,
+)
 
 CHUNK = 16
 
@@ -47,6 +54,65 @@ def test_step_by_step_decode_equals_one_scan():
         ys.append(y_t[:, None])
     torch.testing.assert_close(torch.cat(ys, 1), y_full, **TOLERANCES[torch.float64])
     torch.testing.assert_close(state, s_full, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grouped_in_place_step_equals_the_step_on_repeated_heads(dtype):
+    g, r = 2, 3  # 2 groups of 3 heads: x and B are shared inside a group
+    x, dt, A, B, C, D, state = _inputs(1, dtype, h=g * r)
+    x_g, B_g = x[:, 0, ::r], B[:, 0, ::r]  # one x and B per group ...
+    x_h, B_h = x_g.repeat_interleave(r, 1), B_g.repeat_interleave(r, 1)  # ... repeated to its heads
+    expected_state, expected = mamba2_step(state, x_h, dt[:, 0], A, B_h, C[:, 0], D)
+    grouped = state.clone().view(2, g, r, *state.shape[2:])
+    y = mamba2_step_grouped_(
+        grouped,
+        x_g[:, :, None],
+        dt[:, 0].view(2, g, r),
+        A.view(g, r),
+        B_g[:, :, None],
+        C[:, 0].unflatten(1, (g, r)),
+        D.view(g, r),
+    )
+    torch.testing.assert_close(y.flatten(1, 2), expected, **TOLERANCES[dtype])
+    torch.testing.assert_close(grouped.flatten(1, 2), expected_state, **TOLERANCES[dtype])
+
+
+def _decode(model, ids, mask, prefill):
+    """Prefill `prefill` tokens, then one token per forward; the logits of every position."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers a left-padded row
+    out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=positions[:, :prefill])
+    cache, logits = out.cache, [out.logits]
+    for t in range(prefill, ids.shape[1]):
+        step = dict(attention_mask=mask[:, : t + 1], position_ids=positions[:, t : t + 1], cache=cache)
+        out = model(ids[:, t : t + 1], **step, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, 1), cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fast_decode_step_equals_the_generic_path(monkeypatch, dtype):
+    """Many one-token steps after a prefill, batch 2 with the first row left-padded: `_step` (conv as a
+    multiply-and-sum over the rolling state, grouped heads, in-place states) gives the logits and states of the
+    generic path (causal_conv1d, repeated heads) and of one full forward."""
+    model = tiny_hybrid(["mamba2", "attention", "mamba2", "mamba2"], dtype, {"mamba2": {"chunk_size": 8}})
+    ids = torch.randint(1, 128, (2, 30))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    calls = []
+    step = Mamba2Mixer._step
+    monkeypatch.setattr(Mamba2Mixer, "_step", lambda *a: calls.append(1) or step(*a))
+    fast, fast_cache = _decode(model, ids, mask, prefill=9)
+    assert len(calls) == 3 * 21  # every decode step of every Mamba2 layer took the fast path
+    monkeypatch.setattr(Mamba2Mixer, "_can_step", lambda *a: False)
+    generic, generic_cache = _decode(model, ids, mask, prefill=9)
+    torch.testing.assert_close(fast, generic, **TOLERANCES[dtype])
+    for i in (0, 2, 3):
+        for name in ("conv_states", "recurrent_states"):
+            a, b = getattr(fast_cache.layers[i], name)[0], getattr(generic_cache.layers[i], name)[0]
+            torch.testing.assert_close(a, b, **TOLERANCES[dtype])
+    full = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    torch.testing.assert_close(fast[1], full[1], **TOLERANCES[dtype])  # the unpadded row, against one forward
+    torch.testing.assert_close(fast[0, 5:], full[0, 5:], **TOLERANCES[dtype])
 
 
 def test_scan_matches_a_hand_computed_recurrence():
