@@ -41,6 +41,7 @@ from transformers.cache_utils import DynamicLayer
 from .configs.generate import GenerateConfig, PromptLookupDraft
 from .errors import ConfigError
 from .modeling import HybridCache, new_cache
+from .modeling.attention import PreallocatedKVLayer
 from .sources import load
 
 
@@ -119,7 +120,7 @@ class _NativeRollback:
 
 
 class _CropRollback:
-    """A KV layer that keeps every token (`DynamicLayer`): crop the rejected ones."""
+    """A KV layer that keeps every token (`DynamicLayer`, `PreallocatedKVLayer`): crop the rejected ones."""
 
     max_rollback = float("inf")
 
@@ -137,7 +138,8 @@ def _rollback_for(layer, index: int):
     """The rollback adapter of one cache layer; the first that fits wins."""
     if all(hasattr(layer, name) for name in ("begin_verify", "commit", "max_rollback")):
         return _NativeRollback(layer)
-    if type(layer) is DynamicLayer:  # its subclasses (sliding windows) evict, so cannot always be cropped
+    # other DynamicLayer subclasses (sliding windows) evict, so cannot always be cropped
+    if type(layer) in (DynamicLayer, PreallocatedKVLayer):
         return _CropRollback(layer)
     raise ConfigError(
         f"cache layer {index} is a {type(layer).__name__}, which speculative decoding cannot roll back (supported: "

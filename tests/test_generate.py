@@ -102,11 +102,12 @@ def test_any_causal_lm_with_the_same_vocabulary_drafts():
 
 
 def _cache_contents(cache) -> list:
-    """Everything a cache holds, layer by layer, minus the rollback bookkeeping."""
+    """Everything a cache holds, layer by layer, minus the rollback bookkeeping and the unused capacity of
+    preallocated KV buffers (their filled part is `keys` and `values`)."""
     out = []
     for layer in cache.layers:
         for name, value in sorted(vars(layer).items()):
-            if name in ("checkpoint", "steps"):
+            if name in ("checkpoint", "steps", "key_buffer", "value_buffer"):
                 continue
             values = value.values() if isinstance(value, dict) else [value]
             out.extend((name, v) for v in values if isinstance(v, (torch.Tensor, int, float, bool)))

@@ -39,8 +39,118 @@ def add_attention_projections(module: nn.Module, config: HybridConfig) -> None:
     module.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_out_bias)
 
 
+class PreallocatedKVLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values live in buffers written in place: appending a token copies that token
+    only, where `DynamicLayer` concatenates (copies) the whole cache at every step.
+
+    The buffers (b, kv_heads, capacity, head_dim) grow by doubling (at least 64 positions, at most `max_length` while
+    that suffices; never refused), and `keys`/`values` are views of their first `get_seq_length()` positions, so
+    everything that reads a `DynamicLayer` reads this one alike. `crop` moves the end (speculative rollback). While
+    autograd records (inputs that require grad), it concatenates like `DynamicLayer`, so no saved tensor is written.
+
+    Args:
+        max_length (`int`, *optional*): a length the cache is not expected to exceed (the model's
+            `max_position_embeddings`): doubling stops there.
+    """
+
+    min_growth = 64
+
+    def __init__(self, max_length: int | None = None):
+        super().__init__()
+        self.max_length = max_length
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._use(key_states[..., :0, :].clone(), value_states[..., :0, :].clone(), 0)
+        self.is_initialized = True
+
+    def _use(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> None:
+        """Hold these buffers with `length` positions filled; `keys`/`values` view the filled part."""
+        self.key_buffer, self.value_buffer, self.length = key_buffer, value_buffer, length
+        self.keys, self.values = key_buffer[..., :length, :], value_buffer[..., :length, :]
+
+    def _grow(self, needed: int) -> None:
+        """Reallocate both buffers to hold at least `needed` positions, keeping the filled ones."""
+        capacity = max(needed, 2 * self.key_buffer.shape[-2], self.min_growth)
+        if self.max_length is not None and needed <= self.max_length:
+            capacity = min(capacity, self.max_length)
+        buffers = []
+        for old in (self.key_buffer, self.value_buffer):
+            new = old.new_empty(*old.shape[:-2], capacity, old.shape[-1])
+            new[..., : self.length, :].copy_(old[..., : self.length, :])
+            buffers.append(new)
+        self._use(*buffers, self.length)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            keys, values = torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+            self._use(keys, values, end)
+            return self.keys, self.values
+        if end > self.key_buffer.shape[-2]:
+            self._grow(end)
+        self.key_buffer[..., self.length : end, :].copy_(key_states)
+        self.value_buffer[..., self.length : end, :].copy_(value_states)
+        self._use(self.key_buffer, self.value_buffer, end)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reset(self) -> None:
+        super().reset()
+        self.key_buffer = self.value_buffer = None
+        self.length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` positions (a negative count, as `DynamicLayer.crop` takes)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self._use(self.key_buffer, self.value_buffer, max(0, self.length + tokens_to_remove))
+
+    # Batch changes (beam search, num_return_sequences) keep only the filled positions; the next update regrows
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.length > 0:
+            beam_idx = beam_idx.to(self.keys.device)
+            self._use(self.keys.index_select(0, beam_idx), self.values.index_select(0, beam_idx), self.length)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.length > 0:
+            keys, values = self.keys.repeat_interleave(repeats, 0), self.values.repeat_interleave(repeats, 0)
+            self._use(keys, values, self.length)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.length > 0:
+            self._use(self.keys[indices, ...], self.values[indices, ...], self.length)
+
+    def offload(self):
+        if self.is_initialized:
+            self._use(
+                self.key_buffer.to("cpu", non_blocking=True),
+                self.value_buffer.to("cpu", non_blocking=True),
+                self.length,
+            )
+
+    def prefetch(self):
+        if self.is_initialized and self.key_buffer.device != self.device:
+            self._use(
+                self.key_buffer.to(self.device, non_blocking=True),
+                self.value_buffer.to(self.device, non_blocking=True),
+                self.length,
+            )
+
+
 class AttentionMixer(nn.Module):
-    """Multi-head attention with grouped KV heads; keeps a growing KV cache."""
+    """Multi-head attention with grouped KV heads; keeps a growing KV cache written in place."""
 
     settings_class = AttentionMixerConfig
     mask_type = "causal"  # the 4-D causal (and padding) mask built by transformers
@@ -57,8 +167,8 @@ class AttentionMixer(nn.Module):
         add_attention_projections(self, config)
 
     @staticmethod
-    def new_cache_layer(config: HybridConfig, layer_idx: int) -> DynamicLayer:
-        return DynamicLayer()
+    def new_cache_layer(config: HybridConfig, layer_idx: int) -> PreallocatedKVLayer:
+        return PreallocatedKVLayer(max_length=config.max_position_embeddings)
 
     def forward(
         self,
@@ -96,4 +206,4 @@ class AttentionMixer(nn.Module):
         return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
 
 
-__all__ = ["AttentionMixer", "AttentionMixerConfig"]
+__all__ = ["AttentionMixer", "AttentionMixerConfig", "PreallocatedKVLayer"]
