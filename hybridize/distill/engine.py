@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..configs.distill import RESUME_ADVICE
 from ..errors import CheckpointError, HybridizeError, OutputError
 from .data import DistillData
 
@@ -143,18 +144,12 @@ def _trainable(module: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(
-    accelerator: Accelerator,
-    work_dir: Path,
-    objective: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: RunState,
-    identity: dict[str, Any],
-) -> Path:
-    """Write `work_dir/checkpoint` atomically (a temporary sibling renamed into place); every process takes part."""
+@contextlib.contextmanager
+def _space_for_checkpoint(work_dir: Path, objective: nn.Module) -> Iterator[None]:
+    """A full disk while checkpointing becomes an `OutputError` saying how much a checkpoint needs; the partial
+    temporary is removed and the previous checkpoint kept."""
     try:
-        return _write_checkpoint(accelerator, work_dir, objective, optimizer, scheduler, state, identity)
+        yield
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
@@ -166,7 +161,7 @@ def save_checkpoint(
         ) from None
 
 
-def _write_checkpoint(
+def save_checkpoint(
     accelerator: Accelerator,
     work_dir: Path,
     objective: nn.Module,
@@ -175,35 +170,37 @@ def _write_checkpoint(
     state: RunState,
     identity: dict[str, Any],
 ) -> Path:
-    target, tmp = work_dir / CHECKPOINT, work_dir / f"{CHECKPOINT}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        weights = {name: p.detach().cpu().contiguous() for name, p in _trainable(objective).items()}
-        save_file(weights, tmp / _WEIGHTS)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / _OPTIMIZER)
-        payload = {
-            "step": state.step,
-            "tokens": state.tokens,
-            "train_seconds": state.train_seconds,
-            "cpu_seconds": state.cpu_seconds,
-            "evals": state.evals,
-            "identity": identity,
-        }
-        (tmp / _STATE).write_text(json.dumps(payload, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        old = work_dir / f"{CHECKPOINT}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return target
+    """Write `work_dir/checkpoint` atomically (a temporary sibling renamed into place); every process takes part."""
+    with _space_for_checkpoint(work_dir, objective):
+        target, tmp = work_dir / CHECKPOINT, work_dir / f"{CHECKPOINT}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            weights = {name: p.detach().cpu().contiguous() for name, p in _trainable(objective).items()}
+            save_file(weights, tmp / _WEIGHTS)
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / _OPTIMIZER)
+            payload = {
+                "step": state.step,
+                "tokens": state.tokens,
+                "train_seconds": state.train_seconds,
+                "cpu_seconds": state.cpu_seconds,
+                "evals": state.evals,
+                "identity": identity,
+            }
+            (tmp / _STATE).write_text(json.dumps(payload, indent=2) + "\n")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            old = work_dir / f"{CHECKPOINT}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if target.exists():
+                target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return target
 
 
 def recover_checkpoint(work_dir: Path) -> None:
@@ -476,9 +473,7 @@ def train(
             if flags[1].item() > 0:
                 path = checkpoint()
                 where = (
-                    f"checkpoint saved in {path}; run the same command with --resume to continue"
-                    if path
-                    else ("no checkpoint (no work directory)")
+                    f"checkpoint saved in {path}; {RESUME_ADVICE}" if path else ("no checkpoint (no work directory)")
                 )
                 raise DistillInterrupted(
                     f"interrupted at step {state.step}/{total_steps} ({state.tokens} tokens); {where}"
