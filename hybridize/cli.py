@@ -781,17 +781,7 @@ def run_recipe(
         parsed = load_recipe(recipe)
         typer.echo(f"{recipe}: {len(parsed.steps)} valid steps: {', '.join(s.name for s in parsed.steps)}")
         return
-    try:
-        report = hybridize.run(recipe, overwrite=overwrite)
-    except HybridizeError as error:
-        # A distill step's interruption. Its class is looked up, not imported: a recipe refused before its first step
-        # has not imported the distillation code (nor torch), and cannot have raised it.
-        engine = sys.modules.get("hybridize.distill.engine")
-        if engine is None or not isinstance(error, engine.DistillInterrupted):
-            raise
-        # The distill step's advice is `hybridize distill`'s (--resume); a recipe resumes when run again
-        where = str(error).removesuffix("; run the same command with --resume to continue")
-        raise HybridizeError(f"{where}; run `hybridize run {recipe}` again to continue from it") from None
+    report = hybridize.run(recipe, overwrite=overwrite)
     for entry in report:
         typer.echo(f"step {entry['index']} {entry['step']}: {entry['status']}")
 

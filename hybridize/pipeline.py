@@ -45,7 +45,7 @@ from .configs import (
     PruneConfig,
     PushConfig,
 )
-from .configs.distill import EVAL_EVERY
+from .configs.distill import EVAL_EVERY, RESUME_ADVICE
 from .errors import ConfigError, HybridizeError, OutputExistsError
 from .provenance import append_step, read_manifest, record_step
 from .saving import check_output, save
@@ -348,7 +348,15 @@ def run(path: str | Path, *, overwrite: bool = False) -> list[dict]:
 
     Example: `hybridize.run("recipes/smol-mamba50.yaml")`
     """
-    return run_recipe(load_recipe(path), overwrite=overwrite)
+    recipe = load_recipe(path)
+    try:
+        return run_recipe(recipe, overwrite=overwrite)
+    except HybridizeError as error:  # an interrupted distill step: a recipe resumes when run again, not by --resume
+        message = str(error)
+        if not message.endswith(f"; {RESUME_ADVICE}"):
+            raise
+        advice = f"run `hybridize run {path}` again to continue from it"
+        raise type(error)(message.removesuffix(RESUME_ADVICE) + advice) from None
 
 
 __all__ = [

@@ -26,6 +26,8 @@ DEFAULT_LR = {"layerwise": 1e-3, "e2e": 3e-4}
 # Runtime defaults (they never change the result): evaluation and checkpoint periods, in optimizer steps
 EVAL_EVERY = 50
 SAVE_EVERY = 50
+# What an interrupted run advises (`hybridize distill`); a recipe replaces it with its own (`pipeline.run`)
+RESUME_ADVICE = "run the same command with --resume to continue"
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
 PREFIX = "generate:"  # data written by the teacher: generate:N[:PROMPTS]
 
@@ -250,6 +252,7 @@ __all__ = [
     "LAYER_LOSSES",
     "PRECISIONS",
     "PREFIX",
+    "RESUME_ADVICE",
     "SAVE_EVERY",
     "STAGES",
     "DistillConfig",
