@@ -60,11 +60,17 @@ def _refuse_overlap(output: Path, inputs: Iterable[str | Path]) -> None:
             raise OutputError(f"output {output} holds the input {spec}, which replacing it would delete")
 
 
-def _check_writable(output: Path) -> None:
-    """The nearest existing ancestor of `output` must be a directory this process can create files in."""
-    ancestor = output.absolute().parent
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest ancestor of `path` that exists (where a write under `path` would create its first directory)."""
+    ancestor = path.absolute().parent
     while not ancestor.exists():
         ancestor = ancestor.parent
+    return ancestor
+
+
+def _check_writable(output: Path) -> None:
+    """The nearest existing ancestor of `output` must be a directory this process can create files in."""
+    ancestor = _existing_ancestor(output)
     if not ancestor.is_dir():
         raise OutputError(f"cannot write {output}: {ancestor} is a file, not a directory")
     try:  # a real probe: permission bits say nothing to root, and nothing about a read-only mount
@@ -192,8 +198,7 @@ def model_bytes(model) -> int:
 
 def check_space(directory: Path, needed: int, what: str) -> None:
     """Refuse to start a write of `needed` bytes into `directory` when the device has less free."""
-    while not directory.exists():
-        directory = directory.parent
+    directory = directory if directory.exists() else _existing_ancestor(directory)
     free = shutil.disk_usage(directory).free
     if free < needed:
         raise OutputError(

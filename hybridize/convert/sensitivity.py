@@ -171,4 +171,11 @@ def least_sensitive_layers(scores: list[float], k: int) -> list[int]:
     return sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:k])
 
 
-__all__ = ["SCORE_BLOCKS", "SCORE_STRIDE", "cache_key", "layer_sensitivity", "least_sensitive_layers", "measure_sensitivity"]
+__all__ = [
+    "SCORE_BLOCKS",
+    "SCORE_STRIDE",
+    "cache_key",
+    "layer_sensitivity",
+    "least_sensitive_layers",
+    "measure_sensitivity",
+]
