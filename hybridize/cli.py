@@ -426,6 +426,9 @@ def distill(
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = DistillConfig.grad_accum,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (default per stage).")] = DistillConfig.lr,
     freeze: Annotated[str, typer.Option(help="e2e: what trains: mixers, all-but-mlp or all.")] = DistillConfig.freeze,
+    pretrained_lr_ratio: Annotated[
+        float, typer.Option(help="e2e: learning rate of the source's own weights as a fraction of --lr.")
+    ] = DistillConfig.pretrained_lr_ratio,
     loss: Annotated[str, typer.Option(help="e2e: forward_kl or reverse_kl.")] = DistillConfig.loss,
     layer_loss: Annotated[
         str,
@@ -462,6 +465,7 @@ def distill(
         grad_accum=grad_accum,
         lr=lr,
         freeze=freeze,
+        pretrained_lr_ratio=pretrained_lr_ratio,
         loss=loss,
         layer_loss=layer_loss,
         ce_weight=ce_weight,

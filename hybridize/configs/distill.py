@@ -132,6 +132,10 @@ class DistillConfig:
             `batch_size * grad_accum * num_processes` blocks.
         lr (`float`, *optional*): peak learning rate; defaults to `DEFAULT_LR[stage]`.
         min_lr_ratio (`float`, *optional*, defaults to 0.1): the cosine decays to `lr * min_lr_ratio`.
+        pretrained_lr_ratio (`float`, *optional*, defaults to 1.0): the learning rate of the weights the source
+            already had (its MLPs, norms, embeddings and kept attention, under `freeze` `all-but-mlp` or `all`)
+            as a fraction of `lr`; the new mixers (and LoRA adapters) train at `lr`. Fresh mixers want larger steps
+            than pretrained weights, which a small step only adapts around them.
         warmup_ratio (`float`, *optional*, defaults to 0.05): fraction of steps of linear warmup.
         weight_decay (`float`, *optional*, defaults to 0.0): AdamW's decoupled weight decay.
         betas (`tuple[float, float]`, *optional*, defaults to `(0.9, 0.98)`): AdamW betas (MambaInLlama's).
@@ -174,6 +178,7 @@ class DistillConfig:
     grad_accum: int = 1
     lr: float | None = None
     min_lr_ratio: float = 0.1
+    pretrained_lr_ratio: float = 1.0
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.98)
@@ -216,7 +221,7 @@ class DistillConfig:
             raise ConfigError(f"seq_len={self.seq_len} is too short; a block needs at least 2 tokens")
         if not self.lr > 0:
             raise ConfigError(f"lr={self.lr} must be positive")
-        for name in ("min_lr_ratio", "warmup_ratio", "heldout_ratio"):
+        for name in ("min_lr_ratio", "pretrained_lr_ratio", "warmup_ratio", "heldout_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1]")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):

@@ -52,7 +52,7 @@ from ..evaluate.perplexity import compare_logits
 from ..provenance import record_step
 from ..saving import save
 from .data import DistillData, load_data
-from .e2e import LogitsObjective, add_lora, converted_layers, freeze, merge_lora
+from .e2e import LogitsObjective, add_lora, converted_layers, freeze, merge_lora, pretrained_parameters
 from .engine import CHECKPOINT, METRICS, DistillInterrupted, read_checkpoint_state, recover_checkpoint, train
 from .generated import generated_data, is_generate_spec
 from .layerwise import LayerwiseObjective
@@ -315,6 +315,7 @@ def distill(
             progress=progress,
             on_step=on_step,
             desc=f"distill {config.stage}",
+            pretrained=pretrained_parameters(student),
         )
     finally:
         for name, parameter in teacher.named_parameters():

@@ -54,6 +54,11 @@ def trainable_names(model: nn.Module, preset: Literal["mixers", "all-but-mlp", "
     return names
 
 
+def pretrained_parameters(model: nn.Module) -> set[int]:
+    """Ids of the parameters the source model already had: all but the new mixers' (and LoRA adapters')."""
+    return {id(p) for name, p in model.named_parameters() if not _is_new_mixer(model, name) and "lora_" not in name}
+
+
 def freeze(model: nn.Module, preset: Literal["mixers", "all-but-mlp", "all"]) -> list[str]:
     """Set `requires_grad` by preset; return the trained parameter names."""
     trained = set(trainable_names(model, preset))
@@ -145,6 +150,7 @@ __all__ = [
     "add_lora",
     "converted_layers",
     "freeze",
+    "pretrained_parameters",
     "lora_targets",
     "merge_lora",
     "trainable_names",

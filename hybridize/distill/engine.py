@@ -29,7 +29,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -331,6 +331,7 @@ def train(
     progress: bool = False,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     desc: str = "distill",
+    pretrained: Collection[int] = (),
 ) -> RunState:
     """Optimise `objective`'s trainable parameters on `data.train` for `config.tokens` tokens.
 
@@ -350,6 +351,8 @@ def train(
         progress (`bool`, *optional*): a tqdm bar with loss, tokens/s and ETA.
         on_step (`Callable`, *optional*): called with each step's record; may raise `KeyboardInterrupt` to stop.
         desc (`str`, *optional*): the progress bar's label.
+        pretrained (`Collection[int]`, *optional*): ids of the trained parameters the source already had; they
+            train at `config.lr * config.pretrained_lr_ratio`, the others at `config.lr`.
 
     Returns:
         `RunState`: steps, tokens, training seconds and the evaluations.
@@ -361,8 +364,10 @@ def train(
     params = list(_trainable(objective).values())
     if not params:
         raise HybridizeError("nothing to train: no parameter requires grad")
+    groups = [{"params": [p for p in params if id(p) not in pretrained], "lr": config.lr}]
+    groups.append({"params": [p for p in params if id(p) in pretrained], "lr": config.lr * config.pretrained_lr_ratio})
     optimizer = torch.optim.AdamW(
-        params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay, eps=1e-8
+        [g for g in groups if g["params"]], betas=tuple(config.betas), weight_decay=config.weight_decay, eps=1e-8
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,

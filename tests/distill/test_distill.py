@@ -101,6 +101,20 @@ def test_e2e_all_but_mlp(teacher, make_student, tokenizer, text_file):
     assert "model.layers.1.mixer.q_proj.weight" in changed and "model.embed_tokens.weight" in changed
 
 
+def test_pretrained_lr_ratio_scales_only_the_source_weights(teacher, make_student, tokenizer, text_file):
+    """freeze all with pretrained_lr_ratio 0: the new mixers train at lr, the source's own weights at lr * 0."""
+    student = make_student()
+    before = _snapshot(student)
+    config = _config(text_file, freeze="all", pretrained_lr_ratio=0.0, eval_tokens=0)
+    changed = _changed(before, distill(student, config, teacher=teacher, tokenizer=tokenizer))
+    assert changed and all(_is_mixer(name) for name in changed)
+    assert {name.split(".")[2] for name in changed} == {"0", "2"}
+    config = _config(text_file, freeze="all", pretrained_lr_ratio=0.5, eval_tokens=0)
+    student = make_student()
+    changed = _changed(before, distill(student, config, teacher=teacher, tokenizer=tokenizer))
+    assert "model.layers.1.mlp.up_proj.weight" in changed and "model.layers.0.mixer.out_proj.weight" in changed
+
+
 def test_lora_is_merged_and_saved_as_a_plain_hybrid(teacher, make_student, tokenizer, text_file, tmp_path):
     student = make_student()
     before = _snapshot(student)
@@ -253,6 +267,7 @@ def test_empty_data(teacher, make_student, tokenizer, tmp_path):
         ({"stage": "layerwise", "freeze": "all"}, "does not apply to the layerwise stage"),
         ({"lora_rank": 8}, "needs stage e2e with freeze all-but-mlp or all"),
         ({"freeze": "mlp"}, "freeze='mlp' is not one of"),
+        ({"pretrained_lr_ratio": 1.5}, r"pretrained_lr_ratio=1.5 must be in \[0, 1\]"),
         ({"batch_size": 0}, "batch_size=0"),
         ({"kl_weight": 0.0}, "nothing to train on"),
         ({"kl_weight": -1.0}, "kl_weight=-1.0 must not be negative"),
