@@ -341,33 +341,46 @@ def evaluate(
 @app.command(cls=_Command)
 def bench(
     model: ModelArg,
-    baseline: Annotated[str | None, typer.Option(help="Model measured side by side, e.g. the source.")] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="Model measured side by side, e.g. the source; any causal LM.")
+    ] = None,
     context: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = ",".join(
         map(str, BenchConfig.contexts)
     ),
-    new_tokens: Annotated[int, typer.Option(help="Tokens decoded after each prompt.")] = BenchConfig.new_tokens,
+    new_tokens: Annotated[int, typer.Option(help="Tokens decoded and timed after each prompt.")] = (
+        BenchConfig.new_tokens
+    ),
+    warmup_tokens: Annotated[int, typer.Option(help="Tokens decoded before the timing starts.")] = (
+        BenchConfig.warmup_tokens
+    ),
     repeats: Annotated[int, typer.Option(help="Interleaved rounds; medians are reported.")] = BenchConfig.repeats,
-    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(
+    batch: Annotated[str, typer.Option("--batch", "--batch-size", help="Comma-separated batch sizes.")] = ",".join(
         map(str, BenchConfig.batch_sizes)
     ),
+    baseline_static: Annotated[
+        bool, typer.Option(help="Also run the baseline with transformers' static cache.")
+    ] = BenchConfig.baseline_static,
     plot: Annotated[Path | None, typer.Option(help="Also draw the results to this PNG file.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
 ):
-    """Prefill tokens/s, decode ms/token and cache bytes per context length, side by side with a baseline."""
+    """Prefill tokens/s, decode ms/token against the memory floor, cache bytes and peak RSS per context length and
+    batch size, side by side with a baseline run on transformers' default and static caches."""
     config = BenchConfig(
         contexts=_int_list(context, "--context"),
         new_tokens=new_tokens,
+        warmup_tokens=warmup_tokens,
         repeats=repeats,
         batch_sizes=_int_list(batch, "--batch"),
+        baseline_static=baseline_static,
     )
     _check_json(json_path, [model, baseline])
-    from hybridize.evaluate.bench import check_bench, format_bench, plot_bench
+    from hybridize.evaluate.bench import check_bench, format_bench, load_causal_lm, plot_bench
     from hybridize.sources import load_config
 
     for spec in [model, baseline] if baseline else [model]:
         check_bench(load_config(spec), config)
-    loaded, tokenizer = hybridize.load(model)
-    reference = hybridize.load(baseline)[0] if baseline else None
+    loaded, tokenizer = load_causal_lm(model)
+    reference = load_causal_lm(baseline)[0] if baseline else None
     result = hybridize.bench(loaded, tokenizer, config, baseline=reference, progress=True)
     typer.echo(format_bench(result))
     _write_json(result, json_path)

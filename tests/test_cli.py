@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import run_cli, save_tiny
+from tiny import run_cli, save_tiny, word_tokenizer
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import hybridize
+from hybridize.export import ExportConfig, export
 
 
 @pytest.fixture
@@ -403,3 +406,33 @@ def test_eval_of_a_read_only_model_prints_its_results_and_warns(llama_dir, tmp_p
         assert "perplexity" in out and "warning: not recorded in" in out and "Read-only file system" in out
     finally:
         subprocess.run(["umount", str(point)], check=False)
+
+
+def test_bench_of_a_native_export_against_both_source_baselines(llama_dir, tmp_path):
+    """Any causal LM benches: the native GraniteMoeHybrid export (which `convert` would refuse) as the model, and as
+    the baseline; batch sizes 1 and 4; the table, the JSON and the PNG carry the floor and both baselines."""
+    source, _ = hybridize.load(str(llama_dir))
+    native = export(
+        hybridize.convert(source, hybridize.ConvertConfig(mixer_init="attention", ratio=0.5)), ExportConfig()
+    )
+    hybridize.save(native, tmp_path / "native", tokenizer=word_tokenizer())
+    short = ["--context", "16", "--new-tokens", "2", "--warmup-tokens", "1", "--repeats", "1"]
+    code, out = run_cli(
+        "bench", tmp_path / "native", "--baseline", llama_dir, *short, "--batch-size", "1,4",
+        "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png",
+    )  # fmt: skip
+    assert code == 0, out
+    assert "read bandwidth" in out and "vs static cache" in out and "x floor" in out
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["machine"]["read_bandwidth_gb_per_s"] > 0
+    assert result["models"]["model"]["class"] == "GraniteMoeHybridForCausalLM"
+    assert result["config"]["warmup_tokens"] == 1 and result["config"]["baseline_static"] is True
+    assert [row["batch_size"] for row in result["rows"]] == [1, 4]
+    for row in result["rows"]:
+        assert {"decode_speedup", "decode_speedup_static"} <= set(row["ratios"])
+        assert all(row[name]["floor_ms_per_token"] > 0 for name in ("model", "baseline", "baseline_static"))
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+    code, out = run_cli("bench", llama_dir, "--baseline", tmp_path / "native", *short, "--no-baseline-static")
+    assert code == 0, out
+    assert "baseline" in out and "vs static cache" not in out

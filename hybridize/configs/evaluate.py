@@ -80,17 +80,23 @@ class BenchConfig:
 
     Args:
         contexts (`tuple[int, ...]`, *optional*, defaults to `(512, 2048, 8192)`): prompt lengths in tokens.
-        new_tokens (`int`, *optional*, defaults to 16): tokens decoded (greedy) after each prompt.
+        new_tokens (`int`, *optional*, defaults to 16): tokens decoded (greedy) and timed after each prompt.
+        warmup_tokens (`int`, *optional*, defaults to 2): tokens decoded after the prompt before the timing starts,
+            so that the first steps' one-time costs (allocations, the prefill's freed memory) are not counted.
         repeats (`int`, *optional*, defaults to 2): rounds; each round runs every model once, interleaved; the
             median is reported.
         batch_sizes (`tuple[int, ...]`, *optional*, defaults to `(1,)`): sequences decoded together; every
             context is measured at every batch size.
+        baseline_static (`bool`, *optional*, defaults to `True`): also run the baseline with transformers' static
+            cache (`cache_implementation="static"`), its fastest eager path, and report speed-ups against both.
     """
 
     contexts: tuple[int, ...] = (512, 2048, 8192)
     new_tokens: int = 16
+    warmup_tokens: int = 2
     repeats: int = 2
     batch_sizes: tuple[int, ...] = (1,)
+    baseline_static: bool = True
 
     def __post_init__(self):
         check_fields(self, distinct=("contexts", "batch_sizes"))
@@ -101,6 +107,8 @@ class BenchConfig:
         for name in ("new_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_tokens < 0:
+            raise ConfigError(f"warmup_tokens must be at least 0, got {self.warmup_tokens}")
 
 
 __all__ = ["SPLITS", "BenchConfig", "EvalConfig"]
