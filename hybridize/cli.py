@@ -7,6 +7,7 @@ torch, transformers, lm-eval, POT, matplotlib or datasets is imported (`tests/te
 through `hybridize.<name>`, which imports on first use.
 """
 
+import enum
 import json
 import sys
 from pathlib import Path
@@ -53,6 +54,17 @@ ModelArg = Annotated[
 Output = Annotated[Path, typer.Option("--output", "-o", help="Directory to create (written atomically).")]
 Overwrite = Annotated[bool, typer.Option(help="Replace the output directory if it exists.")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Run the model's own code from its directory or the Hub.")]
+
+
+class WeightsDType(str, enum.Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+DType = Annotated[
+    WeightsDType,
+    typer.Option(help="Weights' dtype. bfloat16 halves the bytes but decodes slower on CPUs without fast bf16 GEMV."),
+]
 
 
 def _print_version(value: bool) -> None:
@@ -299,6 +311,7 @@ def evaluate(
     ),
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     trust_remote_code: TrustRemoteCode = False,
+    dtype: DType = WeightsDType.float32,
 ):
     """Held-out perplexity on the built-in Wikipedia corpus (with --baseline, KL and top-1 agreement too), or
     lm-eval tasks with --tasks. Results on a model directory are recorded in its hybridize.json."""
@@ -320,7 +333,9 @@ def evaluate(
 
     if config.tasks:  # the only check against the model; an uncached GGUF's config takes seconds
         check_eval(load_config(model, trust_remote_code=trust_remote_code), config)
-    loaded, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
+    loaded, tokenizer = hybridize.load(
+        model, trust_remote_code=trust_remote_code, dtype=dtype.value, decode_layout=True
+    )
     reference = hybridize.load(baseline, trust_remote_code=trust_remote_code)[0] if baseline else None
     result = hybridize.evaluate(loaded, tokenizer, config, baseline=reference, progress=True)
     if config.tasks:
@@ -740,6 +755,7 @@ def generate(
     ] = False,
     repeats: Annotated[int, typer.Option(help="With --compare: interleaved runs; medians are reported.")] = 3,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+    dtype: DType = WeightsDType.float32,
 ):
     """Generate text, speculatively with a draft model (Mamba2/NHA states rolled back by replay, MambaInLlama)."""
     config = GenerateConfig(
@@ -758,7 +774,7 @@ def generate(
     _check_json(json_path, [model, draft])
     from hybridize.generate import format_compare, format_generate, load_draft
 
-    target, tokenizer = hybridize.load(model)
+    target, tokenizer = hybridize.load(model, dtype=dtype.value, decode_layout=True)
     draft_model, draft_tokenizer = load_draft(target, draft, layers=draft_layers, lookup=prompt_lookup)
     if compare:
         result = hybridize.compare_generate(

@@ -541,7 +541,9 @@ def load_draft(
         )
     if lookup:
         return PromptLookupDraft(), None
-    draft, tokenizer = load(spec) if spec is not None else (None, None)
+    draft, tokenizer = (None, None)
+    if spec is not None:  # in the target's dtype and layout
+        draft, tokenizer = load(spec, dtype=target.dtype, decode_layout=True)
     if layers is not None:
         draft = early_exit_draft(draft if draft is not None else target, layers)
     return draft, tokenizer

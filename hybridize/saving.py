@@ -235,11 +235,14 @@ def save(model, output: str | Path, *, tokenizer=None, overwrite: bool = False, 
         `OutputExistsError`: `output` exists and not `overwrite`. `OutputError`: `output` overlaps an input, cannot
         be written, or its device lacks the space.
     """
+    from .modeling.layout import standard_layout
+
     output = Path(output)
     needed = model_bytes(model)
     with atomic_output(output, overwrite=overwrite, inputs=inputs) as tmp:
         check_space(output.parent, needed, f"the model ({output})")
-        model.save_pretrained(tmp)
+        with standard_layout(model):  # weights transposed for decoding are written in the standard layout
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             copy_tokenizer(tokenizer, tmp)
         write_manifest(model, tmp)

@@ -379,19 +379,30 @@ def _check_finite(model: PreTrainedModel, spec: str) -> None:
 
 
 def load(
-    spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    spec: str,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    trust_remote_code: bool = False,
+    decode_layout: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """`load_source`, plus the history of steps in the directory's `hybridize.json` (kept on `model.hybridize_steps`
-    so the next save extends it).
+    so the next save extends it). With `decode_layout`, the wide linear weights are re-stored transposed, which
+    decodes faster on CPU (`hybridize.modeling.layout`); `hybridize.save` still writes the standard layout, but
+    transformers' own `save_pretrained` refuses such a model.
 
     Example:
         ```python
         >>> model, tokenizer = hybridize.load("out/smol-mamba50")
         ```
     """
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model, tokenizer = load_source(spec, dtype=dtype, trust_remote_code=trust_remote_code)
     location = Path(model.name_or_path)
     model.hybridize_steps = read_manifest(location)["steps"] if location.is_dir() else []
+    if decode_layout:
+        from .modeling.layout import transpose_weights_
+
+        transpose_weights_(model)
     return model, tokenizer
 
 
