@@ -377,6 +377,11 @@ def bench(
     ] = BenchConfig.baseline_static,
     plot: Annotated[Path | None, typer.Option(help="Also draw the results to this PNG file.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+    dtype: DType = WeightsDType.float32,
+    decode_layout: Annotated[
+        bool,
+        typer.Option(help="Store MODEL's wide weights transposed for the CPU's GEMV (the baseline runs as loaded)."),
+    ] = True,
 ):
     """Prefill tokens/s, decode ms/token against the memory floor, cache bytes and peak RSS per context length and
     batch size, side by side with a baseline run on transformers' default and static caches."""
@@ -394,7 +399,7 @@ def bench(
 
     for spec in [model, baseline] if baseline else [model]:
         check_bench(load_config(spec), config)
-    loaded, tokenizer = load_causal_lm(model)
+    loaded, tokenizer = load_causal_lm(model, dtype=dtype.value, decode_layout=decode_layout)
     reference = load_causal_lm(baseline)[0] if baseline else None
     result = hybridize.bench(loaded, tokenizer, config, baseline=reference, progress=True)
     typer.echo(format_bench(result))

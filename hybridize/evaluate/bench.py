@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, S
 from ..configs.evaluate import BenchConfig
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..modeling import HybridForCausalLM
+from ..modeling.layout import is_transposed, transpose_weights_
 from ..sources import load, resolve
 from .corpus import load_corpus, token_blocks
 
@@ -63,9 +64,16 @@ def check_bench(model_config: Any, config: BenchConfig) -> None:
         )
 
 
-def load_causal_lm(spec: str, *, trust_remote_code: bool = False) -> tuple[PreTrainedModel, Any]:
+def load_causal_lm(
+    spec: str,
+    *,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | str = torch.float32,
+    decode_layout: bool = False,
+) -> tuple[PreTrainedModel, Any]:
     """`hybridize.load`, but also for a causal LM that hybridize cannot convert and can still run: bench measures
     any model `AutoModelForCausalLM` loads, such as the native GraniteMoeHybrid that `hybridize export` writes.
+    `dtype` and `decode_layout` as in `hybridize.load`.
 
     Raises:
         `CheckpointError`: see `hybridize.load`; also an unconvertible `.gguf` file (only the families hybridize
@@ -74,18 +82,21 @@ def load_causal_lm(spec: str, *, trust_remote_code: bool = False) -> tuple[PreTr
     Example: `native, tokenizer = load_causal_lm("out/smol-mamba50-granite")`
     """
     try:
-        return load(spec, trust_remote_code=trust_remote_code)
+        return load(spec, trust_remote_code=trust_remote_code, dtype=dtype, decode_layout=decode_layout)
     except UnsupportedModelError as unsupported:
         source = resolve(spec)
         if source.is_gguf:
             raise CheckpointError(f"{unsupported}; bench reads .gguf files of those families only") from unsupported
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
             model = AutoModelForCausalLM.from_pretrained(
-                source.location, dtype=torch.float32, trust_remote_code=trust_remote_code
+                source.location, dtype=dtype, trust_remote_code=trust_remote_code
             )
         except (OSError, ValueError) as error:
             raise CheckpointError(f"cannot load {spec} as a causal LM: {error}") from error
+        if decode_layout:
+            transpose_weights_(model)
         return model.eval(), tokenizer
 
 
@@ -344,7 +355,15 @@ def bench(
             row["ratios"] = _ratios(row)
         rows.append(row)
     bar.close()
-    described = {name: {"class": type(m).__name__, "weight_bytes": weights[name]} for name, m in models.items()}
+    described = {
+        name: {
+            "class": type(m).__name__,
+            "dtype": str(m.dtype).removeprefix("torch."),
+            "decode_layout": any(is_transposed(p) for p in m.parameters()),
+            "weight_bytes": weights[name],
+        }
+        for name, m in models.items()
+    }
     return {"config": vars(config), "rows": rows, "models": described, "machine": machine}
 
 
