@@ -189,10 +189,38 @@ def causal_mask(length: int, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)[None, None]
 
 
-def source_attention(src_layer: nn.Module, x: torch.Tensor, position_embeddings, mask: torch.Tensor) -> torch.Tensor:
-    """A source decoder layer's attention output on its normed input x (b, l, hidden), under `causal_mask`."""
-    out = src_layer.self_attn(hidden_states=x, position_embeddings=position_embeddings, attention_mask=mask)
-    return out[0] if isinstance(out, tuple) else out
+def source_attention(
+    src_layer: nn.Module, x: torch.Tensor, position_embeddings, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A source decoder layer's attention output on its normed input x (b, l, hidden), under `causal_mask`, and its
+    per-head outputs before `o_proj` (b, l, heads · head_dim)."""
+    heads = []
+    hook = src_layer.self_attn.o_proj.register_forward_pre_hook(lambda module, args: heads.append(args[0]))
+    try:
+        out = src_layer.self_attn(hidden_states=x, position_embeddings=position_embeddings, attention_mask=mask)
+    finally:
+        hook.remove()
+    return (out[0] if isinstance(out, tuple) else out), heads[0]
+
+
+def calibrate_mixer(
+    mixer: nn.Module,
+    inputs: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    head_outputs: list[torch.Tensor],
+    position_embeddings,
+    heldout: Sequence[bool],
+) -> dict:
+    """Fit what a mixer fits on calibration text before its readout (Mamba2: the gate and each head's decay,
+    `convert.mamba2.fit_gate` and `fit_decay`), then its readout (`fit_readout`); returns the report."""
+    from ..modeling import Mamba2Mixer
+    from .mamba2 import fit_decay, fit_gate
+
+    report = {}
+    if isinstance(mixer, Mamba2Mixer):
+        report.update(fit_gate(mixer, inputs))
+        report.update(fit_decay(mixer, inputs, head_outputs, position_embeddings))
+    return {**report, **fit_readout(mixer, inputs, targets, position_embeddings, heldout)}
 
 
 @torch.no_grad()
@@ -222,8 +250,9 @@ def calibrate_readouts(
                 break
             if i in todo:
                 x = [layer.input_layernorm(hs) for hs in h]
-                targets = [source_attention(source.model.layers[i], xs, pe, mask).to(dtype) for xs in x]
-                reports[i] = fit_readout(layer.mixer, x, targets, pe, heldout)
+                targets, heads = zip(*(source_attention(source.model.layers[i], xs, pe, mask) for xs in x))
+                targets = [t.to(dtype) for t in targets]
+                reports[i] = calibrate_mixer(layer.mixer, x, targets, [t.to(dtype) for t in heads], pe, heldout)
                 logger.info("layer %d readout: %s", i, reports[i])
                 todo.discard(i)
                 bar.update()
@@ -238,6 +267,7 @@ def calibrate_readouts(
 __all__ = [
     "RIDGE_GRID",
     "NormalEquations",
+    "calibrate_mixer",
     "calibrate_readouts",
     "causal_mask",
     "choose_readout",

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..distill.losses import token_kl
 from ..fingerprint import blocks_fingerprint, weights_fingerprint
 from ..sources import cache_root
-from .calibrated import causal_mask, fit_readout, heldout_blocks, source_attention, zero_readout
+from .calibrated import calibrate_mixer, causal_mask, heldout_blocks, source_attention, zero_readout
 
 if TYPE_CHECKING:
     from . import ConvertConfig
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 SCORE_BLOCKS = 2  # calibration blocks the KL is measured on (the readout is fitted on all of them)
 SCORE_STRIDE = 4  # the KL is read at every 4th position of them (all positions still run through every layer)
+INIT_VERSION = 2  # raised when a calibrated initialisation changes, so that older cached scores are not reused
 
 
 def _logits(hidden: torch.Tensor, model: nn.Module) -> torch.Tensor:
@@ -57,6 +58,7 @@ def cache_key(source: nn.Module, config: ConvertConfig, blocks: torch.Tensor) ->
         "mixer": config.mixer,
         "mixer_settings": config.mixer_settings,
         "mixer_init": config.mixer_init,
+        "init_version": INIT_VERSION,
         "conv_init": config.conv_init,
         "seed": config.seed,
         "score_blocks": SCORE_BLOCKS,
@@ -127,8 +129,8 @@ def measure_sensitivity(
             mixer = INITIALIZERS[config.mixer](src.self_attn, hybrid_config, i, config, generator).to(device).eval()
             x = [src.input_layernorm(hs) for hs in h]
             if config.mixer_init == "calibrated":
-                targets = [source_attention(src, xs, pe, mask) for xs in x]
-                fit_readout(mixer, x, targets, pe, heldout)
+                targets, heads = zip(*(source_attention(src, xs, pe, mask) for xs in x))
+                calibrate_mixer(mixer, x, list(targets), list(heads), pe, heldout)
             elif config.mixer_init == "zero":
                 zero_readout(mixer)
             kl = 0.0

@@ -232,7 +232,9 @@ def test_calibrate_readouts_changes_only_the_readouts_and_restores_the_mode(cali
     assert hybrid.training and not source.training
     assert all(torch.equal(v, before[k]) for k, v in source.state_dict().items())
     changed = {k for k, v in hybrid.state_dict().items() if not torch.equal(v, mapped[k])}
-    assert changed == {"model.layers.0.mixer.out_proj.weight", "model.layers.2.mixer.out_proj.weight"}
+    # the readouts, and Mamba2's gate and dt rows of in_proj and its decays (`convert.mamba2.fit_gate`, `fit_decay`)
+    fitted = ("out_proj.weight", "in_proj.weight", "A_log", "dt_bias")
+    assert changed == {f"model.layers.{i}.mixer.{name}" for i in (0, 2) for name in fitted}
 
 
 def test_calibration_is_causal_under_eager_attention(calibration_text):
