@@ -11,12 +11,12 @@ exactly like the same sequence unpadded.
 
 `streaming_attention_ref` (an explicit lq x lk mask: the definition) and `streaming_attention_chunked` (blocks of
 queries, each attending to the sink keys plus the band of keys its window can reach: never an lq x lk mask) compute
-one function and are tested equal. Decoding needs no separate step: one query is a block of one. `lazy_ratio` is
-LightTransfer's per-layer laziness, from log-sum-exps over key blocks.
+one function and are tested equal; `StreamingMixer._step` computes it for one decode token, with the cache written in
+place. `lazy_ratio` is LightTransfer's per-layer laziness, from log-sum-exps over key blocks.
 
 `StreamingCacheLayer` keeps the sinks and the last `window` tokens of each sequence (at most; it drops the oldest
-when the next token arrives, so that a decode step copies the cache once), so its memory stops growing with the
-context.
+when the next token arrives), so its memory stops growing with the context. A decode step writes its token into
+buffers in place (`StreamingDecodeBuffers`) rather than copying the cache.
 
 LightTransfer-Test (`dynamic_full_layers = P`): every streaming layer prefills with full attention and keeps its
 full cache while a priority queue holds the P least lazy layers seen so far; when a layer's push makes the queue
@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicSlidingWindowLayer
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 from .attention import AttentionMixer
 from .configuration import HybridConfig, mixer_settings
@@ -226,6 +226,42 @@ def lazy_ratio(query, key, q_idx, k_idx, *, sinks, window, scaling, block_size=1
     return ratio.sum((1, 2)) / real.sum((1, 2)).clamp(min=1)
 
 
+@dataclass(kw_only=True)
+class StreamingDecodeBuffers:
+    """Where the decode path keeps a streaming layer's entries: positions [start, start + length) of buffers written
+    in place, of which the layer's `keys`, `values` and `token_indices` are views, so they stay right-aligned and in
+    order for every other reader. A decode step writes its token's entry; once the cache is full it also moves the
+    window's start up by one and rewrites the sinks in front of it, instead of concatenating (copying) the whole
+    cache. When the buffers run out of room, the entries move to the front of new ones (once every `slack` steps).
+
+    Args:
+        keys (`torch.Tensor`), values (`torch.Tensor`): (b, g, capacity, d).
+        indices (`torch.Tensor`): (b, capacity) token indices.
+        start (`int`), length (`int`): the entries in use.
+        padded (`bool`): whether some entries are padding; decode steps bring real tokens only, so it never turns on.
+        sinks (`tuple`, *optional*): copies of the sink entries (keys, values, indices), taken at the first slide.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    indices: torch.Tensor
+    start: int
+    length: int
+    padded: bool
+    sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def reallocate(self, capacity: int) -> None:
+        """Move the entries to the front of new buffers of `capacity` positions."""
+        part = slice(self.start, self.start + self.length)
+        keys = self.keys.new_empty(*self.keys.shape[:2], capacity, self.keys.shape[-1])
+        values = self.values.new_empty(*self.values.shape[:2], capacity, self.values.shape[-1])
+        indices = self.indices.new_empty(self.indices.shape[0], capacity)
+        keys[:, :, : self.length].copy_(self.keys[:, :, part])
+        values[:, :, : self.length].copy_(self.values[:, :, part])
+        indices[:, : self.length].copy_(self.indices[:, part])
+        self.keys, self.values, self.indices, self.start = keys, values, indices, 0
+
+
 class StreamingCacheLayer(DynamicSlidingWindowLayer):
     """The KV cache of a streaming layer: per sequence, the sink tokens and at most the last `window` tokens (the
     oldest of them is dropped when the next token arrives, since its query cannot see it), so at most
@@ -234,9 +270,14 @@ class StreamingCacheLayer(DynamicSlidingWindowLayer):
 
     With `bounded=False` it keeps everything, like a `DynamicLayer`: a dynamic layer until LightTransfer-Test pops it
     as lazy (`truncate`), and for good when it stays among the full layers.
+
+    `update` builds new tensors (nothing it returned or a checkpoint holds is ever written). The decode path uses
+    `decode_update` instead, which writes into `buffers` (`StreamingDecodeBuffers`) in place; any other change drops
+    the buffers, and the next decode step copies the entries into new ones.
     """
 
     is_croppable = False  # evicted tokens cannot be restored
+    min_slack = 64  # decode buffers: the fewest positions, and the least room beyond sinks + window
 
     def __init__(self, sinks: int, window: int, *, bounded: bool = True):
         super().__init__(sliding_window=sinks + window)
@@ -248,6 +289,7 @@ class StreamingCacheLayer(DynamicSlidingWindowLayer):
         self.num_tokens: torch.Tensor | None = None  # (b,) real tokens seen
         self.lazy_ratio: float | None = None  # dynamic mode: measured at prefill
         self.pending = False  # dynamic mode: full, and in the priority queue
+        self.buffers: StreamingDecodeBuffers | None = None  # the decode path's in-place storage
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -266,10 +308,12 @@ class StreamingCacheLayer(DynamicSlidingWindowLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Drop what the new queries cannot see, append the new keys and values (with their token indices; default:
         no padding) and return the cached ones followed by the new ones, as this step's attention needs them
-        (`update_indices` holds their token indices). A decode step thus copies the cache once, as a full KV cache
-        does; only a chunk that leaves more than sinks + window entries is evicted again right away."""
+        (`update_indices` holds their token indices). A one-token call thus copies the cache once, as a full KV cache
+        does (the decode path's `decode_update` does not); only a chunk that leaves more than sinks + window entries is
+        evicted again right away."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.buffers = None  # the entries below are new tensors
         length = key_states.shape[-2]
         if token_indices is None:
             token_indices = self.num_tokens[:, None] + torch.arange(length, device=self.device)
@@ -303,6 +347,7 @@ class StreamingCacheLayer(DynamicSlidingWindowLayer):
         keep = (idx >= 0) & ((idx < self.sinks) | (idx > (self.num_tokens - self.window)[:, None]))
         if bool(keep.all()):
             return
+        self.buffers = None
         count = int(keep.sum(1).max())
         order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, idx.shape[1] - count :]  # kept last
         self.keys, self.values = _gather_keys(self.keys, order), _gather_keys(self.values, order)
@@ -337,8 +382,79 @@ class StreamingCacheLayer(DynamicSlidingWindowLayer):
     def truncate(self) -> None:
         """Bound this layer from now on (LightTransfer-Test pops it as lazy), dropping what the window left behind."""
         self.bounded, self.pending = True, False
+        self.buffers = None  # sized for an unbounded layer
         if self.is_initialized:
             self._evict()
+
+    def can_decode(self) -> bool:
+        """Whether `decode_update` can take the next token: while the cache is not full, appending evicts nothing (a
+        sequence holding an entry the next token cannot see holds sinks + window entries); once full, without padding,
+        every sequence evicts the same entry, the oldest of its window."""
+        length, full = self.keys.shape[-2], self.sinks + self.window
+        if not self.bounded or length < full:
+            return True
+        padded = self.buffers.padded if self.buffers is not None else bool((self.token_indices < 0).any())
+        return length == full and not padded
+
+    def decode_update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`update` with one real token per sequence, key_states and value_states (b, g, 1, d), where `can_decode()`,
+        written in place. Returns the keys and values the token attends to (b, g, n, d), as `update` does, and which
+        of them are real tokens (b, n), or None when all are."""
+        buf = self.buffers if self.buffers is not None else self._new_buffers()
+        full, capacity = self.sinks + self.window, buf.keys.shape[-2]
+        if self.bounded and buf.length == full:
+            # Full: the window's oldest token leaves; the sinks move up by one over it, the new token goes last
+            if buf.start + full == capacity:
+                buf.reallocate(full + self._slack())
+            if self.sinks:
+                if buf.sinks is None:  # no padding: every sequence's sinks are its first entries, for good
+                    part = slice(buf.start, buf.start + self.sinks)
+                    buf.sinks = (
+                        buf.keys[:, :, part].clone(),
+                        buf.values[:, :, part].clone(),
+                        buf.indices[:, part].clone(),
+                    )
+                part = slice(buf.start + 1, buf.start + 1 + self.sinks)
+                buf.keys[:, :, part].copy_(buf.sinks[0])
+                buf.values[:, :, part].copy_(buf.sinks[1])
+                buf.indices[:, part].copy_(buf.sinks[2])
+            buf.start += 1
+        else:
+            # Not full: append
+            if buf.start + buf.length == capacity:
+                grown = max(2 * capacity, self.min_slack)
+                buf.reallocate(min(grown, full + self._slack()) if self.bounded else grown)
+            buf.length += 1
+        end = buf.start + buf.length - 1
+        buf.keys[:, :, end].copy_(key_states[:, :, 0])
+        buf.values[:, :, end].copy_(value_states[:, :, 0])
+        buf.indices[:, end].copy_(self.num_tokens)
+        self.num_tokens = self.num_tokens + 1
+        self.cumulative_length += 1
+        part = slice(buf.start, buf.start + buf.length)
+        self.keys, self.values = buf.keys[:, :, part], buf.values[:, :, part]
+        self.token_indices = self.update_indices = buf.indices[:, part]
+        return self.keys, self.values, (self.token_indices >= 0) if buf.padded else None
+
+    def _slack(self) -> int:
+        """Room beyond sinks + window in the buffers of a bounded layer: a full cache is moved once every that many
+        steps, for a quarter more memory."""
+        return max((self.sinks + self.window) // 4, self.min_slack)
+
+    def _new_buffers(self) -> StreamingDecodeBuffers:
+        """Copy the entries into decode buffers (after a prefill or any other change)."""
+        length = self.keys.shape[-2]
+        capacity = max(2 * length, self.min_slack)
+        if self.bounded:
+            capacity = min(capacity, self.sinks + self.window + self._slack())
+        self.buffers = StreamingDecodeBuffers(
+            keys=self.keys, values=self.values, indices=self.token_indices, start=0, length=length,
+            padded=bool((self.token_indices < 0).any()),
+        )  # fmt: skip
+        self.buffers.reallocate(capacity)
+        return self.buffers
 
     def get_max_length(self) -> int:
         return self.sinks + self.window if self.bounded else -1
@@ -349,10 +465,12 @@ class StreamingCacheLayer(DynamicSlidingWindowLayer):
     def reset(self) -> None:
         super().reset()
         self.token_indices = self.update_indices = self.num_tokens = self.lazy_ratio = None
+        self.buffers = None
         self.bounded, self.pending = self.bounded_at_start, False
 
     def _select_batch(self, index: torch.Tensor) -> None:
         if self.is_initialized:
+            self.buffers = None
             index = index.to(self.device)
             self.keys, self.values = self.keys[index], self.values[index]
             self.token_indices, self.num_tokens = self.token_indices[index], self.num_tokens[index]
@@ -384,6 +502,45 @@ class StreamingMixer(AttentionMixer):
         s = StreamingMixerConfig.from_hybrid_config(config)
         return StreamingCacheLayer(s.sinks, s.window, bounded=s.dynamic_full_layers is None)
 
+    def _can_step(self, hidden_states, attention_mask, cache) -> bool:
+        """Whether `_step` applies: one real token per sequence after a prefill, in eval, with nothing recording
+        (autograd, speculative verification, transformers' past recording) and a cache state `can_decode` takes."""
+        if cache is None or hidden_states.shape[1] != 1 or self.settings.impl == "ref" or self.training:
+            return False
+        if torch.is_grad_enabled() and hidden_states.requires_grad:  # autograd must not see buffers written in place
+            return False
+        layer = cache.layers[self.layer_idx]
+        if layer.get_seq_length() == 0 or layer.checkpoint is not None or layer.record_past:
+            return False
+        if layer.keys.dtype != hidden_states.dtype:
+            return False
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):  # a padding query
+            return False
+        return layer.can_decode()
+
+    def _step(self, hidden_states, position_embeddings, layer: StreamingCacheLayer) -> torch.Tensor:
+        """One decode token (b, 1, hidden) -> (b, 1, hidden): the same function as the generic path with l = 1, doing
+        only what one token needs. Its key and value are written in place into the cache's buffers
+        (`decode_update`), which hold only what the token can see, so one SDPA call over them needs a mask only
+        while some sequence holds padding."""
+        batch = hidden_states.shape[0]
+        x = hidden_states[:, 0]  # (b, hidden)
+        # (b, heads, 1, head_dim): with one token, no transpose
+        query = self.q_proj(x).view(batch, -1, 1, self.head_dim)
+        key = self.k_proj(x).view(batch, -1, 1, self.head_dim)
+        value = self.v_proj(x).view(batch, -1, 1, self.head_dim)
+        # RoPE of the query and key in one go, with the formula of `apply_rotary_pos_emb`
+        cos, sin = (t[:, None] for t in position_embeddings)  # (b, 1, 1, d)
+        qk = torch.cat([query, key], 1)
+        qk = qk * cos + rotate_half(qk) * sin
+        query, key = qk[:, : query.shape[1]], qk[:, query.shape[1] :]
+        key, value, real = layer.decode_update(key, value)
+        # GQA: the query heads of a KV head are its queries, so each key is read once, not once per query head
+        query = query.view(batch, key.shape[1], -1, self.head_dim)  # (b, g, h / g, d)
+        mask = None if real is None else real[:, None, None, :]
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scaling)
+        return self.o_proj(out.reshape(batch, -1))[:, None]
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -393,6 +550,8 @@ class StreamingMixer(AttentionMixer):
         cache=None,
         **kwargs,
     ) -> torch.Tensor:
+        if self._can_step(hidden_states, attention_mask, cache):
+            return self._step(hidden_states, position_embeddings, cache.layers[self.layer_idx])
         s = self.settings
         batch, length = hidden_states.shape[:2]
         hidden_shape = (batch, length, -1, self.head_dim)
@@ -461,6 +620,7 @@ class StreamingMixer(AttentionMixer):
 
 __all__ = [
     "StreamingCacheLayer",
+    "StreamingDecodeBuffers",
     "StreamingMixer",
     "StreamingMixerConfig",
     "keys_contiguous",
