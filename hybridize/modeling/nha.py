@@ -26,9 +26,10 @@ default on) leaves them out of the softmax until the first real token has been a
 Shapes: b batch, h query heads, n KV heads (h = n · G, query head i reads KV head i // G as in `repeat_kv`), l new
 tokens, K = V = head_dim, M slots, P window tokens carried in the state. Tensors are heads-first, (b, h, l, K), as in
 transformers' attention. `nha_ref` (token by token: `nha_step` over the sequence, the definition), `nha_chunked`
-(prefill and training) and `nha_step` (one decode token) compute one function and are tested equal. `NHACacheLayer`
-holds the state between calls: the slots and the last w - 1 tokens' (raw k, RoPE'd k, v, g), a constant size once past
-the window. Keys are cached after RoPE, at their own positions, so decode equals the full forward.
+(prefill and training) and `nha_step` (one decode token) compute one function and are tested equal; `NHAMixer._step`
+is `nha_step` with the state written in place. `NHACacheLayer` holds the state between calls: the slots and the last
+w - 1 tokens' (raw k, RoPE'd k, v, g), a constant size once past the window. Keys are cached after RoPE, at their own
+positions, so decode equals the full forward.
 """
 
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import LinearAttentionAndSlidingWindowAttentionLayer
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 from .attention import add_attention_projections
 from .configuration import HybridConfig, mixer_settings
@@ -144,6 +145,14 @@ def _absorb_token(hk, hv, num_absorbed, k, v, g, mask):
     hk = hk * alpha[:, :, None, :] + k[..., None] * s[:, :, None, :]
     hv = hv * alpha[..., None] + s[..., None] * v[:, :, None, :]
     return hk, hv, num_absorbed + mask.long()
+
+
+def _absorb_token_(hk, hv, num_absorbed, k, v, g, mask) -> None:
+    """`_absorb_token` in place, with the same operations (so the same rounding)."""
+    alpha, s = torch.exp(g), -torch.expm1(g)
+    hk.mul_(alpha[:, :, None, :]).add_(k[..., None] * s[:, :, None, :])
+    hv.mul_(alpha[..., None]).add_(s[..., None] * v[:, :, None, :])
+    num_absorbed.add_(mask)
 
 
 def _joint_softmax(slot_logits, window_logits, slot_visible, window_visible):
@@ -326,6 +335,86 @@ def nha_chunked(
     return o, new_state
 
 
+@dataclass(kw_only=True)
+class NHADecodeBuffers:
+    """Where the decode path keeps an NHA layer's state, written in place (`NHAMixer._step`): the slots, and the window
+    at positions [start, start + length) of buffers with room to grow. The layer's window tensors are views of them,
+    oldest first as in `NHAState`, and its slots and counts are these very tensors. A decode step writes its token
+    after the window, attends to the window through a view, then absorbs the oldest token into the slots and moves
+    `start` up by one; when the buffers run out of room, the window moves to the front of new ones (once every
+    `capacity - window` steps) instead of being concatenated at every step.
+
+    Args:
+        hk (`torch.Tensor`), hv (`torch.Tensor`), num_absorbed (`torch.Tensor`): the slots and counts, as in `NHAState`.
+        raw_keys (`torch.Tensor`), keys (`torch.Tensor`): (b, n, capacity, K), the keys without and with RoPE.
+        values (`torch.Tensor`): (b, n, capacity, V). gates (`torch.Tensor`): (b, n, capacity, M).
+        mask (`torch.Tensor`): (b, capacity), True at real tokens.
+        start (`int`), length (`int`): the window in use.
+        padded_until (`int`): one past the newest position (counted as `cumulative_length`) that may be padding.
+        all_absorbed (`bool`): every sequence has absorbed a real token (no slot is masked as empty any more).
+    """
+
+    hk: torch.Tensor
+    hv: torch.Tensor
+    num_absorbed: torch.Tensor
+    raw_keys: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    gates: torch.Tensor
+    mask: torch.Tensor
+    start: int
+    length: int
+    padded_until: int
+    all_absorbed: bool
+
+    def window(self) -> tuple[torch.Tensor, ...]:
+        """Views of the window: raw keys, keys, values, gates and mask."""
+        part = slice(self.start, self.start + self.length)
+        return tuple(t[:, :, part] for t in (self.raw_keys, self.keys, self.values, self.gates)) + (
+            self.mask[:, part],
+        )
+
+    def reallocate(self, capacity: int) -> None:
+        """Move the window to the front of new buffers of `capacity` positions."""
+        part = slice(self.start, self.start + self.length)
+        for name in ("raw_keys", "keys", "values", "gates"):
+            old = getattr(self, name)
+            new = old.new_empty(*old.shape[:2], capacity, old.shape[-1])
+            new[:, :, : self.length].copy_(old[:, :, part])
+            setattr(self, name, new)
+        mask = self.mask.new_empty(self.mask.shape[0], capacity)
+        mask[:, : self.length].copy_(self.mask[:, part])
+        self.mask, self.start = mask, 0
+
+    def push(self, k, k_rot, v, g, mask) -> None:
+        """Write one token after the window: k and k_rot (b, n, K), v (b, n, V), g (b, n, M) (0 at padding), mask (b,)
+        or None (real)."""
+        end = self.start + self.length
+        if end == self.keys.shape[2]:
+            self.reallocate(self.keys.shape[2])
+            end = self.length
+        self.raw_keys[:, :, end].copy_(k)
+        self.keys[:, :, end].copy_(k_rot)
+        self.values[:, :, end].copy_(v)
+        self.gates[:, :, end].copy_(g)
+        if mask is None:
+            self.mask[:, end] = True
+        else:
+            self.mask[:, end].copy_(mask)
+        self.length += 1
+
+    def pop_(self) -> None:
+        """Absorb the oldest window token into the slots, in place, and drop it from the window."""
+        i = self.start
+        _absorb_token_(
+            self.hk, self.hv, self.num_absorbed, self.raw_keys[:, :, i], self.values[:, :, i], self.gates[:, :, i],
+            self.mask[:, i],
+        )  # fmt: skip
+        self.start, self.length = i + 1, self.length - 1
+        if not self.all_absorbed:  # only until every sequence has absorbed a real token
+            self.all_absorbed = bool((self.num_absorbed > 0).all())
+
+
 class NHACacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
     """The cache of one NHA layer: transformers' "linear state + sliding window" layer, with NHA's contents.
 
@@ -335,7 +424,13 @@ class NHACacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
     token seen, as for transformers' sliding layers. It reports itself as non-sliding with full-length mask sizes:
     the window is applied inside the mixer, and transformers picks the mask sizes of other layers from the first
     non-sliding cache layer, which must then give the plain causal sizes.
+
+    `set_state` (the generic path) keeps new tensors and never writes them. The decode path writes its state in place
+    into `buffers` (`NHADecodeBuffers`, made by `decode_buffers` from the current state), of which the attributes
+    above are views; any other change drops the buffers.
     """
+
+    min_slack = 64  # room beyond the window in decode buffers: the window moves once every that many steps
 
     is_sliding = False
     is_compileable = False
@@ -345,6 +440,7 @@ class NHACacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
         super().__init__(sliding_window=window, number_of_states=2)
         self.raw_keys = self.gates = self.window_mask = self.num_absorbed = None
         self.checkpoint: tuple | None = None  # speculative decoding: the state at begin_verify
+        self.buffers: NHADecodeBuffers | None = None  # the decode path's in-place storage
 
     @property
     def max_rollback(self) -> int:
@@ -389,7 +485,10 @@ class NHACacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
         )  # fmt: skip
 
     def set_state(self, state: NHAState, num_new_tokens: int) -> None:
-        """Keep `state` after a call that brought `num_new_tokens` tokens (padding included)."""
+        """Keep `state` after a call that brought `num_new_tokens` tokens (padding included). A tensor that views a much
+        larger one (the window after a prefill is the tail of all its tokens) is copied, so the rest can be freed."""
+        self.buffers = None
+        state = NHAState(*(t.clone() if t.untyped_storage().nbytes() > 2 * t.nbytes else t for t in state))
         self.recurrent_states[0], self.recurrent_states[1], self.num_absorbed = state.hk, state.hv, state.num_absorbed
         self.raw_keys, self.keys, self.values = state.keys, state.keys_rot, state.values
         self.gates, self.window_mask = state.gates, state.mask
@@ -397,6 +496,38 @@ class NHACacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
         self.has_previous_state[0] = self.has_previous_state[1] = True
         self.device = state.hk.device
         self.cumulative_length += num_new_tokens
+
+    def decode_buffers(self) -> NHADecodeBuffers:
+        """The decode buffers, made from the current state (copied) at the first decode step after any other change."""
+        if self.buffers is None:
+            state = self.get_state()
+            length = state.keys.shape[2]
+            capacity = self.sliding_window + max(self.sliding_window // 4, self.min_slack)
+
+            def buffer(t: torch.Tensor) -> torch.Tensor:  # (b, n, length, ·) -> (b, n, capacity, ·)
+                new = t.new_empty(*t.shape[:2], capacity, t.shape[-1])
+                new[:, :, :length].copy_(t)
+                return new
+
+            mask = state.mask.new_zeros(state.mask.shape[0], capacity)
+            mask[:, :length] = state.mask
+            padding = (~state.mask).any(0).nonzero()  # window positions that are padding in some sequence
+            own = lambda t: t.clone(memory_format=torch.contiguous_format)
+            self.buffers = NHADecodeBuffers(
+                hk=own(state.hk), hv=own(state.hv), num_absorbed=own(state.num_absorbed), raw_keys=buffer(state.keys),
+                keys=buffer(state.keys_rot), values=buffer(state.values), gates=buffer(state.gates),
+                mask=mask, start=0, length=length,
+                padded_until=self.cumulative_length - length + int(padding[-1]) + 1 if len(padding) else 0,
+                all_absorbed=bool((state.num_absorbed > 0).all()),
+            )  # fmt: skip
+            self.publish()
+        return self.buffers
+
+    def publish(self) -> None:
+        """Point the layer's state at the decode buffers, after a decode step changed them."""
+        buf = self.buffers
+        self.recurrent_states[0], self.recurrent_states[1], self.num_absorbed = buf.hk, buf.hv, buf.num_absorbed
+        self.raw_keys, self.keys, self.values, self.gates, self.window_mask = buf.window()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cumulative_length + query_length, 0
@@ -410,12 +541,14 @@ class NHACacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
     def _map(self, fn) -> None:
         if self.num_absorbed is None:
             return
+        self.buffers = None
         for name in self._tensor_names():
             setattr(self, name, fn(getattr(self, name)))
         for i in (0, 1):
             self.recurrent_states[i] = fn(self.recurrent_states[i])
 
     def reset(self) -> None:
+        self.buffers = None
         self.recurrent_states = dict.fromkeys(range(2))
         self.is_recurrent_states_initialized = dict.fromkeys(range(2), False)
         self.has_previous_state = dict.fromkeys(range(2), False)
@@ -461,6 +594,72 @@ class NHAMixer(nn.Module):
     def new_cache_layer(config: HybridConfig, layer_idx: int) -> NHACacheLayer:
         return NHACacheLayer(NHAMixerConfig.from_hybrid_config(config).window)
 
+    def _can_step(self, hidden_states, cache) -> bool:
+        """Whether `_step` applies: one token after a prefill, with the slots in the dtype it computes in, and nothing
+        recording (autograd, speculative verification, transformers' past recording)."""
+        if cache is None or hidden_states.shape[1] != 1 or self.settings.impl == "ref":
+            return False
+        if torch.is_grad_enabled() and hidden_states.requires_grad:  # autograd must not see buffers written in place
+            return False
+        layer = cache.layers[self.layer_idx]
+        if layer.num_absorbed is None or layer.checkpoint is not None or layer.record_past:
+            return False
+        return layer.recurrent_states[0].dtype == torch.promote_types(hidden_states.dtype, torch.float32)
+
+    def _step(self, hidden_states, position_embeddings, attention_mask, layer: NHACacheLayer) -> torch.Tensor:
+        """One decode token (b, 1, hidden) -> (b, 1, hidden): `nha_step` doing only what one token needs. The token is
+        written after the window in the cache's buffers and the oldest one absorbed into the slots in place
+        (`NHADecodeBuffers`), query heads are grouped by KV head (no repeat), and the softmax is masked only while
+        something may be hidden: empty slots until every sequence has absorbed a real token (then exactly as
+        `nha_step` does), padding while it may be in the window."""
+        s = self.settings
+        b, n, K = hidden_states.shape[0], self.num_kv_heads, self.head_dim
+        buf = layer.decode_buffers()
+        dtype = buf.hk.dtype  # float32 at least, as in the generic path
+        x = hidden_states[:, 0]  # (b, hidden)
+        # (b, heads, 1, head_dim): with one token, no transpose
+        q = self.q_proj(x).view(b, -1, 1, K)
+        k = self.k_proj(x).view(b, n, 1, K)
+        v = self.v_proj(x).view(b, n, K).to(dtype)
+        f = self.g_proj(x).view(b, n, s.slots)
+        # RoPE (window path) of q and k in one go, with the formula of `apply_rotary_pos_emb`
+        cos, sin = (t[:, None] for t in position_embeddings)  # (b, 1, 1, K)
+        qk = torch.cat([q, k], 1)
+        qk_rot = qk * cos + rotate_half(qk) * sin
+        h = q.shape[1]
+        q, k, q_rot, k_rot = (t.to(dtype) for t in (q, k, qk_rot[:, :h], qk_rot[:, h:]))
+        g = F.logsigmoid(f.to(dtype)) / s.gate_normalizer  # (b, n, M)
+        position, mask = layer.cumulative_length, None
+        if attention_mask is not None:
+            mask = attention_mask[:, -1].bool()
+            g = g * mask[:, None, None].to(dtype)  # padding: α = 1, s = 0
+            buf.padded_until = position + 1
+
+        # 1. The token joins the window; with w = 0 it goes straight into the slots
+        buf.push(k[:, :, 0], k_rot[:, :, 0], v, g, mask)
+        if s.window == 0:
+            buf.pop_()
+        _, keys, values, _, window_mask = buf.window()
+        # 2. One softmax over the slots (raw q) and the window (RoPE'd q), heads grouped by KV head: (b, n, G, M + P)
+        logits = torch.cat([q.view(b, n, -1, K) @ buf.hk, q_rot.view(b, n, -1, K) @ keys.transpose(-1, -2)], -1)
+        logits = logits * self.scaling
+        if s.mask_empty_slots and not buf.all_absorbed:  # until every sequence has absorbed a token: as `nha_step`
+            slot_visible = (buf.num_absorbed > 0)[:, None, None, None]
+            p_slot, p_window = _joint_softmax(
+                *logits.split([s.slots, keys.shape[2]], -1), slot_visible, window_mask[:, None, None]
+            )
+        else:  # every slot visible, so a hidden logit gets weight exactly 0 without zeroing it
+            if buf.padded_until > position - buf.length + 1:  # padding may be in the window
+                logits[..., s.slots :].masked_fill_(~window_mask[:, None, None], torch.finfo(dtype).min)
+            p_slot, p_window = torch.softmax(logits, -1).split([s.slots, keys.shape[2]], -1)
+        o = p_slot @ buf.hv + p_window @ values  # (b, n, G, V)
+        # 3. Keep w - 1 tokens: the oldest leaves the window and enters the slots
+        if s.window > 0 and buf.length > s.window - 1:
+            buf.pop_()
+        layer.cumulative_length += 1
+        layer.publish()
+        return self.o_proj(o.view(b, -1).to(hidden_states.dtype))[:, None]
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -471,6 +670,8 @@ class NHAMixer(nn.Module):
         **kwargs,
     ) -> torch.Tensor:
         """hidden_states (b, l, hidden) -> (b, l, hidden). `attention_mask` is the 2-D padding mask (1 = token)."""
+        if self._can_step(hidden_states, cache):
+            return self._step(hidden_states, position_embeddings, attention_mask, cache.layers[self.layer_idx])
         s = self.settings
         b, l, _ = hidden_states.shape
         # (b, heads, l, head_dim), as in the source attention
@@ -503,6 +704,7 @@ class NHAMixer(nn.Module):
 
 __all__ = [
     "NHACacheLayer",
+    "NHADecodeBuffers",
     "NHAMixer",
     "NHAMixerConfig",
     "NHAState",
