@@ -153,6 +153,9 @@ def mamba2_scan_chunked(x, dt, A, B, C, D, state=None, *, chunk_size=64):
     return y + D[:, None] * x[:, :l], final_state
 
 
+PREFILL_SEGMENT = 2048  # tokens mixed at a time by the generic path (`Mamba2Mixer.forward`)
+
+
 class Mamba2CacheLayer(LinearAttentionLayer):
     """Conv state + SSM state (transformers' `LinearAttentionLayer`), which can also roll back for speculative
     decoding the way MambaInLlama's hardware-aware speculative decoding does (arXiv 2408.15237; research/
@@ -321,11 +324,31 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(self.norm(y, gate[:, None]))
 
     def forward(self, hidden_states, *, attention_mask=None, cache=None, **kwargs) -> torch.Tensor:
-        """hidden_states (b, l, hidden) -> (b, l, hidden). `attention_mask` is the 2-D padding mask (1 = token)."""
+        """hidden_states (b, l, hidden) -> (b, l, hidden). `attention_mask` is the 2-D padding mask (1 = token).
+
+        Inputs longer than `PREFILL_SEGMENT` are mixed segment by segment, each continuing from the states the previous
+        one left: the same output, with the scan's per-chunk tensors held for one segment at a time (an 8K prefill
+        otherwise peaks above the attention it replaces)."""
         if self._can_step(hidden_states, cache):
             return self._step(hidden_states, attention_mask, cache.layers[self.layer_idx])
         conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        layer = cache.layers[self.layer_idx] if cache is not None else None
+        record = layer.record if getattr(layer, "checkpoint", None) is not None else None  # speculative verification
+        l = hidden_states.shape[1]
+        outputs = []
+        for start in range(0, l, PREFILL_SEGMENT):
+            end = min(start + PREFILL_SEGMENT, l)
+            mask = None if attention_mask is None else attention_mask[:, : attention_mask.shape[1] - (l - end)]
+            out, conv_state, state = self._mix(hidden_states[:, start:end], mask, conv_state, state, record)
+            outputs.append(out)
+        if cache is not None:
+            cache.update_conv_state(conv_state, self.layer_idx)
+            cache.update_recurrent_state(state, self.layer_idx)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def _mix(self, hidden_states, attention_mask, conv_state, state, record=None):
+        """The generic path on one segment: its output and the conv and SSM states it leaves."""
         gate, conv_inputs, dt = self._project(hidden_states, attention_mask)
         x, dt, B, C, conv_state = self._convolve(conv_inputs, dt, attention_mask, conv_state)
         # the scan runs in float32 at least: exp/cumsum of the decays lose too much in half precision
@@ -333,8 +356,8 @@ class Mamba2Mixer(nn.Module):
         x, dt, B, C = (t.to(scan_dtype) for t in (x, dt, B, C))
         A = -torch.exp(self.A_log.to(scan_dtype))
         D = self.D.to(scan_dtype)
-        if cache is not None and getattr(cache.layers[self.layer_idx], "checkpoint", None) is not None:
-            cache.layers[self.layer_idx].record(conv_inputs, x, dt, A, B, C, D)  # speculative verification
+        if record is not None:
+            record(conv_inputs, x, dt, A, B, C, D)
         if state is not None and x.shape[1] == 1:
             state, y = mamba2_step(state.to(scan_dtype), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
             y = y[:, None]
@@ -344,11 +367,8 @@ class Mamba2Mixer(nn.Module):
             y, state = mamba2_scan_kernel(x, dt, A, B, C, D, state, chunk_size=self.settings.chunk_size)
         else:
             y, state = mamba2_scan_chunked(x, dt, A, B, C, D, state, chunk_size=self.settings.chunk_size)
-        if cache is not None:
-            cache.update_conv_state(conv_state, self.layer_idx)
-            cache.update_recurrent_state(state, self.layer_idx)
         y = y.flatten(2).to(hidden_states.dtype)  # (b, l, h * p)
-        return self.out_proj(self.norm(y, gate))
+        return self.out_proj(self.norm(y, gate)), conv_state, state
 
 
 __all__ = [

@@ -5,6 +5,7 @@ import torch
 from tiny import TINY, TOLERANCES, tiny_hybrid
 
 from hybridize.modeling import HybridConfig, HybridForCausalLM
+from hybridize.modeling import mamba2 as mamba2_module
 from hybridize.modeling.common import causal_conv1d
 from hybridize.modeling.mamba2 import (
     Mamba2Mixer,
@@ -113,6 +114,30 @@ def test_fast_decode_step_equals_the_generic_path(monkeypatch, dtype):
     full = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
     torch.testing.assert_close(fast[1], full[1], **TOLERANCES[dtype])  # the unpadded row, against one forward
     torch.testing.assert_close(fast[0, 5:], full[0, 5:], **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("segment", [7, 8, 1])
+def test_long_inputs_mixed_in_segments_equal_one_pass(monkeypatch, segment):
+    """A prefill cut into segments (each continuing from the previous one's states; bounded memory) gives the
+    logits and cache states of one pass, with a left-padded row and a segment edge inside the padding."""
+    model = tiny_hybrid(["mamba2", "attention", "mamba2", "mamba2"], torch.float64, {"mamba2": {"chunk_size": 4}})
+    ids = torch.randint(1, 128, (2, 23))
+    mask = torch.ones_like(ids)
+    mask[0, :9] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def prefill():
+        out = model(ids, attention_mask=mask, position_ids=positions)
+        return out.logits, out.cache
+
+    whole, whole_cache = prefill()
+    monkeypatch.setattr(mamba2_module, "PREFILL_SEGMENT", segment)
+    parts, parts_cache = prefill()
+    torch.testing.assert_close(parts, whole, **TOLERANCES[torch.float64])
+    for i in (0, 2, 3):
+        for name in ("conv_states", "recurrent_states"):
+            a, b = getattr(parts_cache.layers[i], name)[0], getattr(whole_cache.layers[i], name)[0]
+            torch.testing.assert_close(a, b, **TOLERANCES[torch.float64])
 
 
 def test_scan_matches_a_hand_computed_recurrence():
