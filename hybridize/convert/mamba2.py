@@ -156,7 +156,7 @@ def fit_decay(
             acc[2] = acc[2] + (y * y).sum((1, 2))
         train, held = sums[False] if not all(heldout) else sums[True], sums[True]
         scale = train[0].diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)[:, None, None]
-        eye = torch.eye(p, dtype=torch.float64)
+        eye = torch.eye(p, dtype=torch.float64, device=train[0].device)
         r2 = None
         for ridge in DECAY_RIDGE:
             w = torch.linalg.solve(train[0] + ridge * scale * eye, train[1])
