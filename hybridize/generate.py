@@ -9,14 +9,20 @@ distribution exactly, whatever the draft.
 
 After a round the caches of both models must forget the rejected tokens. Attention caches are cropped. An SSM state
 cannot be cropped: as in MambaInLlama's hardware-aware speculative decoding (arXiv 2408.15237;
-research/methods-conversion.md §1.5), a Mamba2 layer keeps its state at the last verified token plus the pre-scan
-inputs of the steps run since, and replays only the accepted steps (`Mamba2CacheLayer.begin_verify/commit`; no
-projection is recomputed). Streaming (sink + window) and NHA layers evict or absorb old tokens, so they are not
-croppable either; their caches already hold the step inputs of their last w - 1 tokens (keys and values after the
-projections; for NHA also the raw keys and gates), so they are restored from a snapshot and the accepted tokens'
-entries, read back from that tail, are replayed (a streaming `update`, an `nha_step`), by the same
-`begin_verify`/`commit` pair. That bounds the tokens one
-round may roll back to w - 1, hence K <= w - 2 for such models (`max_rollback`).
+research/methods-conversion.md §1.5), a Mamba2 layer keeps its state at the last verified token and the inputs of the
+steps run since (after the projections), and computes the state after the accepted ones in closed form
+(`Mamba2CacheLayer.begin_verify/commit`; no projection is recomputed, nothing is copied when the round begins).
+Streaming (sink + window) and NHA layers evict or absorb old tokens, so they are not croppable either; their caches
+already hold the step inputs of their last w - 1 tokens (keys and values after the projections; for NHA also the raw
+keys and gates), so they go back to the state at the round's start and take the accepted tokens' entries, read back
+from that tail (a streaming `update`; for NHA one block absorbed into the slots), by the same `begin_verify`/`commit`
+pair. That bounds the tokens one round may roll back to w - 1, hence K <= w - 2 for such models (`max_rollback`).
+
+On a CPU one decode step reads every weight once; a verify forward of K + 1 tokens reads them once too, but its
+small matrix products are slower per token than the matrix-vector products of a step (this CPU's BLAS: 2.5-2.8x a
+step's for 5 tokens). So the verify forward does only what it must: the output layer runs one position at a time, in
+order, up to the first rejected draft (`_Rows`), Mamba2 layers scan K + 1 tokens as one unpadded chunk, and attention
+layers attend over the cache without repeating it for each query head (`sdpa_grouped`).
 
 `GenerateConfig` holds everything that changes the output; `generate(model, tokenizer, prompt, config, draft=...)`
 returns a `GenerateResult` (text, ids, acceptance rate, tokens/s). `compare_generate` times plain and speculative
@@ -35,12 +41,18 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2ForCausalLM,
+)
 from transformers.cache_utils import DynamicLayer
 
 from .configs.generate import GenerateConfig, PromptLookupDraft
 from .errors import ConfigError
-from .modeling import HybridCache, new_cache
+from .modeling import HybridCache, HybridForCausalLM, new_cache
 from .modeling.attention import PreallocatedKVLayer
 from .sources import load
 
@@ -147,6 +159,39 @@ def _rollback_for(layer, index: int):
     )
 
 
+# Causal LMs whose logits are exactly `lm_head(model(...).last_hidden_state)`, so a round can compute the logits of
+# one position at a time: the hybrid and the Llama-family models it converts
+_HEAD_ONLY = (HybridForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
+
+
+class _Rows:
+    """The logits of a forward's last positions, each computed when first asked for: float32 (vocab,).
+
+    A round needs the logits of the accepted drafts and of the position after them, not of every position it ran. On
+    a CPU the head over one position is a matrix-vector product that reads the head's weights once, while over K + 1
+    positions it costs several such reads (6x for 5 positions on SmolLM2-135M's 576 x 49152 head in the decode
+    layout, one thread), so the positions after a rejection are never computed.
+
+    Args:
+        hidden (`torch.Tensor`): (l, hidden) the last hidden states, or (l, vocab) logits when `head` is `None`.
+        head (`nn.Module`, *optional*): the output layer.
+    """
+
+    def __init__(self, hidden: torch.Tensor, head: nn.Module | None = None):
+        self.hidden, self.head = hidden, head
+        self.done: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        i = range(len(self.hidden))[i]
+        if i not in self.done:
+            row = self.hidden[i] if self.head is None else self.head(self.hidden[None, i : i + 1])[0, 0]
+            self.done[i] = row.float()
+        return self.done[i]
+
+
 class _Decoder:
     """One model with its cache during generation: how many tokens the cache holds, and their rollback."""
 
@@ -168,6 +213,15 @@ class _Decoder:
         )
         self.seen += len(ids)
         return out.logits[0].float()
+
+    def rows(self, ids: Sequence[int], keep: int) -> _Rows:
+        """Run `ids` through the model; returns the logits of the last `keep` as `_Rows` (computed when asked for)."""
+        if not isinstance(self.model, _HEAD_ONLY):
+            return _Rows(self.forward(ids)[-keep:])
+        input_ids = torch.tensor([list(ids)], device=self.model.device)
+        out = self.model.model(input_ids=input_ids, cache=self.cache, use_cache=True)
+        self.seen += len(ids)
+        return _Rows(out.last_hidden_state[0, -keep:], self.model.lm_head)
 
     def max_rollback(self) -> float:
         """Tokens one begin..commit span may hold (call after the prefill: layers are created lazily)."""
@@ -210,29 +264,30 @@ def _pick(logits: torch.Tensor, config: GenerateConfig, generator: torch.Generat
 
 
 def _accept(
-    target_logits: torch.Tensor,
+    target_logits: _Rows | torch.Tensor,
     drafts: list[int],
     draft_probs: list[torch.Tensor | None],
     config: GenerateConfig,
     generator: torch.Generator,
 ) -> tuple[int, int]:
-    """Speculative sampling over one round: target_logits (K + 1, vocab) at [last, d1..dK]. Returns how many drafts
-    are accepted and the token that follows them (a correction, or a bonus token when all are accepted)."""
+    """Speculative sampling over one round: target_logits (K + 1, vocab) at [last, d1..dK], read in order and only up
+    to the first rejection. Returns how many drafts are accepted and the token that follows them (a correction, or a
+    bonus token when all are accepted)."""
     if not config.do_sample:  # greedy: the longest prefix that matches the target's argmax, then the target's token
-        best = target_logits.argmax(-1).tolist()
-        n = 0
-        while n < len(drafts) and drafts[n] == best[n]:
-            n += 1
-        return n, best[n]
-    probs = _probs(target_logits, config)
+        for i, token in enumerate(drafts):
+            best = int(target_logits[i].argmax())
+            if best != token:
+                return i, best
+        return len(drafts), int(target_logits[len(drafts)].argmax())
     for i, (token, q) in enumerate(zip(drafts, draft_probs)):
-        p = probs[i]
+        p = _probs(target_logits[i], config)
         if torch.rand((), generator=generator) * q[token] < p[token]:  # accept with probability min(1, p/q)
             continue
         residual = (p - q).clamp(min=0)
         residual = residual if residual.sum() > 0 else p
         return i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
-    return len(drafts), int(torch.multinomial(probs[len(drafts)], 1, generator=generator))
+    probs = _probs(target_logits[len(drafts)], config)
+    return len(drafts), int(torch.multinomial(probs, 1, generator=generator))
 
 
 class _TextStream:
@@ -460,7 +515,7 @@ def generate(
         pending = tokens[target.seen :]
         if drafts:
             target.begin()
-        logits = target.forward(pending + drafts)[-(len(drafts) + 1) :]
+        logits = target.rows(pending + drafts, keep=len(drafts) + 1)
         n, token = _accept(logits, drafts, draft_probs, config, generator)
         if drafts:
             target.commit(len(pending) + n)

@@ -4,10 +4,12 @@ errors a user can hit."""
 
 import copy
 import dataclasses
+import importlib
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import stats
 from tiny import TINY, make_tiny, run_cli, word_tokenizer
 
@@ -16,13 +18,17 @@ from hybridize.errors import ConfigError
 from hybridize.generate import (
     GenerateConfig,
     PromptLookupDraft,
+    _accept,
     _Decoder,
     _probs,
+    _Rows,
     compare_generate,
     early_exit_draft,
     generate,
 )
 from hybridize.modeling import MIXERS, HybridConfig, HybridForCausalLM
+
+generate_module = importlib.import_module("hybridize.generate")  # the module: `hybridize.generate` is the function
 
 # Small windows and chunks, so that 30 new tokens cross chunks, evict from streaming caches and fill NHA slots
 MIXER_SETTINGS = {
@@ -123,8 +129,11 @@ def test_rollback_equals_a_run_without_the_rejected_tokens(mixer, keep):
     rolled = _Decoder(model)
     rolled.forward(prompt)
     rolled.begin()
-    rolled.forward(verified)
+    logits = rolled.forward(verified)
     rolled.commit(keep)
+    generic = _Decoder(model)  # the verify path's logits are the generic path's
+    generic.forward(prompt)
+    torch.testing.assert_close(logits, generic.forward(verified), rtol=1e-10, atol=1e-10)
     clean = _Decoder(model)
     clean.forward(prompt)
     if keep:
@@ -155,6 +164,63 @@ def test_rollback_over_several_forwards(mixer):
     clean.forward(ids[:9])
     clean.forward(ids[9:12])
     torch.testing.assert_close(rolled.forward(ids[12:15]), clean.forward(ids[12:15]), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("lengths", [(2, 12, 1), (12, 1), (1, 1, 1)])
+def test_mamba2_rollback_inside_and_across_calls(lengths):
+    """A verify span of several calls, one longer than a chunk (it takes the generic scans and records scan inputs
+    instead of every state), rolled back to each token: equal to a run that only saw the kept tokens."""
+    model = _hybrid("mamba2")  # chunk_size 8
+    ids = torch.randint(3, 128, (9 + sum(lengths),)).tolist()
+    for keep in range(sum(lengths) + 1):
+        rolled, clean = _Decoder(model), _Decoder(model)
+        rolled.forward(ids[:9])
+        rolled.begin()
+        start = 9
+        for length in lengths:
+            rolled.forward(ids[start : start + length])
+            start += length
+        rolled.commit(keep)
+        clean.forward(ids[: 9 + keep])
+        for (name, a), (_, b) in zip(_cache_contents(rolled.cache), _cache_contents(clean.cache), strict=True):
+            if isinstance(a, torch.Tensor):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{name} keeping {keep}")
+        torch.testing.assert_close(rolled.forward([5, 6]), clean.forward([5, 6]), rtol=1e-10, atol=1e-10)
+
+
+def test_rows_compute_the_logits_a_round_reads():
+    """Greedy acceptance reads the logits of the accepted drafts and the next position only, each computed once;
+    sampling the same; models outside `_HEAD_ONLY` get every row up front, with the same tokens."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 10, bias=False)
+    hidden = torch.randn(5, 4)
+    calls = []
+    head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    best = head(hidden).argmax(-1).tolist()
+    calls.clear()
+    drafts = [best[0], (best[1] + 1) % 10, best[2], best[3]]  # the second draft is rejected
+    rows = _Rows(hidden, head)
+    assert _accept(rows, drafts, [None] * 4, GenerateConfig(), torch.Generator()) == (1, best[1])
+    assert calls == [(1, 1, 4)] * 2  # one position at a time, two of five
+    rows[0], rows[-4]
+    assert len(calls) == 2  # cached
+    calls.clear()
+    config = GenerateConfig(do_sample=True)
+    q = [F.one_hot(torch.tensor(t), 10).float() for t in drafts]
+    n, _ = _accept(_Rows(hidden, head), drafts, q, config, torch.Generator().manual_seed(0))
+    assert len(calls) == n + 1
+    assert _accept(_Rows(head(hidden)), drafts, [None] * 4, GenerateConfig(), torch.Generator()) == (1, best[1])
+
+
+def test_models_without_a_known_head_verify_all_rows(monkeypatch):
+    model = _hybrid("mamba2", dtype=torch.float32)
+    prompt = torch.randint(3, 128, (1, 9))
+    expected = model.generate(prompt, max_new_tokens=20, do_sample=False)[0, 9:].tolist()
+    monkeypatch.setattr(generate_module, "_HEAD_ONLY", ())
+    result = generate(
+        model, word_tokenizer(eos="w2"), prompt[0].tolist(), GenerateConfig(max_new_tokens=20), draft=model
+    )
+    assert list(result.token_ids) == expected and result.accepted == result.drafted > 0
 
 
 def _exact_marginals(model, prompt: list[int], config: GenerateConfig) -> torch.Tensor:
@@ -217,10 +283,12 @@ def test_sampled_tokens_follow_the_target_distribution(kind):
 
 
 def test_prompt_lookup_draft():
-    lookup = PromptLookupDraft(max_ngram=2)
+    lookup = PromptLookupDraft(max_ngram=2, min_ngram=1)
     assert lookup.propose([1, 2, 3, 4, 9, 1, 2], 3) == [3, 4, 9]  # the 2-gram (1, 2) came before, then 3 4 9
     assert lookup.propose([5, 1, 2, 7, 8, 2], 2) == [7, 8]  # no earlier (8, 2): falls back to the 1-gram (2,)
     assert lookup.propose([1, 2, 3], 2) == []
+    assert PromptLookupDraft().propose([5, 1, 2, 7, 8, 2], 2) == []  # by default a lone token is no evidence
+    assert PromptLookupDraft().propose([5, 1, 2, 7, 8, 1, 2], 2) == [7, 8]
     model = _hybrid("mamba2", dtype=torch.float32)
     prompt = torch.randint(3, 128, (1, 12))
     expected = model.generate(prompt, max_new_tokens=20, do_sample=False)[0, 12:].tolist()

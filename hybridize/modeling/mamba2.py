@@ -9,7 +9,8 @@ The recurrence, per head: H_t = exp(dt_t A) H_{t-1} + dt_t x_t B_t^T (H is p x n
 """
 
 from dataclasses import dataclass
-from typing import Literal
+from functools import partial
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -153,56 +154,129 @@ def mamba2_scan_chunked(x, dt, A, B, C, D, state=None, *, chunk_size=64):
     return y + D[:, None] * x[:, :l], final_state
 
 
+def mamba2_chunk_state(x, dt, A, B, state):
+    """The state after l tokens in closed form, GQA groups unexpanded: H_l = exp(a_1 + ... + a_l) H_0 +
+    sum_s exp(a_{s+1} + ... + a_l) dt_s x_s B_s^T with a = dt A, one contraction over the tokens.
+
+    x (b, l, g, p), dt (b, l, g, r) with r = heads per group, A (g, r), B (b, l, g, n), state (b, g, r, p, n);
+    l >= 1 -> (b, g, r, p, n).
+    """
+    a = dt * A  # (b, l, g, r) log decay of each token
+    # a_{s+1} + ... + a_l as a reversed cumulative sum of the next tokens' terms (no difference of large sums)
+    after = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], 1).flip(1).cumsum(1).flip(1)
+    added = torch.einsum("blgr,blgp,blgn->bgrpn", torch.exp(after) * dt, x, B)
+    return torch.exp(after[:, 0] + a[:, 0])[..., None, None] * state + added
+
+
+def mamba2_chunk_grouped(x, dt, A, B, C, D, state):
+    """The outputs of `mamba2_scan_chunked` for a few tokens: one chunk of exactly l tokens (no padding to
+    `chunk_size`) with GQA groups unexpanded (x and B broadcast over the heads of their group, not repeated), and no
+    final state (`mamba2_chunk_state` gives the state after any of them). The verify path of speculative decoding,
+    which runs K + 1 tokens from a cached state and keeps the state after the accepted ones only.
+
+    x (b, l, g, p), dt (b, l, g, r), A and D (g, r), B (b, l, g, n), C (b, l, g, r, n), state (b, g, r, p, n)
+    -> y (b, l, g, r, p).
+    """
+    a = (dt * A).permute(0, 2, 3, 1)  # (b, g, r, l)
+    # Inside the chunk: y_t = sum_{s <= t} exp(a_{s+1} + ... + a_t) (C_t . B_s) dt_s x_s
+    scores = torch.einsum("btgrn,bsgn->bgrts", C, B) * torch.exp(_segsum(a)) * dt.permute(0, 2, 3, 1)[..., None, :]
+    y = torch.einsum("bgrts,bsgp->btgrp", scores, x)
+    # The cached state decayed to each token, exp(a_1 + ... + a_t) H_0 C_t, and the skip D x_t
+    decay = torch.exp(torch.cumsum(a, -1)).permute(0, 3, 1, 2)[..., None]  # (b, l, g, r, 1)
+    return y + decay * torch.einsum("bgrpn,btgrn->btgrp", state, C) + D[..., None] * x[:, :, :, None]
+
+
 PREFILL_SEGMENT = 2048  # tokens mixed at a time by the generic path (`Mamba2Mixer.forward`)
+
+
+class VerifiedCall(NamedTuple):
+    """What a Mamba2 layer keeps of one call while speculative decoding verifies (`Mamba2CacheLayer.record`): enough
+    to give the conv and SSM states after any of its tokens.
+
+    Args:
+        conv_inputs (`torch.Tensor`): (b, c, l) the call's conv inputs.
+        conv_state (`torch.Tensor`): (b, c, k) the conv state after the call.
+        start (`torch.Tensor`): (b, h, p, n) the SSM state before the call.
+        x (`torch.Tensor`), dt (`torch.Tensor`), A (`torch.Tensor`), B (`torch.Tensor`): its scan inputs, GQA groups
+            unexpanded: x (b, l, g, p), dt (b, l, g, r), A (g, r), B (b, l, g, n).
+        state (`torch.Tensor`, *optional*): (b, h, p, n) the SSM state after the call, once known.
+    """
+
+    conv_inputs: torch.Tensor
+    conv_state: torch.Tensor
+    start: torch.Tensor
+    x: torch.Tensor
+    dt: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    state: torch.Tensor | None = None
+
+    def state_after(self, num_tokens: int) -> torch.Tensor:
+        """The SSM state (b, h, p, n) after the call's first `num_tokens` tokens, in closed form (`mamba2_chunk_state`)."""
+        if num_tokens == self.x.shape[1] and self.state is not None:
+            return self.state
+        x, dt, B = self.x[:, :num_tokens], self.dt[:, :num_tokens], self.B[:, :num_tokens]
+        start = self.start.to(x.dtype).unflatten(1, dt.shape[2:])  # (b, g, r, p, n)
+        return mamba2_chunk_state(x, dt, self.A, B, start).flatten(1, 2)
 
 
 class Mamba2CacheLayer(LinearAttentionLayer):
     """Conv state + SSM state (transformers' `LinearAttentionLayer`), which can also roll back for speculative
-    decoding the way MambaInLlama's hardware-aware speculative decoding does (arXiv 2408.15237; research/
-    methods-conversion.md §1.5): an SSM state cannot be truncated, so `begin_verify()` keeps the state at the last
-    verified token, the mixer then records the pre-scan inputs of every step it runs (conv inputs, and x, dt, B, C
-    after the conv), and `commit(n)` replays only the first n steps from those inputs with `mamba2_step`, with no
-    projection recomputed. Nothing is recorded outside a `begin_verify()` ... `commit()` pair.
+    decoding (MambaInLlama's hardware-aware speculative decoding, arXiv 2408.15237; research/methods-conversion.md
+    §1.5). An SSM state cannot be truncated, so `begin_verify()` marks the state at the last verified token; while
+    verifying, the mixer leaves the stored states alone and `record`s each call's inputs after the projections
+    (`VerifiedCall`); `commit(n)` stores the states after the first n tokens, the SSM state computed in closed form in
+    one contraction (`mamba2_chunk_state`): no step is replayed and no projection recomputed, and nothing is computed
+    when every token is rejected. Since nothing writes the stored states while verifying, the mark is a reference,
+    not a copy. Nothing is recorded outside a `begin_verify()` ... `commit()` pair.
     """
 
-    max_rollback = float("inf")  # the recorded steps replay any number of tokens
+    max_rollback = float("inf")  # the record gives the state after any number of tokens
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.checkpoint: tuple[torch.Tensor, torch.Tensor] | None = None  # (conv state, SSM state) at begin_verify
-        self.steps: list[tuple[torch.Tensor, ...]] = []  # per call: conv inputs (b, c, l), x, dt, A, B, C, D
+        self.steps: list[VerifiedCall] = []  # the calls since begin_verify
 
     def begin_verify(self) -> None:
-        """Keep the current state; steps run from now on can be undone by `commit`."""
+        """Mark the current state; steps run from now on can be undone by `commit`."""
         if not self.has_previous_state[0]:
             raise ValueError("a Mamba2 cache layer can only begin verification after a prefill has filled it")
-        self.checkpoint = (self.conv_states[0].clone(), self.recurrent_states[0].clone())
+        self.checkpoint = (self.conv_states[0], self.recurrent_states[0])  # not written until commit
         self.steps = []
 
-    def record(self, conv_inputs, x, dt, A, B, C, D) -> None:
-        """Called by `Mamba2Mixer.forward` while verifying: the pre-scan inputs of its l steps."""
-        self.steps.append((conv_inputs, x, dt, A, B, C, D))
+    def verify_states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv state (b, c, k) and SSM state (b, h, p, n) that the next call continues from while verifying."""
+        if not self.steps:
+            return self.checkpoint
+        last = self.steps[-1]
+        if last.state is None:  # computed once another call follows
+            self.steps[-1] = last = last._replace(state=last.state_after(last.x.shape[1]))
+        return last.conv_state, last.state
+
+    def record(self, call: VerifiedCall) -> None:
+        """Called by `Mamba2Mixer` for each call while verifying."""
+        self.steps.append(call)
 
     def commit(self, num_tokens: int) -> None:
         """Keep the first `num_tokens` steps run since `begin_verify` and forget the others."""
-        (conv_state, state), steps = self.checkpoint, self.steps
+        (conv_state, _), steps = self.checkpoint, self.steps
         self.checkpoint, self.steps = None, []
-        seen = sum(step[0].shape[-1] for step in steps)
+        seen = sum(call.x.shape[1] for call in steps)
         if not 0 <= num_tokens <= seen:
             raise ValueError(f"cannot keep {num_tokens} steps: {seen} were run since begin_verify")
-        if num_tokens == seen:  # nothing rejected: the state is already the right one
+        if num_tokens == 0:  # the stored states are still those at begin_verify
             return
-        conv_inputs = torch.cat([step[0] for step in steps], -1)  # (b, c, seen)
-        x, dt, B, C = (torch.cat([step[i] for step in steps], 1) for i in (1, 2, 4, 5))  # (b, seen, ...)
-        A, D = steps[0][3], steps[0][6]
-        # the conv state is the last k inputs; the SSM state advances one accepted step at a time
+        # The conv state: the last k inputs
+        conv_inputs = torch.cat([call.conv_inputs for call in steps], -1)[..., :num_tokens]
         kernel = conv_state.shape[-1]
-        conv_state = torch.cat([conv_state, conv_inputs[..., :num_tokens].to(conv_state.dtype)], -1)[..., -kernel:]
-        state = state.to(x.dtype)
-        for t in range(num_tokens):
-            state, _ = mamba2_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
-        self.conv_states[0].copy_(conv_state)
-        self.recurrent_states[0].copy_(state)
+        self.conv_states[0].copy_(torch.cat([conv_state, conv_inputs.to(conv_state.dtype)], -1)[..., -kernel:])
+        # The SSM state after the last kept token, from the call that ran it
+        for call in steps:
+            if num_tokens <= call.x.shape[1]:
+                break
+            num_tokens -= call.x.shape[1]
+        self.recurrent_states[0].copy_(call.state_after(num_tokens))
 
 
 class Mamba2Mixer(nn.Module):
@@ -331,23 +405,23 @@ class Mamba2Mixer(nn.Module):
         otherwise peaks above the attention it replaces)."""
         if self._can_step(hidden_states, cache):
             return self._step(hidden_states, attention_mask, cache.layers[self.layer_idx])
+        if cache is not None and getattr(cache.layers[self.layer_idx], "checkpoint", None) is not None:
+            return self._verify(hidden_states, attention_mask, cache.layers[self.layer_idx])  # speculative decoding
         conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
-        layer = cache.layers[self.layer_idx] if cache is not None else None
-        record = layer.record if getattr(layer, "checkpoint", None) is not None else None  # speculative verification
         l = hidden_states.shape[1]
         outputs = []
         for start in range(0, l, PREFILL_SEGMENT):
             end = min(start + PREFILL_SEGMENT, l)
             mask = None if attention_mask is None else attention_mask[:, : attention_mask.shape[1] - (l - end)]
-            out, conv_state, state = self._mix(hidden_states[:, start:end], mask, conv_state, state, record)
+            out, conv_state, state = self._mix(hidden_states[:, start:end], mask, conv_state, state)
             outputs.append(out)
         if cache is not None:
             cache.update_conv_state(conv_state, self.layer_idx)
             cache.update_recurrent_state(state, self.layer_idx)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
-    def _mix(self, hidden_states, attention_mask, conv_state, state, record=None):
+    def _mix(self, hidden_states, attention_mask, conv_state, state):
         """The generic path on one segment: its output and the conv and SSM states it leaves."""
         gate, conv_inputs, dt = self._project(hidden_states, attention_mask)
         x, dt, B, C, conv_state = self._convolve(conv_inputs, dt, attention_mask, conv_state)
@@ -356,8 +430,6 @@ class Mamba2Mixer(nn.Module):
         x, dt, B, C = (t.to(scan_dtype) for t in (x, dt, B, C))
         A = -torch.exp(self.A_log.to(scan_dtype))
         D = self.D.to(scan_dtype)
-        if record is not None:
-            record(conv_inputs, x, dt, A, B, C, D)
         if state is not None and x.shape[1] == 1:
             state, y = mamba2_step(state.to(scan_dtype), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
             y = y[:, None]
@@ -370,11 +442,57 @@ class Mamba2Mixer(nn.Module):
         y = y.flatten(2).to(hidden_states.dtype)  # (b, l, h * p)
         return self.out_proj(self.norm(y, gate)), conv_state, state
 
+    def _verify(self, hidden_states, attention_mask, layer: Mamba2CacheLayer) -> torch.Tensor:
+        """The generic path's function while speculative decoding verifies a few tokens. The stored states are left
+        as they are: `layer.record` keeps the call's inputs, and `layer.commit` computes the states after the kept
+        tokens. Only what K + 1 tokens need: the conv is a multiply-and-sum over the last k - 1 inputs and these (as
+        `_step`), and the scan one chunk of exactly l tokens with GQA groups unexpanded and no final state
+        (`mamba2_chunk_grouped`) instead of the chunked scan, which pads to a whole chunk and repeats x and B."""
+        s = self.settings
+        b, l, _ = hidden_states.shape
+        g, r = s.num_groups, s.num_heads // s.num_groups
+        gate, conv_inputs, dt = self._project(hidden_states, attention_mask)  # conv_inputs (b, c, l)
+        conv_state, state = layer.verify_states()
+
+        # Causal conv over the last k - 1 inputs and these: each output multiplies-and-sums a window of k
+        kernel = conv_state.shape[-1]
+        inputs = torch.cat([conv_state[..., 1:].to(conv_inputs.dtype), conv_inputs], -1)  # (b, c, k - 1 + l)
+        xBC = (inputs.unfold(-1, kernel, 1) * self.conv1d.weight).sum(-1)  # (b, c, l, k) -> (b, c, l)
+        if self.conv1d.bias is not None:
+            xBC = xBC + self.conv1d.bias[:, None]
+        xBC = F.silu(xBC.transpose(1, 2))  # (b, l, c)
+        if attention_mask is not None:
+            xBC = xBC * attention_mask[:, -l:, None].to(xBC.dtype)
+
+        # The scan in float32 at least, heads grouped as (g, r)
+        scan_dtype = torch.promote_types(xBC.dtype, torch.float32)
+        x, B, C = xBC.to(scan_dtype).split([g * s.head_dim, g * s.state_size, s.num_heads * s.state_size], -1)
+        x, B = x.view(b, l, g, s.head_dim), B.view(b, l, g, s.state_size)
+        C = C.view(b, l, g, r, s.state_size)
+        dt = F.softplus(dt + self.dt_bias).to(scan_dtype).view(b, l, g, r)
+        A = -torch.exp(self.A_log.to(scan_dtype)).view(g, r)
+        D = self.D.to(scan_dtype).view(g, r)
+        state = state.to(scan_dtype)
+        final = None
+        if l <= s.chunk_size and s.impl == "auto":
+            y = mamba2_chunk_grouped(x, dt, A, B, C, D, state.unflatten(1, (g, r)))
+        else:  # a long call, or the reference: the generic scans, heads expanded
+            x_h, B_h = (t.repeat_interleave(r, dim=2) for t in (x, B))  # (b, l, h, ·)
+            scan = mamba2_scan_ref if s.impl == "ref" else partial(mamba2_scan_chunked, chunk_size=s.chunk_size)
+            y, final = scan(x_h, dt.flatten(2), A.flatten(), B_h, C.flatten(2, 3), D.flatten(), state)
+        call = VerifiedCall(conv_inputs, inputs[..., -kernel:], state, x, dt, A, B, final)
+        layer.record(call)
+        y = y.reshape(b, l, self.inner_size).to(hidden_states.dtype)
+        return self.out_proj(self.norm(y, gate))
+
 
 __all__ = [
     "Mamba2CacheLayer",
     "Mamba2Mixer",
     "Mamba2MixerConfig",
+    "VerifiedCall",
+    "mamba2_chunk_grouped",
+    "mamba2_chunk_state",
     "mamba2_scan_chunked",
     "mamba2_scan_kernel",
     "mamba2_scan_ref",

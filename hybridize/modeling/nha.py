@@ -452,9 +452,9 @@ class NHACacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
         self.checkpoint = (self.get_state(), self.cumulative_length)
 
     def commit(self, num_tokens: int) -> None:
-        """Keep the first `num_tokens` tokens run since `begin_verify`: restore the checkpoint, then replay them with
-        `nha_step` from their raw keys, RoPE'd keys, values and gates, read back from the window (queries only make
-        outputs, which are not needed, so zeros stand in for them)."""
+        """Keep the first `num_tokens` tokens run since `begin_verify`: the checkpoint's window followed by their raw
+        keys, RoPE'd keys, values and gates, read back from the window, with the tokens beyond the last w - 1 absorbed
+        into the slots in one block (`_absorb_block`, as a prefill ends), not replayed step by step."""
         (state, length), self.checkpoint = self.checkpoint, None
         seen = self.cumulative_length - length
         if num_tokens == seen:
@@ -464,15 +464,18 @@ class NHACacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
                 f"NHA layer no longer holds the {seen} tokens to roll back (window {self.sliding_window})"
             )
         keep = slice(-seen, -seen + num_tokens)  # the newest entries are the tokens run since begin
-        keys, keys_rot, values = self.raw_keys[:, :, keep], self.keys[:, :, keep], self.values[:, :, keep]
-        gates, mask = self.gates[:, :, keep], self.window_mask[:, keep]
-        for t in range(num_tokens):
-            step = slice(t, t + 1)
-            query = torch.zeros_like(keys[:, :, step])
-            _, state = nha_step(
-                query, keys[:, :, step], values[:, :, step], query, keys_rot[:, :, step], gates[:, :, step],
-                mask[:, step], state, window=self.sliding_window, scale=1.0,
-            )  # fmt: skip
+        keys, keys_rot, values, gates, mask = _pending(
+            state, self.raw_keys[:, :, keep], self.keys[:, :, keep], self.values[:, :, keep], self.gates[:, :, keep],
+            self.window_mask[:, keep],
+        )  # fmt: skip
+        stop = max(keys.shape[2] - max(self.sliding_window - 1, 0), 0)  # absorbed: all but the last w - 1
+        hk, hv, num = _absorb_block(
+            state.hk, state.hv, state.num_absorbed, keys[:, :, :stop], values[:, :, :stop], gates[:, :, :stop],
+            mask[:, :stop],
+        )  # fmt: skip
+        window = slice(stop, None)
+        state = NHAState(hk, hv, num, keys[:, :, window], keys_rot[:, :, window], values[:, :, window],
+                         gates[:, :, window], mask[:, window])  # fmt: skip
         self.cumulative_length = length
         self.set_state(state, num_tokens)
 
@@ -695,7 +698,9 @@ class NHAMixer(nn.Module):
         elif s.impl == "ref":
             o, state = nha_ref(q, k, v, q_rot, k_rot, g, mask, state, **options)
         else:
-            o, state = nha_chunked(q, k, v, q_rot, k_rot, g, mask, state, chunk_size=s.chunk_size, **options)
+            # a short call (speculative verification: K + 1 tokens) is one chunk of its length, not padded to a chunk
+            chunk_size = min(s.chunk_size, l)
+            o, state = nha_chunked(q, k, v, q_rot, k_rot, g, mask, state, chunk_size=chunk_size, **options)
         if layer is not None:
             layer.set_state(state, l)
         o = o.transpose(1, 2).reshape(b, l, -1).to(hidden_states.dtype)  # (b, l, h · V)
