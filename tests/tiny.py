@@ -59,6 +59,27 @@ def tiny_hybrid(mixer_types, dtype=torch.float32, mixers=None):
     return model
 
 
+def decode_one_by_one(model, ids, mask, prefill: int):
+    """Prefill `prefill` tokens, then one token per forward, without autograd (as generate() runs); the logits of
+    every position and the cache."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers a left-padded row
+    with torch.no_grad():
+        out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=positions[:, :prefill])
+        cache, logits = out.cache, [out.logits]
+        for t in range(prefill, ids.shape[1]):
+            step = {"attention_mask": mask[:, : t + 1], "position_ids": positions[:, t : t + 1], "cache": cache}
+            logits.append(model(ids[:, t : t + 1], **step, use_cache=True).logits)
+    return torch.cat(logits, 1), cache
+
+
+def count_steps(monkeypatch, mixer_class) -> list:
+    """A list that grows by one at every call of `mixer_class._step` (the one-token decode fast path)."""
+    calls = []
+    step = mixer_class._step
+    monkeypatch.setattr(mixer_class, "_step", lambda *args: calls.append(1) or step(*args))
+    return calls
+
+
 def make_tiny(family: str = "llama", seed: int = 0, **overrides):
     config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)

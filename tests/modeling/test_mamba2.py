@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import TINY, TOLERANCES, tiny_hybrid
+from tiny import TINY, TOLERANCES, count_steps, decode_one_by_one, tiny_hybrid
 
 from hybridize.modeling import HybridConfig, HybridForCausalLM
 from hybridize.modeling import mamba2 as mamba2_module
@@ -78,18 +78,6 @@ def test_grouped_in_place_step_equals_the_step_on_repeated_heads(dtype):
     torch.testing.assert_close(grouped.flatten(1, 2), expected_state, **TOLERANCES[dtype])
 
 
-def _decode(model, ids, mask, prefill):
-    """Prefill `prefill` tokens, then one token per forward; the logits of every position."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers a left-padded row
-    out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=positions[:, :prefill])
-    cache, logits = out.cache, [out.logits]
-    for t in range(prefill, ids.shape[1]):
-        step = dict(attention_mask=mask[:, : t + 1], position_ids=positions[:, t : t + 1], cache=cache)
-        out = model(ids[:, t : t + 1], **step, use_cache=True)
-        logits.append(out.logits)
-    return torch.cat(logits, 1), cache
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fast_decode_step_equals_the_generic_path(monkeypatch, dtype):
     """Many one-token steps after a prefill, batch 2 with the first row left-padded: `_step` (conv as a
@@ -99,13 +87,11 @@ def test_fast_decode_step_equals_the_generic_path(monkeypatch, dtype):
     ids = torch.randint(1, 128, (2, 30))
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
-    calls = []
-    step = Mamba2Mixer._step
-    monkeypatch.setattr(Mamba2Mixer, "_step", lambda *a: calls.append(1) or step(*a))
-    fast, fast_cache = _decode(model, ids, mask, prefill=9)
+    calls = count_steps(monkeypatch, Mamba2Mixer)
+    fast, fast_cache = decode_one_by_one(model, ids, mask, prefill=9)
     assert len(calls) == 3 * 21  # every decode step of every Mamba2 layer took the fast path
     monkeypatch.setattr(Mamba2Mixer, "_can_step", lambda *a: False)
-    generic, generic_cache = _decode(model, ids, mask, prefill=9)
+    generic, generic_cache = decode_one_by_one(model, ids, mask, prefill=9)
     torch.testing.assert_close(fast, generic, **TOLERANCES[dtype])
     for i in (0, 2, 3):
         for name in ("conv_states", "recurrent_states"):

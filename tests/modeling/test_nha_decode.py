@@ -5,7 +5,7 @@ between fast steps; and the cache's own bookkeeping (buffers moved rarely, dropp
 
 import pytest
 import torch
-from tiny import NHA_SETTINGS, TOLERANCES, tiny_hybrid
+from tiny import NHA_SETTINGS, TOLERANCES, count_steps, decode_one_by_one, tiny_hybrid
 
 from hybridize.generate import _Decoder
 from hybridize.modeling.nha import NHACacheLayer, NHAMixer
@@ -13,26 +13,6 @@ from hybridize.modeling.nha import NHACacheLayer, NHAMixer
 # Slots and window, slots only, a one-token window with the paper's unmasked empty slots
 SETTINGS = NHA_SETTINGS[:3]
 LAYERS = ("nha", "attention", "nha", "nha")
-
-
-def _decode(model, ids, mask, prefill):
-    """Prefill `prefill` tokens, then one token per forward, without autograd (as generate() runs); the logits of
-    every position and the cache."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers a left-padded row
-    with torch.no_grad():
-        out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=positions[:, :prefill])
-        cache, logits = out.cache, [out.logits]
-        for t in range(prefill, ids.shape[1]):
-            step = {"attention_mask": mask[:, : t + 1], "position_ids": positions[:, t : t + 1], "cache": cache}
-            logits.append(model(ids[:, t : t + 1], **step, use_cache=True).logits)
-    return torch.cat(logits, 1), cache
-
-
-def _count_steps(monkeypatch) -> list:
-    calls = []
-    step = NHAMixer._step
-    monkeypatch.setattr(NHAMixer, "_step", lambda *args: calls.append(1) or step(*args))
-    return calls
 
 
 def _assert_states_close(a, b, **tol):
@@ -55,11 +35,11 @@ def test_fast_decode_step_equals_the_generic_path(monkeypatch, dtype, settings):
     ids = torch.randint(1, 128, (2, 30))
     mask = torch.ones_like(ids)
     mask[0, :7] = 0
-    calls = _count_steps(monkeypatch)
-    fast, fast_cache = _decode(model, ids, mask, prefill=5)
+    calls = count_steps(monkeypatch, NHAMixer)
+    fast, fast_cache = decode_one_by_one(model, ids, mask, prefill=5)
     assert len(calls) == 3 * 25  # every decode step of every NHA layer took the fast path
     monkeypatch.setattr(NHAMixer, "_can_step", lambda *args: False)
-    generic, generic_cache = _decode(model, ids, mask, prefill=5)
+    generic, generic_cache = decode_one_by_one(model, ids, mask, prefill=5)
     torch.testing.assert_close(fast, generic, **TOLERANCES[dtype])
     for i in (0, 2, 3):
         _assert_states_close(
@@ -78,7 +58,7 @@ def test_generate_is_the_same_with_and_without_the_fast_path(monkeypatch, settin
     batch[0, :4] = 0
     mask = (batch != 0).long()
     options = {"attention_mask": mask, "max_new_tokens": 20, "do_sample": False, "pad_token_id": 0}
-    calls = _count_steps(monkeypatch)
+    calls = count_steps(monkeypatch, NHAMixer)
     greedy, beams = model.generate(batch, **options), model.generate(batch, num_beams=3, **options)
     assert len(calls) > 0
     monkeypatch.setattr(NHAMixer, "_can_step", lambda *args: False)

@@ -6,7 +6,7 @@ the generic path while a full cache holds padding, then the fast path again), in
 
 import pytest
 import torch
-from tiny import TINY, TOLERANCES
+from tiny import TINY, TOLERANCES, count_steps, decode_one_by_one
 
 from hybridize.generate import _Decoder
 from hybridize.modeling import HybridConfig, HybridForCausalLM
@@ -26,26 +26,6 @@ def _hybrid(settings, dtype=torch.float64) -> HybridForCausalLM:
     return HybridForCausalLM(config).to(dtype).eval()
 
 
-def _decode(model, ids, mask, prefill):
-    """Prefill `prefill` tokens, then one token per forward, without autograd (as generate() runs); the logits of
-    every position and the cache."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers a left-padded row
-    with torch.no_grad():
-        out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=positions[:, :prefill])
-        cache, logits = out.cache, [out.logits]
-        for t in range(prefill, ids.shape[1]):
-            step = {"attention_mask": mask[:, : t + 1], "position_ids": positions[:, t : t + 1], "cache": cache}
-            logits.append(model(ids[:, t : t + 1], **step, use_cache=True).logits)
-    return torch.cat(logits, 1), cache
-
-
-def _count_steps(monkeypatch) -> list:
-    calls = []
-    step = StreamingMixer._step
-    monkeypatch.setattr(StreamingMixer, "_step", lambda *args: calls.append(1) or step(*args))
-    return calls
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("settings", SETTINGS)
 def test_fast_decode_step_equals_the_generic_path(monkeypatch, dtype, settings):
@@ -57,14 +37,14 @@ def test_fast_decode_step_equals_the_generic_path(monkeypatch, dtype, settings):
     ids = torch.randint(1, 128, (2, 36))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    calls = _count_steps(monkeypatch)
-    fast, fast_cache = _decode(model, ids, mask, prefill=6)
+    calls = count_steps(monkeypatch, StreamingMixer)
+    fast, fast_cache = decode_one_by_one(model, ids, mask, prefill=6)
     # a full cache holding the padded row's padding takes the generic path (it evicts unevenly), 3 steps at most
     assert 3 * 30 - 3 * 3 <= len(calls) <= 3 * 30
     if settings == SETTINGS[0]:  # the prefill leaves padding: fast (masked), then generic, then fast again
         assert len(calls) < 3 * 30
     monkeypatch.setattr(StreamingMixer, "_can_step", lambda *args: False)
-    generic, generic_cache = _decode(model, ids, mask, prefill=6)
+    generic, generic_cache = decode_one_by_one(model, ids, mask, prefill=6)
     torch.testing.assert_close(fast, generic, **TOLERANCES[dtype])
     for i in (0, 2, 3):
         a, b = fast_cache.layers[i], generic_cache.layers[i]
@@ -86,7 +66,7 @@ def test_generate_is_the_same_with_and_without_the_fast_path(monkeypatch, settin
     batch[0, :4] = 0
     mask = (batch != 0).long()
     options = {"attention_mask": mask, "max_new_tokens": 20, "do_sample": False, "pad_token_id": 0}
-    calls = _count_steps(monkeypatch)
+    calls = count_steps(monkeypatch, StreamingMixer)
     greedy, beams = model.generate(batch, **options), model.generate(batch, num_beams=3, **options)
     assert len(calls) > 0
     monkeypatch.setattr(StreamingMixer, "_can_step", lambda *args: False)
