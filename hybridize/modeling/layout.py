@@ -22,6 +22,11 @@ def is_transposed(weight: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.t().is_contiguous() and not weight.is_contiguous()
 
 
+def _store_transposed(linear: nn.Linear) -> None:
+    """Re-store `linear.weight` as the transpose of a contiguous (in, out) tensor (same values and parameter)."""
+    linear.weight.data = linear.weight.data.t().contiguous().t()
+
+
 @torch.no_grad()
 def transpose_weights_(model: nn.Module) -> int:
     """Re-store every wide `nn.Linear` weight of `model` (out_features > in_features) in the transposed layout, in
@@ -39,7 +44,7 @@ def transpose_weights_(model: nn.Module) -> int:
         ):
             seen.add(id(module.weight))
             if not is_transposed(module.weight):
-                module.weight.data = module.weight.data.t().contiguous().t()
+                _store_transposed(module)
                 changed += 1
     return changed
 
@@ -58,7 +63,7 @@ def standard_layout(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for module in transposed:
                 if module.weight.is_contiguous():
-                    module.weight.data = module.weight.data.t().contiguous().t()
+                    _store_transposed(module)
 
 
 __all__ = ["is_transposed", "standard_layout", "transpose_weights_"]
