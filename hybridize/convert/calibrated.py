@@ -211,13 +211,15 @@ def calibrate_mixer(
     position_embeddings,
     heldout: Sequence[bool],
 ) -> dict:
-    """Fit what a mixer fits on calibration text before its readout (Mamba2: the gate and each head's decay,
-    `convert.mamba2.fit_gate` and `fit_decay`), then its readout (`fit_readout`); returns the report."""
+    """Fit what a mixer fits on calibration text before its readout (Mamba2: linear features, the gate and each
+    head's decay, `convert.mamba2.linearize_features`, `fit_gate` and `fit_decay`), then its readout (`fit_readout`);
+    returns the report."""
     from ..modeling import Mamba2Mixer
-    from .mamba2 import fit_decay, fit_gate
+    from .mamba2 import fit_decay, fit_gate, linearize_features
 
     report = {}
     if isinstance(mixer, Mamba2Mixer):
+        report.update(linearize_features(mixer))
         report.update(fit_gate(mixer, inputs))
         report.update(fit_decay(mixer, inputs, head_outputs, position_embeddings))
     return {**report, **fit_readout(mixer, inputs, targets, position_embeddings, heldout)}

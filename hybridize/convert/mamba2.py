@@ -85,7 +85,10 @@ def init_mamba2_from_attention(
 
 
 # Calibrated dynamics (`mixer_init="calibrated"`): before its readout is refitted (`convert.calibrated`), a converted
-# Mamba2 layer gets a gate that passes its features through and a decay per head chosen on calibration text.
+# Mamba2 layer gets nearly linear features, a gate that passes them through and a decay per head chosen on
+# calibration text.
+LINEAR_X_SCALE = 0.1  # delta-conv tap of the x channels: silu(0.1 v) is within a few % of 0.05 v
+LINEAR_BC_SCALE = 0.1  # and of the B and C channels
 HALF_LIVES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)  # tokens; the candidates of each head's decay
 DECAY_BLOCKS = 4  # calibration blocks the decays are chosen on (every fourth of them held out)
 DECAY_RIDGE = (1e-3, 1e-1)  # per-head ridge strengths, as fractions of the mean diagonal of ZᵀZ
@@ -94,6 +97,31 @@ MIN_POSITIVE = 0.99  # the mean-direction gate is used only when this fraction o
 
 def _softplus_inverse(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
+
+
+@torch.no_grad()
+def linearize_features(mixer: Mamba2Mixer) -> dict:
+    """Shrink what enters the silu after the conv, so that x, B and C start as (scaled) v, k and q.
+
+    Mamba2 applies silu to x, B and C; on copied v/k/q it clips every negative component of the values and of the
+    query-key products, which no readout can undo. silu(s u) is s u / 2 to first order, so with a delta conv whose tap
+    is s the layer computes linear attention on v, k and q up to a scale per factor, and the per-head RMSNorm after the
+    scan removes that scale (D is scaled by the same s_B s_C as the scan term so their ratio is unchanged). The
+    weights of in_proj keep their size, and training can grow the taps back into silu's curve. On SmolLM2 the
+    held-out R² of the calibrated readout rose in every layer probed (layers 4, 7, 12, 21, 27: 0.52 -> 0.56,
+    0.55 -> 0.59, 0.63 -> 0.72, 0.74 -> 0.77, 0.83 -> 0.88).
+    Only a delta conv (`conv_init="delta"`: last tap 1, others and bias 0) is rescaled; a random conv is left as is.
+    """
+    s = mixer.settings
+    weight, bias = mixer.conv1d.weight[:, 0], mixer.conv1d.bias
+    delta = bool((weight[:, :-1] == 0).all() and (weight[:, -1] == 1).all())
+    if not delta or (bias is not None and bool(bias.any())):
+        return {"features": "silu"}
+    x_channels = s.num_groups * s.head_dim
+    weight[:x_channels, -1] = LINEAR_X_SCALE
+    weight[x_channels:, -1] = LINEAR_BC_SCALE
+    mixer.D.mul_(LINEAR_BC_SCALE**2)
+    return {"features": "linear"}
 
 
 @torch.no_grad()
@@ -171,4 +199,4 @@ def fit_decay(
     return {"half_lives": [int(t) for t in half_lives], "decay_r2": [round(float(r), 3) for r in scores.max(0).values]}
 
 
-__all__ = ["HALF_LIVES", "fit_decay", "fit_gate", "init_mamba2_from_attention"]
+__all__ = ["HALF_LIVES", "fit_decay", "fit_gate", "init_mamba2_from_attention", "linearize_features"]

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 SCORE_BLOCKS = 2  # calibration blocks the KL is measured on (the readout is fitted on all of them)
 SCORE_STRIDE = 4  # the KL is read at every 4th position of them (all positions still run through every layer)
-INIT_VERSION = 2  # raised when a calibrated initialisation changes, so that older cached scores are not reused
+INIT_VERSION = 3  # raised when a calibrated initialisation changes, so that older cached scores are not reused
 
 
 def _logits(hidden: torch.Tensor, model: nn.Module) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""The calibrated Mamba2 dynamics: the mean-direction gate that the per-head norm cancels, and the per-head decay
-chosen from `HALF_LIVES`."""
+"""The calibrated Mamba2 dynamics: nearly linear features, the mean-direction gate that the per-head norm cancels, and
+the per-head decay chosen from `HALF_LIVES`."""
 
 import math
 
@@ -8,7 +8,14 @@ import torch
 from tiny import tiny_hybrid
 
 from hybridize.convert.calibrated import mixer_features
-from hybridize.convert.mamba2 import HALF_LIVES, fit_decay, fit_gate
+from hybridize.convert.mamba2 import (
+    HALF_LIVES,
+    LINEAR_BC_SCALE,
+    LINEAR_X_SCALE,
+    fit_decay,
+    fit_gate,
+    linearize_features,
+)
 
 
 def _mixer():
@@ -24,6 +31,42 @@ def _inputs(offset: float, blocks: int = 4, length: int = 48) -> list[torch.Tens
 
 def _pe(rotary, x):
     return rotary(x, position_ids=torch.arange(x.shape[1])[None])
+
+
+def _delta_conv(mixer) -> None:
+    mixer.conv1d.weight.zero_()
+    mixer.conv1d.weight[:, 0, -1] = 1.0
+    mixer.conv1d.bias.zero_()
+
+
+@torch.no_grad()
+def test_linearized_features_are_the_projections_scaled_into_silus_linear_range():
+    mixer, _ = _mixer()
+    _delta_conv(mixer)
+    mixer.D.fill_(1.0)
+    assert linearize_features(mixer) == {"features": "linear"}
+    s = mixer.settings
+    x_in = _inputs(offset=0.0)[0]
+    _, xBC, _ = mixer._project(x_in, None)  # before the conv: (b, channels, l)
+    x, _, B, C, _, _ = mixer._project_and_convolve(x_in, None, None)
+    xs, Bs, Cs = xBC.transpose(1, 2).split(
+        [s.num_groups * s.head_dim, s.num_groups * s.state_size, s.num_heads * s.state_size], -1
+    )
+    r = s.num_heads // s.num_groups
+    x_lin = (LINEAR_X_SCALE / 2 * xs).view(*xs.shape[:2], s.num_groups, -1).repeat_interleave(r, 2)
+    B_lin = (LINEAR_BC_SCALE / 2 * Bs).view(*Bs.shape[:2], s.num_groups, -1).repeat_interleave(r, 2)
+    C_lin = (LINEAR_BC_SCALE / 2 * Cs).view(*Cs.shape[:2], s.num_heads, -1)
+    for got, linear in ((x, x_lin), (B, B_lin), (C, C_lin)):  # silu(s u) = s u / 2 + (s u)² / 4 + ...
+        assert float((got - linear).norm() / linear.norm()) < 0.1
+    torch.testing.assert_close(mixer.D, torch.full_like(mixer.D, LINEAR_BC_SCALE**2))  # the scan term's ratio
+
+
+@torch.no_grad()
+def test_a_random_conv_is_not_linearized():
+    mixer, _ = _mixer()
+    conv, D = mixer.conv1d.weight.clone(), mixer.D.clone()
+    assert linearize_features(mixer) == {"features": "silu"}
+    assert torch.equal(mixer.conv1d.weight, conv) and torch.equal(mixer.D, D)
 
 
 @torch.no_grad()
