@@ -31,6 +31,7 @@ from hybridize.configs import (
     PushConfig,
 )
 from hybridize.configs.distill import EVAL_EVERY, SAVE_EVERY
+from hybridize.configs.llamacpp import RUNTIMES, LlamaCppBenchConfig, pick_runtime, refuse_options
 from hybridize.errors import ConfigError, HybridizeError
 
 app = typer.Typer(
@@ -54,6 +55,21 @@ ModelArg = Annotated[
 Output = Annotated[Path, typer.Option("--output", "-o", help="Directory to create (written atomically).")]
 Overwrite = Annotated[bool, typer.Option(help="Replace the output directory if it exists.")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Run the model's own code from its directory or the Hub.")]
+
+
+Runtime = Annotated[
+    str,
+    typer.Option(
+        help=f"Which runtime runs the model: {', '.join(RUNTIMES)}. auto runs a .gguf file through llama.cpp "
+        "(llama-cpp-python, the gguf extra) and anything else through PyTorch; torch dequantizes a .gguf file into "
+        "PyTorch; llama.cpp also runs an alias's packaged GGUF."
+    ),
+]
+Threads = Annotated[int | None, typer.Option(help="llama.cpp threads (default: llama-cpp-python's).")]
+KVCache = Annotated[str, typer.Option(help="llama.cpp: attention KV cache type, f16 (llama.cpp's default) or f32.")]
+FlashAttn = Annotated[
+    bool, typer.Option(help="llama.cpp: flash attention, on as in llama.cpp's tools (off + --kv-cache f32: exact).")
+]
 
 
 class WeightsDType(str, enum.Enum):
@@ -260,14 +276,35 @@ def analyze(
 @app.command(cls=_Command)
 def export(
     model: ModelArg,
-    output: Output,
-    to: Annotated[str, typer.Option(help="Native transformers model type to write.")] = ExportConfig.to,
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="Directory (native) or .gguf file (--to gguf) to create, atomically."),
+    ],
+    to: Annotated[
+        str, typer.Option(help="granitemoehybrid (native transformers) or gguf (one file for llama.cpp).")
+    ] = ExportConfig.to,
+    outtype: Annotated[
+        str, typer.Option(help="--to gguf: weight matrices as f32, f16, bf16 or q8_0.")
+    ] = ExportConfig.outtype,
     overwrite: Overwrite = False,
 ):
-    """Write a hybrid as a native transformers model (GraniteMoeHybrid) that loads with no custom code."""
-    config = ExportConfig(to=to)
+    """Write a hybrid as a native transformers model (GraniteMoeHybrid) that loads with no custom code, or with
+    --to gguf as one GGUF file for llama.cpp, Ollama and llama-cpp-python (granitehybrid; llama when every layer is
+    attention)."""
+    config = ExportConfig(to=to, outtype=outtype)
     hybridize.check_output(output, overwrite=overwrite, inputs=[model])
     hybrid, tokenizer = hybridize.load(model)
+    if config.to == "gguf":
+        from hybridize.llamacpp import check_gguf_export, tokenizer_origin
+
+        arch = check_gguf_export(hybrid)
+        origin = tokenizer_origin(hybrid, model)
+        hybridize.export_gguf(
+            hybrid, output, config, tokenizer=tokenizer, tokenizer_gguf=origin, overwrite=overwrite, inputs=[model]
+        )
+        source = f"tokenizer from {origin.name}" if origin else "tokenizer from its files"
+        typer.echo(f"wrote {output} (gguf {arch}, {outtype}, {output.stat().st_size / 2**20:.1f} MiB; {source})")
+        return
     hybridize.save(hybridize.export(hybrid, config), output, tokenizer=tokenizer, overwrite=overwrite, inputs=[model])
     typer.echo(f"wrote {output} ({to})")
 
@@ -312,9 +349,14 @@ def evaluate(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     trust_remote_code: TrustRemoteCode = False,
     dtype: DType = WeightsDType.float32,
+    runtime: Runtime = "auto",
+    threads: Threads = None,
+    kv_cache: KVCache = "f16",
+    flash_attn: FlashAttn = True,
 ):
-    """Held-out perplexity on the built-in Wikipedia corpus (with --baseline, KL and top-1 agreement too), or
-    lm-eval tasks with --tasks. Results on a model directory are recorded in its hybridize.json."""
+    """Held-out perplexity on the built-in Wikipedia corpus (with --baseline, KL, top-1 agreement and the logit
+    distance too), or lm-eval tasks with --tasks. A .gguf file runs through llama.cpp (--runtime), the baseline by its
+    own kind, both on the model's token ids. Results on a model directory are recorded in its hybridize.json."""
     config = EvalConfig(
         data=data,
         seq_len=seq_len,
@@ -325,18 +367,39 @@ def evaluate(
         max_length=max_length,
         limit=limit,
     )
+    runtimes = [pick_runtime(runtime, spec) for spec in ([model, baseline] if baseline else [model])]
+    if "llama.cpp" in runtimes:
+        refuse_options("llama.cpp", {"--tasks": bool(config.tasks), "--prompt-len": config.prompt_len > 0})
+    if runtimes[0] == "llama.cpp":
+        refuse_options(
+            "llama.cpp", {"--dtype": dtype != WeightsDType.float32, "--trust-remote-code": trust_remote_code}
+        )
+    elif "llama.cpp" not in runtimes:
+        refuse_options(
+            "torch",
+            {"--threads": threads is not None, "--kv-cache": kv_cache != "f16", "--no-flash-attn": not flash_attn},
+        )
     _check_json(json_path, [model, baseline])
     from hybridize.evaluate.harness import format_results
     from hybridize.evaluate.perplexity import check_eval
+    from hybridize.llamacpp.runtime import load_gguf_model
     from hybridize.provenance import MANIFEST_NAME, append_step
     from hybridize.sources import load_config, resolve
 
     if config.tasks:  # the only check against the model; an uncached GGUF's config takes seconds
         check_eval(load_config(model, trust_remote_code=trust_remote_code), config)
-    loaded, tokenizer = hybridize.load(
-        model, trust_remote_code=trust_remote_code, dtype=dtype.value, decode_layout=True
-    )
-    reference = hybridize.load(baseline, trust_remote_code=trust_remote_code)[0] if baseline else None
+    gguf = {"n_ctx": config.seq_len, "threads": threads, "kv_cache": kv_cache, "flash_attn": flash_attn}
+    if runtimes[0] == "llama.cpp":
+        loaded, tokenizer = load_gguf_model(model, **gguf)
+    else:
+        loaded, tokenizer = hybridize.load(
+            model, trust_remote_code=trust_remote_code, dtype=dtype.value, decode_layout=True
+        )
+    reference = None
+    if baseline and runtimes[1] == "llama.cpp":
+        reference = load_gguf_model(baseline, **gguf)[0]
+    elif baseline:
+        reference = hybridize.load(baseline, trust_remote_code=trust_remote_code)[0]
     result = hybridize.evaluate(loaded, tokenizer, config, baseline=reference, progress=True)
     if config.tasks:
         typer.echo(f"max_length {result['max_length']}" + (f", limit {config.limit}" if config.limit else ""))
@@ -382,9 +445,48 @@ def bench(
         bool,
         typer.Option(help="Store MODEL's wide weights transposed for the CPU's GEMV (the baseline runs as loaded)."),
     ] = True,
+    runtime: Runtime = "auto",
+    threads: Annotated[
+        str | None, typer.Option(help="llama.cpp: comma-separated thread counts, each measured (default: all cores).")
+    ] = None,
+    kv_cache: KVCache = LlamaCppBenchConfig.kv_cache,
+    flash_attn: FlashAttn = LlamaCppBenchConfig.flash_attn,
 ):
     """Prefill tokens/s, decode ms/token against the memory floor, cache bytes and peak RSS per context length and
-    batch size, side by side with a baseline run on transformers' default and static caches."""
+    batch size, side by side with a baseline run on transformers' default and static caches. A .gguf file runs
+    through llama.cpp (--runtime): decode and prefill tokens/s, state bytes and peak RSS per context and --threads,
+    side by side with a GGUF baseline (an alias: its packaged file)."""
+    if pick_runtime(runtime, model) == "llama.cpp":
+        refuse_options(
+            "llama.cpp",
+            {
+                "--batch": batch != "1",
+                "--plot": plot is not None,
+                "--dtype": dtype != WeightsDType.float32,
+                "--no-decode-layout": not decode_layout,
+            },
+        )
+        gguf_config = LlamaCppBenchConfig(
+            contexts=_int_list(context, "--context"),
+            threads=_int_list(threads, "--threads"),
+            new_tokens=new_tokens,
+            warmup_tokens=warmup_tokens,
+            repeats=repeats,
+            kv_cache=kv_cache,
+            flash_attn=flash_attn,
+        )
+        _check_json(json_path, [model, baseline])
+        from hybridize.llamacpp.bench import bench_gguf, format_bench_gguf
+        from hybridize.llamacpp.runtime import gguf_file
+
+        reference = gguf_file(baseline) if baseline else None
+        result = bench_gguf(gguf_file(model), gguf_config, baseline=reference, progress=True)
+        typer.echo(format_bench_gguf(result))
+        _write_json(result, json_path)
+        return
+    refuse_options(
+        "torch", {"--threads": threads is not None, "--kv-cache": kv_cache != "f16", "--no-flash-attn": not flash_attn}
+    )
     config = BenchConfig(
         contexts=_int_list(context, "--context"),
         new_tokens=new_tokens,
@@ -761,8 +863,13 @@ def generate(
     repeats: Annotated[int, typer.Option(help="With --compare: interleaved runs; medians are reported.")] = 3,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     dtype: DType = WeightsDType.float32,
+    runtime: Runtime = "auto",
+    threads: Threads = None,
+    kv_cache: KVCache = "f16",
+    flash_attn: FlashAttn = True,
 ):
-    """Generate text, speculatively with a draft model (Mamba2/NHA states rolled back by replay, MambaInLlama)."""
+    """Generate text, speculatively with a draft model (Mamba2/NHA states rolled back by replay, MambaInLlama); a
+    .gguf file generates through llama.cpp (--runtime), without a draft."""
     config = GenerateConfig(
         max_new_tokens=max_new_tokens,
         do_sample=sample,
@@ -777,6 +884,37 @@ def generate(
         ignore_eos=ignore_eos,
     )
     _check_json(json_path, [model, draft])
+    if pick_runtime(runtime, model) == "llama.cpp":
+        refuse_options(
+            "llama.cpp",
+            {
+                "--draft": draft is not None,
+                "--draft-layers": draft_layers is not None,
+                "--prompt-lookup": prompt_lookup,
+                "--compare": compare,
+                "--dtype": dtype != WeightsDType.float32,
+            },
+        )
+        from hybridize.generate import format_generate
+        from hybridize.llamacpp.generate import generate_gguf
+        from hybridize.llamacpp.runtime import gguf_file
+
+        output = generate_gguf(
+            gguf_file(model),
+            prompt,
+            config,
+            threads=threads,
+            kv_cache=kv_cache,
+            flash_attn=flash_attn,
+            stream=lambda text: typer.echo(text, nl=False),
+        )
+        typer.echo()
+        typer.echo(format_generate(output))
+        _write_json(output.to_dict(), json_path)
+        return
+    refuse_options(
+        "torch", {"--threads": threads is not None, "--kv-cache": kv_cache != "f16", "--no-flash-attn": not flash_attn}
+    )
     from hybridize.generate import format_compare, format_generate, load_draft
 
     target, tokenizer = hybridize.load(model, dtype=dtype.value, decode_layout=True)

@@ -23,6 +23,10 @@ class OutputExistsError(HybridizeError):
     """The output directory exists and `overwrite` was not given."""
 
 
+class DependencyError(HybridizeError):
+    """An optional dependency a command needs is not installed (e.g. llama-cpp-python for the llama.cpp runtime)."""
+
+
 class OutputError(HybridizeError):
     """The output cannot be written there: it overlaps an input, its parent is a file or read-only, no space."""
 
@@ -30,6 +34,7 @@ class OutputError(HybridizeError):
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "DependencyError",
     "HybridizeError",
     "OutputError",
     "OutputExistsError",

@@ -12,7 +12,7 @@ import torch
 from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
 
 from .configs.export import TARGETS, ExportConfig
-from .errors import UnsupportedModelError
+from .errors import ConfigError, UnsupportedModelError
 from .modeling import HybridForCausalLM, Mamba2MixerConfig
 from .provenance import record_step
 
@@ -21,6 +21,8 @@ _LAYER_TYPES = {"attention": "full_attention", "mamba2": "linear_attention"}
 
 def check_export(model: HybridForCausalLM, config: ExportConfig) -> None:
     """Raise `UnsupportedModelError` if `model` has no exact native equivalent, before anything is built."""
+    if config.to == "gguf":
+        raise ConfigError("to='gguf' writes a file, not a model: call hybridize.export_gguf(model, path, config, ...)")
     c = model.config
     unsupported = sorted(set(c.mixer_types) - set(_LAYER_TYPES))
     if unsupported:

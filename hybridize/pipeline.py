@@ -8,6 +8,7 @@ steps:
   - distill: {teacher: llama, stage: layerwise, tokens: 200K}
   - eval: {max_tokens: 8192}
   - export: {to: granitemoehybrid, output: out/smol-mamba50-native}
+  - export: {to: gguf, outtype: q8_0, output: out/smol-mamba50-q8_0.gguf}
 ```
 
 Each step's options are its config's fields (`ConvertConfig`, `DistillConfig`, ...), plus the few runtime inputs the
@@ -149,6 +150,20 @@ def _fuse(state: _State, config: FuseConfig, runtime: dict) -> None:
 
 def _export(state: _State, config: ExportConfig, runtime: dict) -> dict:
     inputs = (*state.inputs, state.output)
+    if config.to == "gguf":
+        from .llamacpp import export_gguf, tokenizer_origin
+
+        origin = tokenizer_origin(state.model)
+        export_gguf(
+            state.model,
+            runtime["output"],
+            config,
+            tokenizer=state.tokenizer,
+            tokenizer_gguf=origin,
+            overwrite=state.overwrite,
+            inputs=inputs,
+        )
+        return {"output": str(runtime["output"])}
     save(
         export(state.model, config),
         runtime["output"],

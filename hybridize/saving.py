@@ -13,6 +13,8 @@ What a save guarantees:
   `overwrite` or not; its nearest existing ancestor must be a writable directory; a save needs about the model's
   size free and says so when it is not there.
 - The tokenizer files (chat template included) are copied byte for byte from where the tokenizer came from.
+
+`atomic_file` gives a single-file output (a GGUF export) the same guarantees.
 """
 
 import contextlib
@@ -190,6 +192,50 @@ def atomic_output(output: str | Path, *, overwrite: bool = False, inputs: Iterab
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(output: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yield a temporary file path beside `output` (a single-file output, such as a GGUF file); when the block
+    succeeds it becomes `output`, when it fails it is removed. Checked as `check_output` (before the work) and again
+    at the end: with `overwrite` the finished file replaces `output` in one `os.replace`; without it a hard link
+    creates `output` only if it still does not exist (`OutputExistsError` if another process made it meanwhile)."""
+    output = Path(output)
+    check_output(output, overwrite=overwrite, inputs=inputs)
+    if output.is_dir():
+        raise OutputError(f"output {output} is a directory; name a file")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(output)
+    tmp = _sibling(output, "tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        yield tmp
+        tmp.chmod(0o666 & ~umask)
+        if overwrite:
+            os.replace(tmp, output)
+        else:
+            try:
+                os.link(tmp, output)
+            except FileExistsError:
+                raise OutputExistsError(
+                    f"output {output} was created by another process while this one ran; left as is"
+                ) from None
+            except OSError as error:  # a file system without hard links: check, then rename
+                if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                if output.exists():
+                    raise OutputExistsError(
+                        f"output {output} was created by another process while this one ran; left as is"
+                    ) from None
+                os.replace(tmp, output)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise OutputError(f"no space left on the device while writing {output}") from None
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
 def model_bytes(model) -> int:
     """About what saving `model` takes on disk: its parameters and buffers at their dtypes."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}  # tied weights once
@@ -251,6 +297,7 @@ def save(model, output: str | Path, *, tokenizer=None, overwrite: bool = False, 
 
 __all__ = [
     "TOKENIZER_FILES",
+    "atomic_file",
     "atomic_output",
     "check_output",
     "check_space",

@@ -123,3 +123,56 @@ def run_cli(*args) -> tuple[int, str]:
             except SystemExit as exit_:
                 code = exit_.code if isinstance(exit_.code, int) else 1
     return code, out.getvalue() + err.getvalue()
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_bpe_tokenizer(vocab_size: int = 384, pre_tokenizer=None, ignore_merges: bool = False):
+    """A real byte-level BPE tokenizer (every byte a token, so any text encodes) trained on the packaged train split
+    to `vocab_size` tokens, three ChatML special tokens first, with a chat template: the kind of tokenizer a GGUF
+    export writes. `pre_tokenizer` (default: GPT-2's byte-level split) replaces the one it was trained with."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hybridize.evaluate.corpus import load_corpus
+
+    backend = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(load_corpus("train")[:40], trainer)
+    if pre_tokenizer is not None:
+        backend.pre_tokenizer = pre_tokenizer
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+GGUF_VOCAB = 384  # byte_bpe_tokenizer's default size: the tiny models exported to GGUF carry that tokenizer
+
+
+def gguf_hybrid(mixer_types, mixers=None, **overrides):
+    """A random tiny hybrid over `GGUF_VOCAB` tokens (`byte_bpe_tokenizer`'s), one layer per entry of `mixer_types`,
+    its 1-D parameters (norms, dt_bias, A_log, D) off their defaults."""
+    from hybridize.modeling import HybridConfig, HybridForCausalLM
+
+    torch.manual_seed(0)
+    settings = {**TINY, "vocab_size": GGUF_VOCAB, "num_hidden_layers": len(mixer_types), **overrides}
+    config = HybridConfig(**settings, mixer_types=list(mixer_types), mixers=mixers or {})
+    model = HybridForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model

@@ -90,12 +90,15 @@ def compare_logits(
 
     Returns:
         `dict[str, float]`: `kl` (mean per-token KL(baseline || model), in nats), `top1_agreement` (fraction of
-        positions where both argmaxes agree), `perplexity` (the model's) and `baseline_perplexity`.
+        positions where both argmaxes agree), `perplexity` (the model's), `baseline_perplexity`, and the largest and
+        the mean absolute difference of the logits (`max_abs_logit_diff`, `mean_abs_logit_diff`: how exactly an
+        export reproduces its model, e.g. a GGUF file run by llama.cpp against the PyTorch hybrid).
 
     Example: `compare_logits(hybrid, source, blocks)["kl"]`
     """
     _check_blocks(blocks)
     kl, agree, nll, baseline_nll, positions = 0.0, 0, 0.0, 0.0, 0
+    max_abs, sum_abs = 0.0, 0.0
     with _eval_mode(model, baseline), torch.inference_mode():
         for batch in _batches(blocks, batch_size, progress):
             logits = _logits(model, batch, prompt_len)
@@ -113,6 +116,8 @@ def compare_logits(
             # KL(p || q) = sum_v p (log p - log q); p = 0 contributes 0.
             kl += (log_p.exp() * (log_p - log_q)).sum(-1).double().sum().item()
             agree += int((logits.argmax(-1) == baseline_logits.argmax(-1)).sum().item())
+            distance = (logits.float() - baseline_logits.float()).abs()  # (b, l, v)
+            max_abs, sum_abs = max(max_abs, distance.max().item()), sum_abs + distance.double().sum().item()
             positions += logits.shape[0] * logits.shape[1]
     predictions = positions - blocks.shape[0]  # a block's last position predicts nothing
     return {
@@ -120,6 +125,8 @@ def compare_logits(
         "top1_agreement": agree / positions,
         "perplexity": math.exp(nll / predictions),
         "baseline_perplexity": math.exp(baseline_nll / predictions),
+        "max_abs_logit_diff": max_abs,
+        "mean_abs_logit_diff": sum_abs / (positions * logits.shape[-1]),
     }
 
 
