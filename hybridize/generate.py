@@ -102,6 +102,7 @@ class GenerateResult:
         return {
             **{k: v for k, v in asdict(self).items() if k not in ("token_ids", "draft_tokens")},
             "new_tokens": len(self.token_ids),
+            "token_ids": list(self.token_ids),  # to compare runs: greedy tokens across runtimes or files
             "acceptance_rate": self.acceptance_rate,
             "tokens_per_s": self.tokens_per_s,
             "tokens_per_round": self.tokens_per_round,
