@@ -129,10 +129,13 @@ def bench_gguf(
                 }
             rows.append(row)
     bar.close()
+    models = {name: _describe(paths[name], llm) for name, llm in llms.items()}
+    for llm in llms.values():
+        llm.close()  # now, not at exit, when llama-cpp-python's teardown fails noisily
     return {
         "config": {**asdict(config), "threads": list(threads)},
         "rows": rows,
-        "models": {name: _describe(paths[name], llm) for name, llm in llms.items()},
+        "models": models,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "runtime": {"name": "llama.cpp", "llama_cpp_python": llama_cpp.__version__},
     }

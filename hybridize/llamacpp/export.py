@@ -125,16 +125,19 @@ def export_gguf(
         plan = _plan(layout, config.outtype)
         check_space(output.parent, sum(_encoded_bytes(s, q) for s, q in plan.values()), f"the GGUF file {output}")
         writer = gguf.GGUFWriter(tmp, layout.arch)
-        _add_metadata(writer, layout, output.stem, config.outtype)
-        add_tokenizer(writer, tokenizer, vocab_size=model.config.vocab_size, origin=tokenizer_gguf)
-        for name, (shape, qtype) in plan.items():
-            writer.add_tensor_info(name, shape, np.dtype(np.float32), _encoded_bytes(shape, qtype), raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for name, (shape, qtype) in plan.items():  # pass two: one tensor at a time
-            writer.write_tensor_data(_encode(layout.tensors[name](), qtype))
-        writer.close()
+        try:
+            _add_metadata(writer, layout, output.stem, config.outtype)
+            add_tokenizer(writer, tokenizer, vocab_size=model.config.vocab_size, origin=tokenizer_gguf)
+            for name, (shape, qtype) in plan.items():
+                nbytes = _encoded_bytes(shape, qtype)
+                writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for name, (shape, qtype) in plan.items():  # pass two: one tensor at a time
+                writer.write_tensor_data(_encode(layout.tensors[name](), qtype))
+        finally:
+            writer.close()
     logger.info("wrote %s (%s, %s, %d tensors)", output, layout.arch, config.outtype, len(plan))
     return output
 

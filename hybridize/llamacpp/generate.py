@@ -51,11 +51,18 @@ def generate_gguf(
 
     Example: `generate_gguf("out/gguf/smol-mamba50-q8_0.gguf", "The capital of France is", GenerateConfig())`
     """
-    llm = (
-        load_gguf(model, n_ctx=0, threads=threads, kv_cache=kv_cache, flash_attn=flash_attn)
-        if isinstance(model, (str, Path))
-        else model
-    )
+    if not isinstance(model, (str, Path)):
+        return _generate(model, prompt, config, stream)
+    llm = load_gguf(model, n_ctx=0, threads=threads, kv_cache=kv_cache, flash_attn=flash_attn)
+    try:
+        return _generate(llm, prompt, config, stream)
+    finally:
+        llm.close()  # now, not at exit, when llama-cpp-python's teardown fails noisily
+
+
+def _generate(
+    llm: Any, prompt: str | Sequence[int], config: GenerateConfig, stream: Callable[[str], None] | None
+) -> GenerateResult:
     tokenizer = LlamaCppTokenizer(llm)
     prompt_ids = _prompt_ids(tokenizer, prompt, config)
     if len(prompt_ids) + config.max_new_tokens > llm.n_ctx():

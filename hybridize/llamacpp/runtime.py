@@ -7,6 +7,7 @@ a PyTorch model, and compare the two: the same token ids go into both. `load_ggu
 """
 
 import importlib
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,8 @@ class LlamaCppCausalLM(nn.Module):
         self.llm = load_gguf(
             path, n_ctx=n_ctx, threads=threads, logits_all=True, kv_cache=kv_cache, flash_attn=flash_attn
         )
+        # freed with this module, or at exit before Python tears down llama-cpp-python (which then fails noisily)
+        weakref.finalize(self, self.llm.close)
         self.name_or_path = str(path)
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> Any:
