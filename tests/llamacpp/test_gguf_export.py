@@ -234,3 +234,19 @@ def test_missing_llama_cpp_python_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # importing it now raises ImportError
     with pytest.raises(DependencyError, match=r"\.\[gguf\].*--runtime torch"):
         require_llama_cpp()
+
+
+def test_a_recipe_exports_gguf(tokenizer, tmp_path):
+    source = tmp_path / "source"
+    make_tiny("llama", vocab_size=GGUF_VOCAB).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {source}\noutput: {tmp_path / 'out'}\nsteps:\n"
+        "  - convert: {ratio: 0.5, mixer_init: attention}\n"
+        f"  - export: {{to: gguf, outtype: q8_0, output: {tmp_path / 'h.gguf'}}}\n"
+    )
+    hybridize.run(recipe)
+    fields = _fields(tmp_path / "h.gguf")
+    assert fields["general.architecture"] == "granitehybrid" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
