@@ -4,7 +4,7 @@ repeated, reported as medians and ratios (as `hybridize.evaluate.bench` does for
 machine only a ratio measured side by side means anything).
 
 Each model decodes greedily (the argmax of llama.cpp's logits) after a prompt of held-out text tokenized by its own
-GGUF tokenizer, from an emptied context each run. The state is `llama_state_seq_get_size`: the KV cells of the
+GGUF tokenizer, from an emptied context each run, after one untimed forward that pages its memory-mapped weights in. The state is `llama_state_seq_get_size`: the KV cells of the
 attention layers plus the conv and SSM states of Mamba2 layers, what a context costs in memory.
 """
 
@@ -104,6 +104,9 @@ def bench_gguf(
                 "shorter --context values"
             )
     prompts = {name: _prompt(llm, max(config.contexts)) for name, llm in llms.items()}
+    for name, llm in llms.items():  # untimed: the first forward pages the memory-mapped weights in
+        clear(llm)
+        llm.eval(prompts[name][:32])
     rows = []
     bar = tqdm(total=len(config.contexts) * len(threads) * config.repeats * len(llms), desc="bench", unit="run")
     bar.disable = not progress
