@@ -232,8 +232,9 @@ def test_calibrate_readouts_changes_only_the_readouts_and_restores_the_mode(cali
     assert hybrid.training and not source.training
     assert all(torch.equal(v, before[k]) for k, v in source.state_dict().items())
     changed = {k for k, v in hybrid.state_dict().items() if not torch.equal(v, mapped[k])}
-    # the readouts, and Mamba2's gate and dt rows of in_proj and its decays (`convert.mamba2.fit_gate`, `fit_decay`)
-    fitted = ("out_proj.weight", "in_proj.weight", "A_log", "dt_bias")
+    # the readouts, Mamba2's conv taps and D (`convert.mamba2.linearize_features`), its gate and dt rows of in_proj
+    # and its decays (`fit_gate`, `fit_decay`)
+    fitted = ("out_proj.weight", "conv1d.weight", "D", "in_proj.weight", "A_log", "dt_bias")
     assert changed == {f"model.layers.{i}.mixer.{name}" for i in (0, 2) for name in fitted}
 
 
