@@ -8,6 +8,18 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from ..validation import check_fields
 
+
+def check_decode_counts(config) -> None:
+    """The checks every decode benchmark config shares: positive contexts, new_tokens and repeats, warm-up >= 0."""
+    if not config.contexts or min(config.contexts) < 1:
+        raise ConfigError(f"contexts must be positive token counts, got {config.contexts}")
+    for name in ("new_tokens", "repeats"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.warmup_tokens < 0:
+        raise ConfigError(f"warmup_tokens must be at least 0, got {config.warmup_tokens}")
+
+
 SPLITS = ("train", "heldout")  # of the packaged corpus (`hybridize.evaluate.corpus`)
 
 
@@ -100,15 +112,9 @@ class BenchConfig:
 
     def __post_init__(self):
         check_fields(self, distinct=("contexts", "batch_sizes"))
-        if not self.contexts or min(self.contexts) < 1:
-            raise ConfigError(f"contexts must be positive token counts, got {self.contexts}")
+        check_decode_counts(self)
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ConfigError(f"batch_sizes must be positive, got {self.batch_sizes}")
-        for name in ("new_tokens", "repeats"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup_tokens < 0:
-            raise ConfigError(f"warmup_tokens must be at least 0, got {self.warmup_tokens}")
 
 
 __all__ = ["SPLITS", "BenchConfig", "EvalConfig"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..validation import check_fields
+from .evaluate import check_decode_counts
 
 RUNTIMES = ("auto", "torch", "llama.cpp")
 # the llama-cpp-python release the `gguf` extra pins and the tests ran: its llama.cpp computes `granitehybrid`
@@ -69,15 +70,9 @@ class LlamaCppBenchConfig:
 
     def __post_init__(self):
         check_fields(self, distinct=("contexts", "threads"))
-        if not self.contexts or min(self.contexts) < 1:
-            raise ConfigError(f"contexts must be positive token counts, got {self.contexts}")
+        check_decode_counts(self)
         if self.threads is not None and (not self.threads or min(self.threads) < 1):
             raise ConfigError(f"threads must be positive counts, got {self.threads}")
-        for name in ("new_tokens", "repeats"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup_tokens < 0:
-            raise ConfigError(f"warmup_tokens must be at least 0, got {self.warmup_tokens}")
         check_kv_cache(self.kv_cache)
 
 
