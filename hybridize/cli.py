@@ -284,7 +284,8 @@ def export(
         str, typer.Option(help="granitemoehybrid (native transformers) or gguf (one file for llama.cpp).")
     ] = ExportConfig.to,
     outtype: Annotated[
-        str, typer.Option(help="--to gguf: weight matrices as f32, f16, bf16 or q8_0.")
+        str,
+        typer.Option(help="--to gguf: weight matrices as f32, f16, bf16, q8_0 or q4_1 (embedding and head at q8_0)."),
     ] = ExportConfig.outtype,
     overwrite: Overwrite = False,
 ):

@@ -8,7 +8,7 @@ from ..validation import check_fields
 # "gguf" is a file for llama.cpp (`hybridize.llamacpp.export`); the others are native transformers model types
 TARGETS = ("granitemoehybrid", "gguf")
 # tensor types of a GGUF export, named as llama.cpp's converter names them (`--outtype`)
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -17,7 +17,8 @@ class ExportConfig:
     to (`str`, *optional*, defaults to `"granitemoehybrid"`): the native transformers model type, or `"gguf"` for
         a llama.cpp file (`granitehybrid` for attention + Mamba2 hybrids, `llama` for all-attention models).
     outtype (`str`, *optional*, defaults to `"f32"`): with `to="gguf"`, the type of the weight matrices: `f32`,
-        `f16`, `bf16` or `q8_0` (quantised by the `gguf` package's own quantiser); norms, biases, SSM scalars and the
+        `f16`, `bf16`, `q8_0` or `q4_1` (quantised by the `gguf` package's own quantiser; at `q4_1` the token embedding
+        and output head are `q8_0`, as in the shipped SmolLM2 Q4_1 file); norms, biases, SSM scalars and the
         Mamba2 convolution stay `f32`, as llama.cpp's converter keeps them.
     """
 

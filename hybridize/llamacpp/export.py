@@ -25,22 +25,25 @@ from .tokenizer import add_tokenizer
 logger = logging.getLogger(__name__)
 
 Q = gguf.GGMLQuantizationType
-_QTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+_QTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_1": Q.Q4_1}
 _FILE_TYPES = {
     "f32": gguf.LlamaFileType.ALL_F32,
     "f16": gguf.LlamaFileType.MOSTLY_F16,
     "bf16": gguf.LlamaFileType.MOSTLY_BF16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
 }
+# 4-bit files keep the vocabulary-wide matrices at 8 bits, as the shipped SmolLM2 Q4_1 file (llama-quantize) does
+_EIGHT_BIT_IN_Q4 = ("token_embd.weight", "output.weight")
 
 
 def _tensor_type(name: str, shape: tuple[int, ...], outtype: str) -> Q:
     """As llama.cpp's converter chooses: vectors, norms, tensors not named `.weight` (biases, `ssm_a`, `ssm_d`) and
     the Mamba2 convolution (ggml's `ssm_conv` reads f32) stay f32; a matrix whose rows do not fill whole quantisation
-    blocks falls back to f16."""
+    blocks falls back to f16. At q4_1 the token embedding and output head are q8_0."""
     if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or ".ssm_conv1d." in name:
         return Q.F32
-    qtype = _QTYPES[outtype]
+    qtype = Q.Q8_0 if outtype == "q4_1" and name in _EIGHT_BIT_IN_Q4 else _QTYPES[outtype]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     return qtype if shape[-1] % block == 0 else Q.F16
 
@@ -74,7 +77,7 @@ def _add_metadata(writer: gguf.GGUFWriter, layout: GGUFLayout, name: str, outtyp
     for method, value in layout.hparams.items():
         getattr(writer, method)(value)
     writer.add_file_type(_FILE_TYPES[outtype])
-    if outtype == "q8_0":
+    if outtype in ("q8_0", "q4_1"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 

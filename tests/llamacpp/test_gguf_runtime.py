@@ -115,18 +115,29 @@ def test_chat_prompt_uses_the_template_inside_the_gguf(export, tokenizer, opened
     assert result.prompt_tokens == len(expected)
 
 
-@pytest.mark.parametrize("outtype, kl_bound", [("f16", 1e-5), ("bf16", 1e-3), ("q8_0", 1e-4)])
+# KL (nats/token), top-1 agreement and relative perplexity change against f32. The tiny model's near-flat logits make
+# top-1 fragile at 4 bits (0.75 measured) while KL stays small (3e-4)
+QUANTISED_BOUNDS = {
+    "f16": (1e-5, 0.9, 0.005),
+    "bf16": (1e-3, 0.9, 0.005),
+    "q8_0": (1e-4, 0.9, 0.005),
+    "q4_1": (1e-3, 0.6, 0.02),
+}
+
+
+@pytest.mark.parametrize("outtype", sorted(QUANTISED_BOUNDS))
 @torch.inference_mode()
-def test_quantised_files_load_and_stay_close_to_f32(outtype, kl_bound, export, opened):
-    """KL(f32 || outtype) per token on held-out text, and perplexity within 0.5% of the f32 file's."""
+def test_quantised_files_load_and_stay_close_to_f32(outtype, export, opened):
+    """KL(f32 || outtype) per token on random tokens, and perplexity within 0.5% of the f32 file's (2% at 4 bits)."""
+    kl_bound, top1_bound, perplexity_bound = QUANTISED_BOUNDS[outtype]
     model = gguf_hybrid(["mamba2", "attention"] * 2)
     reference = LlamaCppCausalLM(export(model), n_ctx=128, threads=1)
     quantised = LlamaCppCausalLM(export(model, outtype), n_ctx=128, threads=1)
     opened(reference), opened(quantised)
     blocks = torch.randint(0, GGUF_VOCAB, (4, 128))
     result = compare_logits(quantised, reference, blocks)
-    assert result["kl"] < kl_bound and result["top1_agreement"] > 0.9
-    assert abs(result["perplexity"] / result["baseline_perplexity"] - 1) < 0.005
+    assert result["kl"] < kl_bound and result["top1_agreement"] > top1_bound
+    assert abs(result["perplexity"] / result["baseline_perplexity"] - 1) < perplexity_bound
 
 
 PRE_TOKENIZERS = {
