@@ -43,7 +43,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from hybridize.evaluate.corpus import load_articles
+from hybridize.io.corpus import load_articles
 
 DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parents[1] / "hybridize" / "data" / "tasks"
 PASSKEY_LENGTHS = {"passkey_2k": 2048, "passkey_4k": 4096, "passkey_8k": 8192}

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from hybridize.evaluate.corpus import load_articles
+from hybridize.io.corpus import load_articles
 
 SCIENCE_TRAIN = {
     "Aardvark", "Aardwolf", "Abacus", "Acid", "Actinopterygii", "Adobe", "Affirming the consequent", "Agnostida",

@@ -17,11 +17,11 @@ from typing import Any
 
 from torch import nn
 
-from .calibrate import calibration_blocks
 from .configs.analyze import AnalyzeConfig
 from .convert.lazy import attention_modules, laziest_layers, lazy_frequency, measure_lazy_ratios
 from .convert.selection import num_converted
 from .errors import ConfigError
+from .io.calibration import calibration_blocks
 from .saving import atomic_output
 
 RESULT_NAME = "lazy_ratio.json"

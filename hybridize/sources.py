@@ -38,6 +38,7 @@ from transformers import (
 
 from .errors import CheckpointError
 from .families import check_supported
+from .io.paths import looks_like_local_path
 from .provenance import read_manifest
 
 logger = logging.getLogger(__name__)
@@ -152,18 +153,6 @@ def _check_gguf(path: Path) -> None:
         )
 
 
-def _looks_like_path(spec: str) -> bool:
-    """A spec the user meant as a local path: explicit prefixes, a .gguf name, or a first component that exists."""
-    separators = tuple(sep for sep in (os.sep, os.altsep) if sep)
-    return (
-        spec.startswith(("./", "../", "/", "~", ".\\", "..\\"))
-        or spec in (".", "..")
-        or spec.lower().endswith(".gguf")
-        or spec.count("/") > 1
-        or (any(sep in spec for sep in separators) and Path(re.split(r"[\\/]", spec)[0]).exists())
-    )
-
-
 def resolve(spec: str) -> Source:
     """Resolve a model spec without reading any weights.
 
@@ -200,7 +189,7 @@ def resolve(spec: str) -> Source:
             raise CheckpointError(f"{spec} is a file but not a .gguf file; pass {_FORMS}")
         _check_gguf(path)
         return Source(kind="gguf", location=str(path), spec=spec)
-    if _looks_like_path(spec):
+    if looks_like_local_path(spec, suffixes=(".gguf",)):
         raise CheckpointError(f"no such model directory or file: {spec}")
     try:
         if not _HUB_ID.fullmatch(spec):

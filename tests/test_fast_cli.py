@@ -212,7 +212,7 @@ def test_public_names_resolve_and_functions_stay_functions():
     result = _python(
         """
         import hybridize
-        import hybridize.evaluate.harness, hybridize.convert.selection, hybridize.distill.data  # submodules first
+        import hybridize.evaluate.harness, hybridize.convert.selection, hybridize.io.text  # submodules first
         import hybridize.analyze, hybridize.export, hybridize.generate
         from hybridize import evaluate
         shadowed = ["analyze", "convert", "distill", "evaluate", "export", "generate"]

@@ -59,8 +59,8 @@ def test_cached_generation_equals_full_forward(hybrid50, text_ids):
 def test_calibrated_conversion_starts_close_to_smollm2(smollm2):
     """The calibrated readout on 2K calibration tokens brings the ratio-0.5 hybrid within a few times the source's
     held-out perplexity; the published mapping is thousands of times off (README: calibrated initialisation)."""
-    from hybridize.evaluate.corpus import token_blocks
     from hybridize.evaluate.perplexity import compare_logits
+    from hybridize.io.corpus import token_blocks
 
     model, tokenizer = smollm2
     config = hybridize.ConvertConfig(ratio=0.5, calibration_docs=2, calibration_len=1024)

@@ -1,8 +1,9 @@
 """Tiny random models of each supported family (hidden 64, 4 layers, 4 query / 2 KV heads,
-vocab 128), tiny hybrids, and float tolerances per dtype."""
+vocab 128), tiny hybrids, small tokenizers and random text over their words, and float tolerances per dtype."""
 
 import contextlib
 import io
+import random
 import sys
 
 import pytest
@@ -103,6 +104,57 @@ def word_tokenizer(vocab_size: int = 128, eos: str = "w1"):
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", eos_token=eos)
 
 
+def eos_word_tokenizer(shift: int = 0):
+    """`<unk>` 0, `<eos>` 1 and words `w2`..`w127` -> their ids; `shift` permutes the ids (a tokenizer that
+    disagrees with the default one). Special tokens are not words, or `w1` would match inside `w115`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<eos>", *(f"w{i}" for i in range(2, 128))]
+    vocab = {word: (i + shift) % 128 for i, word in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def bos_word_tokenizer():
+    """A real `PreTrainedTokenizerFast` over the words a, b, c that adds BOS itself, as Llama-2 tokenizers do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3, "b": 4, "c": 5}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+class CharTokenizer:
+    """One token per character (ids 3..127), with an optional BOS and EOS, called like a Hugging Face tokenizer."""
+
+    def __init__(self, *, bos_token_id: int | None = 1, eos_token_id: int | None = 2) -> None:
+        self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
+        self.calls = 0
+
+    def __call__(self, text: str, *, add_special_tokens: bool = True, verbose: bool = True) -> dict[str, list[int]]:
+        self.calls += 1
+        ids = [3 + ord(char) % (TINY["vocab_size"] - 3) for char in text]
+        if add_special_tokens and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return {"input_ids": ids}
+
+
+def random_text(rng: random.Random, words: int) -> str:
+    """`words` random words of `eos_word_tokenizer` (`w2`..`w127`), space-separated."""
+    return " ".join(f"w{rng.randrange(2, 128)}" for _ in range(words))
+
+
+def random_paragraphs(num_paragraphs: int = 60, seed: int = 0) -> str:
+    """Paragraphs of 20-80 `random_text` words separated by blank lines: about 3,000 tokens for 60."""
+    rng = random.Random(seed)
+    return "\n\n".join(random_text(rng, rng.randrange(20, 80)) for _ in range(num_paragraphs))
+
+
 def save_tiny(path, family: str = "llama", **overrides):
     """A tiny random model of `family` and `word_tokenizer()` saved in `path`, loadable like any checkpoint."""
     make_tiny(family, **overrides).save_pretrained(path)
@@ -138,7 +190,7 @@ def byte_bpe_tokenizer(vocab_size: int = 384, pre_tokenizer=None, ignore_merges:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from hybridize.evaluate.corpus import load_corpus
+    from hybridize.io.corpus import load_corpus
 
     backend = Tokenizer(models.BPE(ignore_merges=ignore_merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

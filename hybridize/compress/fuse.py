@@ -6,7 +6,7 @@ onto the anchor (the first model) by transport plans P (m_model x m_target, unif
 (`ot.emd` exact, or `ot.sinkhorn` soft) from a ground cost between units:
 
 - `activations` (default): Euclidean distance between the units' z-scored activations on calibration text (the
-  cross-moments are accumulated model by model, block by block, through `hybridize.calibrate`);
+  cross-moments are accumulated model by model, block by block, through `hybridize.io.calibration`);
 - `weights`: Euclidean distance between the units' L2-normalised weights, read in the already-aligned residual basis.
 
 The units, and where their plan acts:
@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..calibrate import calibrate, calibration_blocks
 from ..configs.compress import ALIGNS, SOLVERS, WIDTH_AXES, FuseConfig
 from ..errors import ConfigError, UnsupportedModelError
+from ..io.calibration import calibrate, calibration_blocks
 from ..modeling import HybridConfig, HybridForCausalLM
 from ..provenance import record_step
 

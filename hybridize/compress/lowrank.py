@@ -23,7 +23,7 @@ ratios per matrix; one probe per matrix is our cheaper variant. A matrix whose r
 `ratio` is the fraction of the *targeted* linear parameters kept (SVD-LLM's convention, so that `ratio=0.8` is their
 "20% compression"); embeddings, norms and the head are never factorized, and the whole-model ratio is recorded in the
 step's metrics. Calibration statistics (one Gram matrix per distinct linear input for `svd-llm` and `sensitivity`:
-n² floats each, 0.4 GB for SmolLM2-135M) are gathered in one pass of `hybridize.calibrate`.
+n² floats each, 0.4 GB for SmolLM2-135M) are gathered in one pass of `hybridize.io.calibration`.
 """
 
 import logging
@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibrate import calibrate, calibration_blocks
 from ..configs.compress import METHODS, RANK_ALLOCS, TARGETS, FactorizeConfig
 from ..errors import ConfigError
+from ..io.calibration import calibrate, calibration_blocks
 from ..modeling import HybridForCausalLM, LowRankLinear
 from ..provenance import record_step
 

@@ -2,10 +2,11 @@
 arXiv 2408.11796) with the group-aware SSM pruning of Nemotron-H / Minitron-SSM (Taghibakhshi et al., arXiv
 2504.11409), for hybrids and dense Llama-family models.
 
-`prune(model, PruneConfig(...))` measures activation importances in one calibration pass (`hybridize.calibrate`,
-forward pre-hooks, nothing kept but a few numbers per layer), ranks channels, heads and layers, and slices every
-affected tensor into a smaller `HybridForCausalLM` whose config states its new shape. A dense source is first
-converted to a ratio-0 hybrid (every layer keeps its attention), so the output is always a hybrid checkpoint.
+`prune(model, PruneConfig(...))` measures activation importances in one calibration pass
+(`hybridize.io.calibration`, forward pre-hooks, nothing kept but a few numbers per layer), ranks channels, heads and
+layers, and slices every affected tensor into a smaller `HybridForCausalLM` whose config states its new shape. A
+dense source is first converted to a ratio-0 hybrid (every layer keeps its attention), so the output is always a
+hybrid checkpoint.
 
 Importance (Minitron): for a hooked activation A of shape (b, l, d), a[d] = mean over l of |A|; the squares of a are
 summed over the batch and the calibration blocks (float64) and importance = sqrt of that sum.
@@ -72,9 +73,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from ..calibrate import calibrate, calibration_blocks
 from ..configs.compress import AXES, DEPTH_METRICS, GROUPINGS, PruneConfig
 from ..errors import ConfigError, UnsupportedModelError
+from ..evaluate.perplexity import perplexity
+from ..io.calibration import calibrate, calibration_blocks
 from ..modeling import MIXERS, HybridConfig, HybridForCausalLM, Mamba2Mixer, Mamba2MixerConfig
 from ..modeling.attention import AttentionMixer
 from ..provenance import record_step
@@ -376,8 +378,6 @@ def depth_by_loss(model: HybridForCausalLM, blocks: torch.Tensor, *, progress: b
 
 
 def _loss(model: nn.Module, blocks: torch.Tensor) -> float:
-    from ..evaluate.perplexity import perplexity
-
     return math.log(perplexity(model, blocks))
 
 

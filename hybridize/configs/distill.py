@@ -118,7 +118,7 @@ class DistillConfig:
         stage (`str`, *optional*, defaults to `"e2e"`): `"layerwise"` (train each converted mixer on the teacher's
             per-layer hidden states) or `"e2e"` (logit distillation of the whole student).
         data (`str`, *optional*, defaults to `"wiki"`): the packaged Wikipedia corpus, a local `.txt`/`.jsonl`/
-            `.parquet` file or folder, or a Hub dataset `name[:config]` (see `hybridize.distill.data`); or
+            `.parquet` file or folder, or a Hub dataset `name[:config]` (see `hybridize.io.text`); or
             `generate:N[:PROMPTS]`, N tokens written by the teacher continuing prompts from PROMPTS (default wiki),
             cached beside the output as `<output>.generated-<id>.jsonl` and resumable (`hybridize.distill.generated`).
         text_column (`str`, *optional*): the column holding the text; detected when omitted.

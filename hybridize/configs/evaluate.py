@@ -20,7 +20,7 @@ def check_decode_counts(config) -> None:
         raise ConfigError(f"warmup_tokens must be at least 0, got {config.warmup_tokens}")
 
 
-SPLITS = ("train", "heldout")  # of the packaged corpus (`hybridize.evaluate.corpus`)
+SPLITS = ("train", "heldout")  # of the packaged corpus (`hybridize.io.corpus`)
 
 
 @dataclass(frozen=True, kw_only=True)

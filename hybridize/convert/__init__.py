@@ -12,10 +12,10 @@ import time
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from ..calibrate import calibration_blocks
 from ..configs.convert import CONVERT_MIXERS, SELECTIONS, ConvertConfig
 from ..errors import ConfigError
 from ..families import check_supported
+from ..io.calibration import calibration_blocks
 from ..modeling import MIXERS, HybridConfig, HybridForCausalLM
 from ..modeling.streaming import StreamingMixerConfig
 from ..provenance import record_step

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from ..calibrate import calibrate
 from ..errors import ConfigError
+from ..io.calibration import calibrate
 from ..modeling.streaming import lazy_ratio
 
 logger = logging.getLogger(__name__)

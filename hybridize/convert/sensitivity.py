@@ -30,8 +30,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..distill.losses import token_kl
+from ..evaluate.perplexity import token_kl
 from ..fingerprint import blocks_fingerprint, weights_fingerprint
+from ..io.calibration import calibration_blocks
 from ..sources import cache_root
 from .calibrated import calibrate_mixer, causal_mask, heldout_blocks, source_attention, zero_readout
 
@@ -153,8 +154,6 @@ def layer_sensitivity(
     """`measure_sensitivity` on `config`'s calibration text (or the given `blocks`), read from the cache when it was
     measured before."""
     if blocks is None:
-        from ..calibrate import calibration_blocks
-
         blocks = calibration_blocks(
             tokenizer, config.calibration, num_blocks=config.calibration_docs, seq_len=config.calibration_len
         )

@@ -9,8 +9,8 @@ Two stages, run one per call:
   KL (MambaInLlama, Minitron arXiv 2407.14679), optionally plus cross-entropy, a freezing preset and optional LoRA
   (`e2e.py`).
 
-Both run on the same engine (`engine.py`, accelerate) over the same data (`data.py`). The usual recipe is layerwise,
-then e2e on the result:
+Both run on the same engine (`engine.py`, accelerate) over the same data (`hybridize.io.text`). The usual recipe is
+layerwise, then e2e on the result:
 
 ```
 hybridize distill out/smol-mamba50 --teacher llama --data wiki --tokens 500K --stage layerwise -o out/s1
@@ -49,9 +49,9 @@ from torch import nn
 from ..configs.distill import DEFAULT_LR, EVAL_EVERY, SAVE_EVERY, STAGES, DistillConfig, parse_tokens
 from ..errors import ConfigError, OutputExistsError, UnsupportedModelError
 from ..evaluate.perplexity import compare_logits
+from ..io.text import DistillData, load_data
 from ..provenance import record_step
 from ..saving import save
-from .data import DistillData, load_data
 from .e2e import LogitsObjective, add_lora, converted_layers, freeze, merge_lora, pretrained_parameters
 from .engine import CHECKPOINT, METRICS, DistillInterrupted, read_checkpoint_state, recover_checkpoint, train
 from .generated import generated_data, is_generate_spec

@@ -39,14 +39,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..configs.distill import RESUME_ADVICE
+from ..configs.distill import RESUME_ADVICE, DistillConfig
 from ..errors import CheckpointError, HybridizeError, OutputError
-from .data import DistillData
+from ..io.text import DistillData
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-    from . import DistillConfig
 
 logger = logging.getLogger(__name__)
 

@@ -34,6 +34,9 @@ from tqdm.auto import tqdm
 
 from ..configs.distill import GenerateConfig, is_generate_spec, parse_generate_spec
 from ..errors import ConfigError
+from ..fingerprint import blocks_fingerprint
+from ..io.corpus import load_corpus
+from ..io.text import DistillData, is_heldout, load_data, pack, read_documents, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +45,7 @@ def prompt_stream(config: GenerateConfig, tokenizer: Any, heldout_ratio: float =
     """Prompts of exactly `prompt_tokens` tokens, one per training document long enough (documents held out at
     `heldout_ratio` are skipped; `wiki`'s train split has none), in the source's order, cycling over the source when it
     has fewer documents than samples wanted."""
-    from .data import is_heldout, read_documents, tokenize
-
     if config.prompts == "wiki":
-        from ..evaluate.corpus import load_corpus
 
         def documents():
             return iter(load_corpus("train")), False
@@ -205,9 +205,6 @@ def generated_data(
     """`DistillData` for a `generate:N[:PROMPTS]` spec: the teacher's samples (prompt + continuation + EOS) packed into
     blocks of `seq_len`, and the held-out blocks of the prompt source (never prompted from). The samples are cached
     beside `output` (`cache_path`)."""
-    from ..fingerprint import blocks_fingerprint
-    from .data import DistillData, load_data, pack
-
     prompt_tokens = min(32, max(1, seq_len // 4))  # prompt + continuation + EOS is one block
     config = parse_generate_spec(spec, prompt_tokens=prompt_tokens, new_tokens=seq_len - prompt_tokens - 1, seed=seed)
     samples = generate_samples(

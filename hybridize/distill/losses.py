@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..configs.distill import HIDDEN_LOSSES, KL_KINDS, KL_REDUCTIONS
+from ..evaluate.perplexity import token_kl
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -32,20 +33,6 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
         return values.mean()
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp_min(1)
-
-
-def token_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, kind: Literal["forward_kl", "reverse_kl"]
-) -> torch.Tensor:
-    """KL divergence at each position, `(b, l, v)` logits -> `(b, l)` nats, computed in float32 at least."""
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    log_q = F.log_softmax(student_logits.to(dtype), dim=-1)  # student
-    log_p = F.log_softmax(teacher_logits.to(dtype), dim=-1)  # teacher
-    if kind == "forward_kl":  # KL(p || q) = sum_v p (log p - log q)
-        return (log_p.exp() * (log_p - log_q)).sum(-1)
-    if kind == "reverse_kl":  # KL(q || p) = sum_v q (log q - log p)
-        return (log_q.exp() * (log_q - log_p)).sum(-1)
-    raise ValueError(f"kind must be one of {KL_KINDS}, got {kind!r}")
 
 
 def kl_loss(

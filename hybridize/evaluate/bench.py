@@ -30,10 +30,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, S
 
 from ..configs.evaluate import BenchConfig
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+from ..io.corpus import load_corpus, token_blocks
 from ..modeling import HybridForCausalLM
 from ..modeling.layout import is_transposed, transpose_weights_
 from ..sources import load, resolve
-from .corpus import load_corpus, token_blocks
 
 logger = logging.getLogger(__name__)
 

@@ -18,17 +18,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..configs.distill import KL_KINDS
 from ..configs.evaluate import EvalConfig
 from ..errors import ConfigError
+from ..io.corpus import load_corpus, token_blocks
+from ..io.text import read_documents
 from ..modeling.cache import new_cache
-from .corpus import load_corpus, token_blocks
 
 # Tokens per cached forward after the prompt in prompt + continuation scoring: one token at a time is exactly
 # decoding, but slow; every mixer's cache accepts chunks and gives the same logits (tested).
@@ -130,6 +132,20 @@ def compare_logits(
     }
 
 
+def token_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, kind: Literal["forward_kl", "reverse_kl"]
+) -> torch.Tensor:
+    """KL divergence at each position, `(b, l, v)` logits -> `(b, l)` nats, computed in float32 at least."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_q = F.log_softmax(student_logits.to(dtype), dim=-1)  # student
+    log_p = F.log_softmax(teacher_logits.to(dtype), dim=-1)  # teacher
+    if kind == "forward_kl":  # KL(p || q) = sum_v p (log p - log q)
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if kind == "reverse_kl":  # KL(q || p) = sum_v q (log q - log p)
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    raise ValueError(f"kind must be one of {KL_KINDS}, got {kind!r}")
+
+
 def check_eval(model_config: Any, config: EvalConfig) -> None:
     """Check `config` against the model's config, before any weights are read: with `tasks`, the task names and the
     context the pass key tasks need (`harness.check_tasks`; `max_length` defaults to the config's).
@@ -184,8 +200,6 @@ def evaluate(
 def _texts(config: EvalConfig) -> list[str]:
     if config.data is None:
         return load_corpus(config.split)
-    from ..distill.data import read_documents  # the distill package imports this module: import on use
-
     return list(read_documents(config.data)[0])
 
 
@@ -250,4 +264,4 @@ def _eval_mode(*models: nn.Module) -> Iterator[None]:
             model.train(training)
 
 
-__all__ = ["EvalConfig", "check_eval", "compare_logits", "evaluate", "perplexity"]
+__all__ = ["EvalConfig", "check_eval", "compare_logits", "evaluate", "perplexity", "token_kl"]

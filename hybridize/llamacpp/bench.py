@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..configs.llamacpp import LlamaCppBenchConfig
 from ..errors import ConfigError
 from ..evaluate.bench import _PeakRSS
-from ..evaluate.corpus import load_corpus, token_blocks
+from ..io.corpus import load_corpus, token_blocks
 from .runtime import LlamaCppTokenizer, clear, last_logits, load_gguf, require_llama_cpp
 
 

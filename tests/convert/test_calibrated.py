@@ -71,7 +71,7 @@ def test_calibrated_readout_is_the_closed_form_fit_on_the_hybrids_own_stream(fam
     assert sorted(int(i) for i in reports) == converted
 
     # Rebuild the normal equations of every converted layer by hand, in order, on the calibrated hybrid's stream
-    from hybridize.calibrate import calibration_blocks
+    from hybridize.io.calibration import calibration_blocks
 
     blocks = calibration_blocks(word_tokenizer(), calibration_text, num_blocks=4, seq_len=64)
     heldout_block = 3  # every fourth block chooses the ridge strength

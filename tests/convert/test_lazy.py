@@ -8,11 +8,11 @@ import torch
 from tiny import make_tiny, word_tokenizer
 
 from hybridize.analyze import AnalyzeConfig, analyze, format_analysis, save_analysis
-from hybridize.calibrate import calibration_blocks
 from hybridize.convert import ConvertConfig, convert
 from hybridize.convert.lazy import laziest_layers, lazy_frequency, measure_lazy_ratios
 from hybridize.convert.selection import random_layers
 from hybridize.errors import ConfigError
+from hybridize.io.calibration import calibration_blocks
 from hybridize.modeling.streaming import StreamingMixer
 
 

@@ -1,30 +1,11 @@
 """Fixtures of the distillation tests: a tiny Llama teacher, its ratio-0.5 hybrid, a word-level tokenizer over the
 same 128 ids, and small text files of random words."""
 
-import random
-
 import pytest
 import torch
-from tiny import make_tiny
-from transformers import PreTrainedTokenizerFast
+from tiny import eos_word_tokenizer, make_tiny, random_paragraphs, random_text
 
 import hybridize
-
-
-def word_tokenizer(shift: int = 0) -> PreTrainedTokenizerFast:
-    """`<unk>` 0, `<eos>` 1 and words `w2`..`w127` -> their ids; `shift` permutes the ids (a tokenizer that
-    disagrees with the default one). Special tokens are not words, or `w1` would match inside `w115`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = ["<unk>", "<eos>", *(f"w{i}" for i in range(2, 128))]
-    vocab = {word: (i + shift) % 128 for i, word in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-
-
-def random_text(rng: random.Random, words: int) -> str:
-    return " ".join(f"w{rng.randrange(2, 128)}" for _ in range(words))
 
 
 @pytest.fixture(autouse=True)
@@ -38,12 +19,12 @@ def _one_thread():
 
 @pytest.fixture
 def tokenizer():
-    return word_tokenizer()
+    return eos_word_tokenizer()
 
 
-@pytest.fixture(name="word_tokenizer")
-def _word_tokenizer():
-    return word_tokenizer
+@pytest.fixture
+def word_tokenizer():
+    return eos_word_tokenizer
 
 
 @pytest.fixture(name="random_text")
@@ -65,8 +46,7 @@ def make_student(teacher):
 @pytest.fixture
 def text_file(tmp_path):
     """60 paragraphs of 20-80 random words: about 3,000 tokens."""
-    rng = random.Random(0)
     path = tmp_path / "data" / "words.txt"
     path.parent.mkdir()
-    path.write_text("\n\n".join(random_text(rng, rng.randrange(20, 80)) for _ in range(60)))
+    path.write_text(random_paragraphs())
     return path

@@ -74,8 +74,8 @@ def test_a_finished_cache_is_reused_and_other_settings_refused(teacher, tokenize
 
 
 def test_prompts_skip_the_heldout_documents(tokenizer, text_file):
-    from hybridize.distill.data import is_heldout
     from hybridize.distill.generated import prompt_stream
+    from hybridize.io.text import is_heldout
 
     paragraphs = text_file.read_text().split("\n\n")
     kept = [p for p in paragraphs if not is_heldout(p, 0.3)]

@@ -13,8 +13,8 @@ from transformers import AutoTokenizer
 import hybridize
 from hybridize.configs import ExportConfig, GenerateConfig
 from hybridize.configs.llamacpp import LlamaCppBenchConfig
-from hybridize.evaluate.corpus import load_corpus
 from hybridize.evaluate.perplexity import compare_logits
+from hybridize.io.corpus import load_corpus
 from hybridize.llamacpp import export_gguf
 from hybridize.llamacpp.bench import bench_gguf
 from hybridize.llamacpp.generate import generate_gguf

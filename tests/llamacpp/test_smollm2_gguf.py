@@ -7,8 +7,8 @@ import torch
 
 import hybridize
 from hybridize.configs import ExportConfig, GenerateConfig
-from hybridize.evaluate.corpus import load_corpus, token_blocks
 from hybridize.evaluate.perplexity import compare_logits
+from hybridize.io.corpus import load_corpus, token_blocks
 from hybridize.llamacpp import export_gguf, tokenizer_origin
 from hybridize.llamacpp.generate import generate_gguf
 from hybridize.llamacpp.runtime import LlamaCppCausalLM, LlamaCppTokenizer, load_gguf

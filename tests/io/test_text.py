@@ -1,4 +1,5 @@
-"""Distillation data: sources, column detection, chat rendering, packing, the held-out split and bad input."""
+"""Training text (`hybridize.io.text`): sources, column detection, chat rendering, packing, the held-out split and
+bad input."""
 
 import json
 import random
@@ -6,9 +7,9 @@ import random
 import pytest
 import torch
 
-from hybridize.distill.data import is_heldout, load_data, pack, text_column, tokenize
 from hybridize.errors import ConfigError
-from hybridize.evaluate import load_corpus, token_blocks
+from hybridize.io.corpus import load_corpus, token_blocks
+from hybridize.io.text import is_heldout, load_data, pack, text_column, tokenize
 
 
 def test_packing_matches_evaluation_blocks(tokenizer, random_text):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hybridize.errors import ConfigError
-from hybridize.evaluate import load_articles, load_corpus, token_blocks
+from hybridize.io.corpus import load_articles, load_corpus, token_blocks
 
 REPO = Path(__file__).resolve().parents[2]
 MARKUP = ("{{", "}}", "[[", "]]", "<ref", "</", "{|", "|}", "&nbsp;", "&amp;", "'''", "''", "http://", "https://")
@@ -100,9 +100,9 @@ It digs&nbsp;burrows, see [http://example.com the site] and [[Category:Mammals]]
 # Token blocks
 
 
-def test_token_blocks_layout_with_bos_and_eos(word_tokenizer):
+def test_token_blocks_layout_with_bos_and_eos(bos_word_tokenizer):
     # Each document: BOS (added by the tokenizer), its tokens, then EOS as the separator.
-    blocks = token_blocks(word_tokenizer, ["a b", "c", "a a b"], seq_len=3)
+    blocks = token_blocks(bos_word_tokenizer, ["a b", "c", "a a b"], seq_len=3)
     stream = [1, 3, 4, 2, 1, 5, 2, 1, 3, 3, 4, 2]
     assert blocks.dtype == torch.long
     assert blocks.tolist() == [stream[0:3], stream[3:6], stream[6:9], stream[9:12]]

@@ -1,5 +1,5 @@
-"""One calibration runner, shared by the steps that measure a model on sample text before changing it (`analyze` and
-`convert --select lazy` today; pruning, factorization and fusion are meant to reuse it).
+"""One calibration runner, shared by the steps that measure a model on sample text before changing it (`analyze`,
+`convert`, pruning, factorization and fusion).
 
 `calibrate` runs the decoder (not the LM head, whose vocabulary projection nothing here needs) over each calibration
 block in inference mode, with forward pre-hooks on chosen modules. A hook measures what it needs from a module's
@@ -16,7 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .corpus import load_corpus, token_blocks
+from .text import load_data
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +44,8 @@ def calibration_blocks(tokenizer: Any, data: str = "wiki", *, num_blocks: int, s
     if num_blocks < 1 or seq_len < 2:
         raise ConfigError(f"need num_blocks >= 1 and seq_len >= 2 for calibration, got {num_blocks} and {seq_len}")
     if data == "wiki":
-        from .evaluate.corpus import load_corpus, token_blocks
-
         blocks = token_blocks(tokenizer, load_corpus("train"), seq_len=seq_len, max_tokens=num_blocks * seq_len)
     else:
-        from .distill.data import load_data
-
         blocks = load_data(
             data, tokenizer, seq_len=seq_len, max_train_tokens=num_blocks * seq_len, heldout_tokens=0
         ).train

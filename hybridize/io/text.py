@@ -1,8 +1,8 @@
-"""Distillation text: where it comes from, how it is cut into training blocks, and the held-out split.
+"""Training text (distillation, calibration): where it comes from, how it is cut into blocks, and the held-out split.
 
 A data spec is one of:
 
-- `wiki`: the packaged offline Wikipedia corpus (`hybridize.evaluate.corpus`). Its `train` split is trained on and its
+- `wiki`: the packaged offline Wikipedia corpus (`hybridize.io.corpus`). Its `train` split is trained on and its
   `heldout` split, the one `hybridize eval` reports perplexity on, is evaluated on and never trained on.
 - a local `.txt`, `.jsonl`/`.json` or `.parquet` file, or a folder of them (read through `datasets`' packaged
   builders; a `.txt` file is one document per paragraph, paragraphs being separated by blank lines);
@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..evaluate.corpus import load_corpus
 from ..fingerprint import blocks_fingerprint
+from .corpus import load_corpus
+from .paths import looks_like_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +96,6 @@ def _local_files(path: Path) -> list[Path]:
     return found
 
 
-def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or Path(spec).suffix in BUILDERS
-
-
 def open_dataset(spec: str):
     """The `datasets.Dataset` a (non-builtin) spec names: local files or a Hub dataset's `train` split."""
     import datasets
@@ -119,7 +116,7 @@ def open_dataset(spec: str):
                     f"cannot read {', '.join(chosen)} as {builder}: {error}; fix or remove it"
                 ) from error
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    if _looks_like_path(spec):
+    if looks_like_local_path(spec, suffixes=tuple(BUILDERS)):
         raise ConfigError(f"data {spec!r} does not exist; pass an existing file or folder, {BUILTIN!r} or a Hub name")
     name, _, config = spec.partition(":")
     try:
@@ -308,6 +305,7 @@ __all__ = [
     "load_data",
     "open_dataset",
     "pack",
+    "read_documents",
     "text_column",
     "tokenize",
 ]
