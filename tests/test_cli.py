@@ -439,15 +439,18 @@ def test_bench_of_a_native_export_against_both_source_baselines(llama_dir, tmp_p
 
 
 def test_bench_dtype_and_decode_layout(llama_dir, tmp_path):
-    """MODEL is loaded in --dtype with the decode layout (unless --no-decode-layout); the baseline as it is."""
+    """MODEL is loaded in --dtype with the decode layout for float32 weights (unless --no-decode-layout; bfloat16
+    keeps the standard layout); the baseline as it is."""
     short = ["--context", "16", "--new-tokens", "2", "--warmup-tokens", "1", "--repeats", "1", "--no-baseline-static"]
-    code, out = run_cli(
-        "bench", llama_dir, "--baseline", llama_dir, *short, "--dtype", "bfloat16", "--json", tmp_path / "a.json"
-    )
+    code, out = run_cli("bench", llama_dir, "--baseline", llama_dir, *short, "--json", tmp_path / "a.json")
     assert code == 0, out
     models = json.loads((tmp_path / "a.json").read_text())["models"]
-    assert models["model"]["dtype"] == "bfloat16" and models["model"]["decode_layout"] is True
+    assert models["model"]["dtype"] == "float32" and models["model"]["decode_layout"] is True
     assert models["baseline"]["dtype"] == "float32" and models["baseline"]["decode_layout"] is False
-    code, out = run_cli("bench", llama_dir, *short, "--no-decode-layout", "--json", tmp_path / "b.json")
+    code, out = run_cli("bench", llama_dir, *short, "--dtype", "bfloat16", "--json", tmp_path / "b.json")
     assert code == 0, out
-    assert json.loads((tmp_path / "b.json").read_text())["models"]["model"]["decode_layout"] is False
+    model = json.loads((tmp_path / "b.json").read_text())["models"]["model"]
+    assert model["dtype"] == "bfloat16" and model["decode_layout"] is False
+    code, out = run_cli("bench", llama_dir, *short, "--no-decode-layout", "--json", tmp_path / "c.json")
+    assert code == 0, out
+    assert json.loads((tmp_path / "c.json").read_text())["models"]["model"]["decode_layout"] is False
