@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..configs.compress import ALIGNS, SOLVERS, WIDTH_AXES, FuseConfig
+from ..convert import as_hybrid
 from ..errors import ConfigError, UnsupportedModelError
 from ..io.calibration import calibrate, calibration_blocks
 from ..modeling import HybridConfig, HybridForCausalLM
@@ -484,14 +485,6 @@ def target_config(anchor: HybridConfig, config: FuseConfig) -> HybridConfig:
 # The transformation
 
 
-def _as_hybrid(model: nn.Module, progress: bool) -> HybridForCausalLM:
-    if isinstance(model, HybridForCausalLM):
-        return model
-    from ..convert import ConvertConfig, convert
-
-    return convert(model, ConvertConfig(ratio=0.0), progress=progress)
-
-
 def _plans_from_costs(models, costs: list[dict], target: HybridConfig, config: FuseConfig) -> list[ModelPlans]:
     """Activation mode: every plan of every model, from the precomputed costs."""
     anchor = models[0]
@@ -612,7 +605,7 @@ def fuse(
     start = time.perf_counter()
     sources = [getattr(m, "name_or_path", None) or None for m in models]
     history = list(getattr(models[0], "hybridize_steps", []))
-    models = [_as_hybrid(m, progress) for m in models]
+    models = [as_hybrid(m, progress=progress) for m in models]
     target = target_config(models[0].config, config)
     weights = config.weights or tuple(1.0 / len(models) for _ in models)
     metrics = {}

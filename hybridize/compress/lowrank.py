@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs.compress import METHODS, RANK_ALLOCS, TARGETS, FactorizeConfig
+from ..convert import as_hybrid
 from ..errors import ConfigError
 from ..io.calibration import calibrate, calibration_blocks
 from ..modeling import HybridForCausalLM, LowRankLinear
@@ -356,10 +357,7 @@ def factorize(
         ```
     """
     check_factorize(model, config)
-    if not isinstance(model, HybridForCausalLM):
-        from ..convert import ConvertConfig, convert
-
-        model = convert(model, ConvertConfig(ratio=0.0), progress=progress)
+    model = as_hybrid(model, progress=progress)
     start = time.perf_counter()
     linears = target_linears(model, config.targets)
     if not linears:

@@ -74,6 +74,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ..configs.compress import AXES, DEPTH_METRICS, GROUPINGS, PruneConfig
+from ..convert import as_hybrid
 from ..errors import ConfigError, UnsupportedModelError
 from ..evaluate.perplexity import perplexity
 from ..io.calibration import calibrate, calibration_blocks
@@ -698,10 +699,7 @@ def prune(
         ```
     """
     source = getattr(model, "name_or_path", None) or None
-    if not isinstance(model, HybridForCausalLM):  # a dense source: the same model as a hybrid (a copy, seconds)
-        from ..convert import ConvertConfig, convert
-
-        model = convert(model, ConvertConfig(ratio=0.0))
+    model = as_hybrid(model)  # a dense source: the same model as a ratio-0 hybrid (a copy, seconds)
     explicit = check_prune(model.config, config)
     start = time.perf_counter()
     needs_scoring = config.params is not None or (config.depth_metric == "ppl" and (config.drop_layers or 0) > 0)

@@ -226,6 +226,32 @@ def convert(
     return hybrid
 
 
+def as_hybrid(model: PreTrainedModel, *, progress: bool = False) -> HybridForCausalLM:
+    """`model` as a hybrid: a hybrid is returned as is, a dense source becomes the same model as a ratio-0 hybrid
+    (every layer keeps its attention; a copy, seconds). The compress transformations start from it.
+
+    Args:
+        model (`PreTrainedModel`): a `HybridForCausalLM`, or a Llama, Mistral or Qwen2 causal LM.
+        progress (`bool`, *optional*, defaults to `False`): show a progress bar over layers.
+
+    Returns:
+        `HybridForCausalLM`: `model` itself, or its ratio-0 conversion.
+
+    Example: `hybrid = as_hybrid(AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M"))`
+    """
+    if isinstance(model, HybridForCausalLM):
+        return model
+    return convert(model, ConvertConfig(ratio=0.0), progress=progress)
+
+
 assert set(INITIALIZERS) == set(CONVERT_MIXERS) <= set(MIXERS)  # the choices ConvertConfig checks
 
-__all__ = ["INITIALIZERS", "SELECTIONS", "ConvertConfig", "check_convert", "convert", "hybrid_config_for"]
+__all__ = [
+    "INITIALIZERS",
+    "SELECTIONS",
+    "ConvertConfig",
+    "as_hybrid",
+    "check_convert",
+    "convert",
+    "hybrid_config_for",
+]

@@ -21,7 +21,7 @@ from hybridize.compress.prune import (
     prune,
     select,
 )
-from hybridize.convert import ConvertConfig, convert
+from hybridize.convert import ConvertConfig, as_hybrid, convert
 from hybridize.errors import ConfigError
 from hybridize.modeling import HybridForCausalLM, Mamba2Mixer
 
@@ -226,11 +226,21 @@ def test_dense_source_is_pruned_as_a_ratio_zero_hybrid():
     pruned = prune(dense, PruneConfig(ffn=64, attn_heads=2, num_blocks=2), blocks=_blocks())
     assert isinstance(pruned, HybridForCausalLM) and pruned.config.mixer_types == ["attention"] * 4
     assert [s["step"] for s in pruned.hybridize_steps] == ["convert", "prune"]
-    as_hybrid = convert(dense, ConvertConfig(mixer_init="attention", ratio=0.0))
-    kept = select(as_hybrid, measure_importance(as_hybrid, _blocks()[:2]), _target(as_hybrid, ffn=64, attn_heads=2))
+    hybrid = convert(dense, ConvertConfig(mixer_init="attention", ratio=0.0))
+    kept = select(hybrid, measure_importance(hybrid, _blocks()[:2]), _target(hybrid, ffn=64, attn_heads=2))
     torch.testing.assert_close(
-        pruned(IDS).logits, _zeroed(as_hybrid, kept)(IDS).logits, rtol=1e-5, atol=1e-6
+        pruned(IDS).logits, _zeroed(hybrid, kept)(IDS).logits, rtol=1e-5, atol=1e-6
     )  # the gated norm runs in float32
+
+
+def test_as_hybrid_returns_a_hybrid_as_is_and_converts_a_dense_source_at_ratio_zero():
+    hybrid = _hybrid()
+    assert as_hybrid(hybrid) is hybrid
+    dense = make_tiny("llama").double().eval()
+    converted = as_hybrid(dense)
+    assert isinstance(converted, HybridForCausalLM) and converted.config.mixer_types == ["attention"] * 4
+    with torch.no_grad():
+        torch.testing.assert_close(converted(IDS).logits, dense(IDS).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
