@@ -1,0 +1,45 @@
+"""Per-mixer surgery: what the compress transformations need to know about one mixer type, in one place.
+
+A handler (`MixerSurgery`) holds a mixer's parameter count and how to measure, rank and slice its heads and channels,
+and is registered for the mixer classes it handles, torchao-style:
+
+```python
+@register_surgery(Mamba2Mixer)
+class Mamba2Surgery(MixerSurgery):
+    ...
+```
+
+`surgery_for(mixer_type, operation)` finds the handler of a `mixer_types` entry by its exact class in
+`hybridize.modeling.mixers.MIXERS` (a subclass does not inherit its parent's handler), and raises the one refusal
+`UnsupportedModelError("prune does not support nha: ...")` for a mixer without one. `modeling/` stays free of this
+code: it ships with every checkpoint as remote code.
+"""
+
+from . import attention, mamba2  # each registers its handler (`register_surgery`) when imported
+from .base import (
+    MixerSurgery,
+    check_size,
+    handlers,
+    head_choices,
+    register_surgery,
+    rows_cols,
+    slice_linear,
+    surgery_for,
+    top,
+    top_per_group,
+)
+
+__all__ = [
+    "MixerSurgery",
+    "attention",
+    "check_size",
+    "handlers",
+    "head_choices",
+    "mamba2",
+    "register_surgery",
+    "rows_cols",
+    "slice_linear",
+    "surgery_for",
+    "top",
+    "top_per_group",
+]

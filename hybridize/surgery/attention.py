@@ -1,0 +1,73 @@
+"""Surgery on attention layers (`AttentionMixer`, and `StreamingMixer`, whose weights are attention's): query heads are
+pruned inside each KV group (Minitron, arXiv 2407.14679), so k, v and the GQA layout are untouched."""
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..modeling.attention import AttentionMixer
+from ..modeling.streaming import StreamingMixer
+from .base import MixerSurgery, check_size, head_choices, register_surgery, slice_linear, top, top_per_group
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+# StreamingMixer prunes as attention (same q/k/v/o); fuse and export do not handle it
+@register_surgery(AttentionMixer, StreamingMixer)
+class AttentionSurgery(MixerSurgery):
+    """Query heads, ranked on the `o_proj` input as (heads, head_dim), the same number kept in every KV group."""
+
+    operations = ("prune",)
+    prune_axes = ("attn_heads",)
+    grouping = "attn_grouping"
+
+    def shape(self, config) -> dict[str, int]:
+        return {"attn_heads": config.num_attention_heads}
+
+    def param_count(self, config, shape) -> int:
+        d = shape.hidden
+        attn_bias = bool(config.attention_bias)
+        out_bias = bool(getattr(config, "attention_out_bias", attn_bias))
+        hd, kv = _head_dim(config), config.num_key_value_heads
+        q, k = shape.attn_heads * hd, kv * hd
+        return d * (q + 2 * k) + q * d + ((q + 2 * k) if attn_bias else 0) + (d if out_bias else 0)
+
+    def check_absent(self, prune_config) -> None:
+        if prune_config.attn_heads is not None:
+            raise ConfigError(
+                f"attn_heads={prune_config.attn_heads}, but the model has no attention layer; drop attn_heads"
+            )
+
+    def check_prune(self, model_config, prune_config, full) -> None:
+        kv = model_config.num_key_value_heads
+        why = f"the {kv} KV heads; each group keeps as many heads"
+        check_size("attn_heads", prune_config.attn_heads, full.attn_heads, kv, why)
+
+    def importance_hooks(self, index: int, mixer: nn.Module, add) -> dict:
+        return {mixer.o_proj: lambda block, module, args, kwargs: add(("attn", index), args[0])}
+
+    def importance_views(self, config) -> dict[str, tuple[int, ...]]:
+        return {"attn": (config.num_attention_heads, -1)}
+
+    def search_axes(self, config, full, max_pruning: float) -> dict[str, list[int]]:
+        return {"attn_heads": head_choices(full.attn_heads, config.num_key_value_heads, max_pruning)}
+
+    def select(self, index: int, importance, shape, config, grouping: str) -> dict[str, torch.Tensor]:
+        head_scores = importance.attn[index].norm(dim=1)  # (heads,)
+        if grouping == "aware":
+            return {"attn_heads": top_per_group(head_scores, config.num_key_value_heads, shape.attn_heads)}
+        # group-unaware baseline: the best query heads anywhere, regrouped by position onto the KV heads
+        return {"attn_heads": top(head_scores, shape.attn_heads)}
+
+    def slice_state(self, state: dict, mixer: nn.Module, kept, index: int, full, shape, rescale_norms: bool) -> None:
+        heads, hidden, hd = kept.attn_heads[index], kept.hidden, mixer.head_dim
+        q_rows = (heads[:, None] * hd + torch.arange(hd)).flatten()  # (kept heads * head_dim,)
+        slice_linear(state, "mixer.q_proj", mixer.q_proj, q_rows, hidden)
+        slice_linear(state, "mixer.k_proj", mixer.k_proj, None, hidden)  # KV heads are never pruned
+        slice_linear(state, "mixer.v_proj", mixer.v_proj, None, hidden)
+        slice_linear(state, "mixer.o_proj", mixer.o_proj, hidden, q_rows)
+
+
+__all__ = ["AttentionSurgery"]

@@ -1,0 +1,77 @@
+"""The surgery registry (`hybridize.surgery`): exact-class lookup, the one refusal for a mixer without a handler, a
+handler for every mixer that prune accepts, and handler parameter counts equal to the real modules'."""
+
+import pytest
+import torch
+from tiny import TINY, tiny_hybrid
+
+from hybridize.compress.prune import PruneConfig, check_prune, model_shape
+from hybridize.errors import UnsupportedModelError
+from hybridize.modeling import HybridConfig, HybridForCausalLM
+from hybridize.modeling.attention import AttentionMixer
+from hybridize.modeling.mixers import MIXERS
+from hybridize.surgery import MixerSurgery, register_surgery, surgery_for
+from hybridize.surgery.base import _HANDLERS
+
+
+class ToyMixer(AttentionMixer):
+    """A registered mixer without a handler of its own (its parent's does not count: the lookup is exact)."""
+
+
+def test_an_unregistered_mixer_gets_the_one_refusal(monkeypatch):
+    monkeypatch.setitem(MIXERS, "toy", ToyMixer)
+    with pytest.raises(UnsupportedModelError, match=r"^prune does not support toy: prune handles .*attention.*; "):
+        surgery_for("toy", "prune")
+    with pytest.raises(UnsupportedModelError, match=r"^prune does not support gdn: it is not a known mixer"):
+        surgery_for("gdn", "prune")
+    with pytest.raises(UnsupportedModelError, match=r"^fuse does not support mamba2: "):
+        surgery_for("mamba2", "fuse")  # a handler that does not do the operation
+
+
+def test_register_surgery_registers_exact_classes(monkeypatch):
+    monkeypatch.setitem(MIXERS, "toy", ToyMixer)
+    monkeypatch.setattr("hybridize.surgery.base._HANDLERS", dict(_HANDLERS))
+
+    @register_surgery(ToyMixer)
+    class ToySurgery(MixerSurgery):
+        operations = ("prune",)
+
+    assert isinstance(surgery_for("toy", "prune"), ToySurgery)
+    assert not isinstance(surgery_for("attention", "prune"), ToySurgery)
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_every_mixer_prune_accepts_has_a_handler(name):
+    model = tiny_hybrid([name, "attention", name, "attention"])
+    try:
+        check_prune(model.config, PruneConfig(ffn=64))
+    except UnsupportedModelError:
+        with pytest.raises(UnsupportedModelError):
+            surgery_for(name, "prune")
+    else:
+        assert isinstance(surgery_for(name, "prune"), MixerSurgery)
+
+
+def _prunable():
+    names = []
+    for name in sorted(MIXERS):
+        try:
+            surgery_for(name, "prune")
+        except UnsupportedModelError:
+            continue
+        names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("name", _prunable())
+def test_param_count_equals_the_module(name, bias):
+    if bias:
+        torch.manual_seed(0)
+        config = HybridConfig(**TINY, mixer_types=[name, "attention"] * 2, attention_bias=True)
+        model = HybridForCausalLM(config)
+    else:
+        model = tiny_hybrid([name, "attention"] * 2)
+    config, handler = model.config, surgery_for(name, "prune")
+    expected = sum(p.numel() for p in model.model.layers[0].mixer.parameters())
+    assert handler.param_count(config, model_shape(config)) == expected
