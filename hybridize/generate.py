@@ -52,7 +52,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .configs.generate import GenerateConfig, PromptLookupDraft
 from .errors import ConfigError
-from .modeling import HybridCache, HybridForCausalLM, new_cache
+from .modeling import HybridCache, HybridForCausalLM, RollbackCacheLayer, new_cache
 from .modeling.attention import PreallocatedKVLayer
 from .sources import load
 
@@ -109,13 +109,13 @@ class GenerateResult:
         }
 
 
-# Rollback: hybrid cache layers roll themselves back (begin_verify, commit); transformers' plain KV layers are cropped.
+# Rollback: `RollbackCacheLayer`s (Mamba2, NHA, streaming) roll themselves back; plain KV layers are cropped.
 # Both adapters have begin() and commit(num_tokens), where commit keeps the first num_tokens tokens run since begin and
 # forgets the others, and `max_rollback`: how many tokens one begin..commit span may hold.
 
 
 class _NativeRollback:
-    """A layer that rolls itself back: `begin_verify()`, `commit(n)` and `max_rollback` (Mamba2: snapshot and replay of
+    """A `RollbackCacheLayer`: `begin_verify()`, `commit(n)` and `max_rollback` (Mamba2: snapshot and replay of
     recorded steps; streaming and NHA: snapshot, then the accepted tokens re-added from what the window holds)."""
 
     def __init__(self, layer):
@@ -149,7 +149,7 @@ class _CropRollback:
 
 def _rollback_for(layer, index: int):
     """The rollback adapter of one cache layer; the first that fits wins."""
-    if all(hasattr(layer, name) for name in ("begin_verify", "commit", "max_rollback")):
+    if isinstance(layer, RollbackCacheLayer):
         return _NativeRollback(layer)
     # other DynamicLayer subclasses (sliding windows) evict, so cannot always be cropped
     if type(layer) in (DynamicLayer, PreallocatedKVLayer):

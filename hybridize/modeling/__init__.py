@@ -7,6 +7,7 @@ from .cache import HybridCache, new_cache
 from .configuration import HybridConfig
 from .lowrank import LowRankLinear
 from .mamba2 import Mamba2Mixer, Mamba2MixerConfig
+from .mixer import Mixer, RollbackCacheLayer
 from .mixers import MIXERS
 from .model import HybridDecoderLayer, HybridForCausalLM, HybridModel, HybridPreTrainedModel
 
@@ -22,5 +23,7 @@ __all__ = [
     "LowRankLinear",
     "Mamba2Mixer",
     "Mamba2MixerConfig",
+    "Mixer",
+    "RollbackCacheLayer",
     "new_cache",
 ]

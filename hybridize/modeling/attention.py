@@ -6,6 +6,7 @@ conversion reproduces the source logits; parameter names match Llama's (`q_proj`
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,19 +15,31 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
-from .configuration import HybridConfig
+from .configuration import HybridConfig, mixer_settings
+from .mixer import Mixer
 
 
 @dataclass(frozen=True, kw_only=True)
 class AttentionMixerConfig:
-    """The attention mixer has no settings of its own: it is the source's attention."""
+    """Settings of the attention mixers of a hybrid (stored in `HybridConfig.mixers["attention"]`): the source's
+    attention has no settings of its own, only the choice of path.
+
+    Args:
+        impl (`str`, *optional*, defaults to `"auto"`): `"auto"` runs the model's attention implementation
+            (`config._attn_implementation`, sdpa by default) and the grouped SDPA for a few queries over a cache;
+            `"ref"` forces `attention_ref`, softmax over an explicit mask (for debugging).
+    """
+
+    impl: Literal["auto", "ref"] = "auto"
+
+    def __post_init__(self):
+        if self.impl not in ("auto", "ref"):
+            raise ValueError(f"attention impl must be 'auto' or 'ref', got {self.impl!r}")
 
     @classmethod
     def from_hybrid_config(cls, config: HybridConfig) -> "AttentionMixerConfig":
-        settings = config.mixers.get("attention", {})
-        if settings:
-            raise ValueError(f"attention takes no settings, got {settings}")
-        return cls()
+        """The settings in `config.mixers["attention"]`; missing ones keep their defaults."""
+        return mixer_settings(cls, config, "attention")
 
 
 def add_attention_projections(module: nn.Module, config: HybridConfig) -> None:
@@ -150,6 +163,46 @@ class PreallocatedKVLayer(DynamicLayer):
             )
 
 
+def attention_ref(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """The definition: softmax(q kᵀ · scaling, masked) v, with keys and values repeated over the GQA groups as
+    `repeat_kv` does and the softmax in float32 at least (eager attention takes it in float32 even for float64).
+
+    Args:
+        query (`torch.Tensor`): (b, h, lq, d).
+        key (`torch.Tensor`), value (`torch.Tensor`): (b, kv, lk, d), h a multiple of kv; the queries are the last lq.
+        mask (`torch.Tensor`, *optional*): the mask transformers built for the model's attention implementation:
+            (b, 1, lq, lk) boolean (True: attend) or additive, or (b, lk) padding (flash attention), or `None` (causal).
+        scaling (`float`): the softmax scale.
+        dropout (`float`, *optional*, defaults to 0.0), training (`bool`, *optional*): attention dropout.
+
+    Returns:
+        `torch.Tensor`: (b, lq, h, d), as transformers' attention functions return it; a query that sees no key gives 0.
+    """
+    lq, lk = query.shape[2], key.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)  # (b, h, lk, d)
+    scores = (query @ key.transpose(-1, -2)) * scaling  # (b, h, lq, lk)
+    if mask is None or mask.dim() == 2:  # query i is key lk - lq + i
+        visible = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril(lk - lq)[None, None]
+        mask = visible if mask is None else visible & mask[:, None, None, -lk:].bool()
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask[..., :lk], -torch.inf)
+    else:
+        scores = scores + mask[..., :lk]
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    probs = F.softmax(scores, dim=-1, dtype=dtype).nan_to_num(0.0).to(value.dtype)
+    probs = F.dropout(probs, p=dropout, training=training)
+    return (probs @ value).transpose(1, 2)
+
+
 def sdpa_grouped(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> torch.Tensor:
@@ -176,7 +229,7 @@ def sdpa_grouped(
     return out.view(b, h, l, d).transpose(1, 2)
 
 
-class AttentionMixer(nn.Module):
+class AttentionMixer(Mixer):
     """Multi-head attention with grouped KV heads; keeps a growing KV cache written in place."""
 
     settings_class = AttentionMixerConfig
@@ -186,6 +239,7 @@ class AttentionMixer(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
         self.config = config
+        self.settings = self.settings_class.from_hybrid_config(config)
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
@@ -202,7 +256,8 @@ class AttentionMixer(nn.Module):
         """Whether `sdpa_grouped` computes this call (the sdpa implementation, GQA, 2 to 64 queries after cached
         tokens with a mask shared by the heads): speculative verification, K + 1 tokens."""
         return (
-            self.config._attn_implementation == "sdpa"
+            self.settings.impl == "auto"
+            and self.config._attn_implementation == "sdpa"
             and self.num_key_value_groups > 1
             and 1 < query.shape[2] <= min(self.max_grouped_queries, key.shape[2] - 1)
             and mask is not None
@@ -235,6 +290,12 @@ class AttentionMixer(nn.Module):
         if self._few_queries_over_cache(query_states, key_states, attention_mask):
             attn_output = sdpa_grouped(query_states, key_states, value_states, attention_mask, self.scaling)
             return self.o_proj(attn_output.reshape(*input_shape, -1))
+        dropout = 0.0 if not self.training else self.attention_dropout
+        if self.settings.impl == "ref":
+            attn_output = attention_ref(
+                query_states, key_states, value_states, attention_mask, self.scaling, dropout, self.training
+            )
+            return self.o_proj(attn_output.reshape(*input_shape, -1))
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -244,10 +305,10 @@ class AttentionMixer(nn.Module):
             key_states,
             value_states,
             attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
+            dropout=dropout,
             scaling=self.scaling,
         )
         return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
 
 
-__all__ = ["AttentionMixer", "AttentionMixerConfig", "PreallocatedKVLayer", "sdpa_grouped"]
+__all__ = ["AttentionMixer", "AttentionMixerConfig", "PreallocatedKVLayer", "attention_ref", "sdpa_grouped"]

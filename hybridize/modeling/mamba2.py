@@ -19,6 +19,7 @@ from transformers.cache_utils import LinearAttentionLayer
 
 from .common import RMSNormGated, causal_conv1d
 from .configuration import HybridConfig, mixer_settings
+from .mixer import Mixer, RollbackCacheLayer
 
 try:  # the Triton SSD kernel of state-spaces/mamba, used on CUDA when installed; torch is the fallback
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -220,7 +221,7 @@ class VerifiedCall(NamedTuple):
         return mamba2_chunk_state(x, dt, self.A, B, start).flatten(1, 2)
 
 
-class Mamba2CacheLayer(LinearAttentionLayer):
+class Mamba2CacheLayer(LinearAttentionLayer, RollbackCacheLayer):
     """Conv state + SSM state (transformers' `LinearAttentionLayer`), which can also roll back for speculative
     decoding (MambaInLlama's hardware-aware speculative decoding, arXiv 2408.15237; research/methods-conversion.md
     §1.5). An SSM state cannot be truncated, so `begin_verify()` marks the state at the last verified token; while
@@ -279,7 +280,7 @@ class Mamba2CacheLayer(LinearAttentionLayer):
         self.recurrent_states[0].copy_(call.state_after(num_tokens))
 
 
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(Mixer):
     """Mamba2 token mixer: in_proj -> causal conv over x|B|C -> SSD scan -> gated RMSNorm -> out_proj.
 
     `in_proj` rows, in order: z (h·p, gate), x (g·p), B (g·n), C (h·n), dt (h). The names follow transformers'
@@ -309,6 +310,14 @@ class Mamba2Mixer(nn.Module):
     @staticmethod
     def new_cache_layer(config: HybridConfig, layer_idx: int) -> "Mamba2CacheLayer":
         return Mamba2CacheLayer()  # conv state + SSM state, as in transformers' own Mamba2 hybrids
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """mamba_ssm's defaults: A = -(1, ..., h), D = 1, dt_bias = 1, norm weight 1; conversion overwrites them."""
+        self.A_log.copy_(torch.log(torch.arange(1, self.A_log.numel() + 1, dtype=self.A_log.dtype)))
+        self.D.fill_(1.0)
+        self.dt_bias.fill_(1.0)
+        self.norm.weight.fill_(1.0)
 
     def _project(self, hidden_states, attention_mask):
         """in_proj -> gate (b, l, h·p), conv inputs xBC (b, conv_size, l) and dt (b, l, h) before its bias."""

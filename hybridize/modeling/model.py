@@ -15,7 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, Lla
 from .cache import HybridCache
 from .configuration import HybridConfig
 from .lowrank import apply_lowrank
-from .mamba2 import Mamba2Mixer
+from .mixer import Mixer
 from .mixers import MIXERS
 
 
@@ -61,11 +61,8 @@ class HybridPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, Mamba2Mixer):  # mamba_ssm defaults; conversion overwrites them
-            module.A_log.copy_(torch.log(torch.arange(1, module.A_log.numel() + 1, dtype=module.A_log.dtype)))
-            module.D.fill_(1.0)
-            module.dt_bias.fill_(1.0)
-            module.norm.weight.fill_(1.0)
+        if isinstance(module, Mixer):  # a mixer's own parameters (Mamba2's A_log, D, dt_bias), after the defaults
+            module.init_weights()
 
 
 class HybridModel(HybridPreTrainedModel):

@@ -43,6 +43,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotat
 
 from .attention import add_attention_projections
 from .configuration import HybridConfig, mixer_settings
+from .mixer import Mixer, RollbackCacheLayer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -415,7 +416,7 @@ class NHADecodeBuffers:
             self.all_absorbed = bool((self.num_absorbed > 0).all())
 
 
-class NHACacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
+class NHACacheLayer(LinearAttentionAndSlidingWindowAttentionLayer, RollbackCacheLayer):
     """The cache of one NHA layer: transformers' "linear state + sliding window" layer, with NHA's contents.
 
     `recurrent_states` {0: hk, 1: hv} hold the slots; `keys`/`values` the window's RoPE'd keys and values, beside its
@@ -573,7 +574,7 @@ class NHACacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
         raise RuntimeError("an NHA cache cannot be cropped: tokens that left the window are merged into the slots")
 
 
-class NHAMixer(nn.Module):
+class NHAMixer(Mixer):
     """Native Hybrid Attention token mixer: the source attention's q/k/v/o (and biases) plus `g_proj`, the slot gates.
 
     `g_proj`: hidden -> n_kv · M, bias-free; conversion initialises it from `k_proj` (`convert/nha.py`).

@@ -35,6 +35,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotat
 
 from .attention import AttentionMixer
 from .configuration import HybridConfig, mixer_settings
+from .mixer import RollbackCacheLayer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -262,7 +263,7 @@ class StreamingDecodeBuffers:
         self.keys, self.values, self.indices, self.start = keys, values, indices, 0
 
 
-class StreamingCacheLayer(DynamicSlidingWindowLayer):
+class StreamingCacheLayer(DynamicSlidingWindowLayer, RollbackCacheLayer):
     """The KV cache of a streaming layer: per sequence, the sink tokens and at most the last `window` tokens (the
     oldest of them is dropped when the next token arrives, since its query cannot see it), so at most
     `sinks + window` entries however long the context, with each entry's token index (`token_indices`, -1 for
@@ -490,12 +491,8 @@ class StreamingMixer(AttentionMixer):
     """The source attention (same parameters, same RoPE) restricted to sinks + a recent window, with a bounded cache.
     Differs from `AttentionMixer` only in which keys a query sees, its cache layer and the mask it asks for."""
 
-    settings_class = StreamingMixerConfig
+    settings_class = StreamingMixerConfig  # `AttentionMixer.__init__` reads it into `self.settings`
     mask_type = "padding"  # the 2-D padding mask: the sink + window mask is built here, from token indices
-
-    def __init__(self, config: HybridConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
-        self.settings = StreamingMixerConfig.from_hybrid_config(config)
 
     @staticmethod
     def new_cache_layer(config: HybridConfig, layer_idx: int) -> StreamingCacheLayer:

@@ -1,21 +1,26 @@
 """The contract every entry of MIXERS meets, peft-style: one table of checks run on a tiny hybrid per mixer."""
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
+import typing
 
 import pytest
 import torch
-from tiny import NHA_SETTINGS, TINY, tiny_hybrid
+from tiny import NHA_SETTINGS, TINY, TOLERANCES, decode_one_by_one, tiny_hybrid
 from transformers import AutoModelForCausalLM
 
 import hybridize
-from hybridize.modeling import MIXERS, HybridConfig, HybridForCausalLM
+from hybridize.generate import _rollback_for
+from hybridize.modeling import MIXERS, HybridConfig, HybridForCausalLM, Mixer
 
 # small chunks and windows, so that the tiny lengths below cross chunks and evict from streaming caches
 SETTINGS = {"mamba2": {"chunk_size": 8}, "streaming": {"sinks": 2, "window": 6, "block_size": 4}}
 # every mixer with the settings above, and NHA also in each of its corners
 VARIANTS = [(name, SETTINGS.get(name, {})) for name in sorted(MIXERS)] + [("nha", s) for s in NHA_SETTINGS]
+# the reference-against-fast test: SETTINGS, and NHA with a window and chunks shorter than the lengths it runs
+REFERENCE_SETTINGS = {**SETTINGS, "nha": NHA_SETTINGS[0]}
 
 
 def _tiny_hybrid(mixer: str, dtype=torch.float32, settings=None) -> HybridForCausalLM:
@@ -26,6 +31,49 @@ def _tiny_hybrid(mixer: str, dtype=torch.float32, settings=None) -> HybridForCau
 @pytest.fixture(params=sorted(MIXERS))
 def mixer(request):
     return request.param
+
+
+def test_every_mixer_meets_the_protocol(mixer):
+    """A `Mixer` with a reference path beside its fast one (`impl="ref"` in its settings, `"auto"` by default) and a
+    cache layer that speculative decoding can roll back."""
+    mixer_class = MIXERS[mixer]
+    assert issubclass(mixer_class, Mixer)
+    fields = {f.name: f for f in dataclasses.fields(mixer_class.settings_class)}
+    assert "impl" in fields, f"{mixer} settings have no `impl`: add impl: Literal['auto', 'ref'] and a reference path"
+    assert fields["impl"].default == "auto" and "ref" in typing.get_args(fields["impl"].type)
+    config = HybridConfig(**TINY, mixer_types=[mixer] * 4)
+    _rollback_for(mixer_class.new_cache_layer(config, 0), 0)  # raises for a layer that cannot roll back
+
+
+def test_a_mixer_missing_part_of_the_contract_fails_when_defined():
+    with pytest.raises(TypeError, match="does not define settings_class, new_cache_layer"):
+
+        class NoSettings(Mixer):
+            mask_type = "padding"
+
+    with pytest.raises(TypeError, match="mask_type 'full'"):
+
+        class BadMask(Mixer):
+            settings_class, mask_type = dict, "full"
+            new_cache_layer = staticmethod(lambda config, layer_idx: None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("size", ["1", "chunk-1", "chunk", "3chunk+1"])
+def test_ref_equals_fast_equals_step(mixer, size, dtype):
+    """STYLE §10.1: the reference (`impl="ref"`), the fast path (`"auto"`) and one-token decoding after a one-token
+    prefill give the same logits, at lengths around the mixer's chunk (streaming: its block)."""
+    settings = REFERENCE_SETTINGS.get(mixer, {})
+    chunk = settings.get("chunk_size", settings.get("block_size", 8))
+    length = {"1": 1, "chunk-1": chunk - 1, "chunk": chunk, "3chunk+1": 3 * chunk + 1}[size]
+    ref = _tiny_hybrid(mixer, dtype, {**settings, "impl": "ref"})
+    fast = _tiny_hybrid(mixer, dtype, {**settings, "impl": "auto"})
+    ids = torch.randint(0, 128, (2, length))
+    with torch.no_grad():
+        expected = ref(ids).logits
+        torch.testing.assert_close(fast(ids).logits, expected, **TOLERANCES[dtype])
+    stepped, _ = decode_one_by_one(fast, ids, torch.ones_like(ids), prefill=1)
+    torch.testing.assert_close(stepped, expected, **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}-{'-'.join(f'{k}{x}' for k, x in v[1].items())}")

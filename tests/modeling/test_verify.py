@@ -7,6 +7,7 @@ import torch
 from tiny import TOLERANCES, tiny_hybrid
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from hybridize.modeling import RollbackCacheLayer
 from hybridize.modeling import attention as attention_module
 from hybridize.modeling.mamba2 import mamba2_chunk_grouped, mamba2_chunk_state, mamba2_scan_ref
 
@@ -71,14 +72,14 @@ def test_verify_with_padding_equals_the_generic_path_and_rolls_back(monkeypatch,
         for keep in range(6):
             cache = prefill()
             for layer in cache.layers:
-                if hasattr(layer, "begin_verify"):
+                if isinstance(layer, RollbackCacheLayer):
                     layer.begin_verify()
             grouped.clear()
             verified = run(cache, 14)
             assert len(grouped) == 2  # both attention layers took the grouped SDPA
             torch.testing.assert_close(verified, generic, **TOLERANCES[dtype])
             for layer in cache.layers:
-                if hasattr(layer, "begin_verify"):
+                if isinstance(layer, RollbackCacheLayer):
                     layer.commit(keep)
                 else:
                     layer.crop(keep - 5)
