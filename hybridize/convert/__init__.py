@@ -1,7 +1,8 @@
 """Turn a pretrained Llama-family model into a hybrid: `convert(model, ConvertConfig(...)) -> HybridForCausalLM`.
 
 Embeddings, norms, MLPs and the head are copied; the selected layers' attention is replaced by a new mixer
-initialised from it (`INITIALIZERS`), the other layers keep their attention unchanged.
+initialised from it (`INITIALIZERS`, `registry.py`: one entry per mixer), the other layers keep their attention
+unchanged.
 """
 
 import dataclasses
@@ -14,26 +15,17 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from ..configs.convert import CONVERT_MIXERS, SELECTIONS, ConvertConfig
 from ..errors import ConfigError
-from ..families import check_supported
 from ..io.calibration import calibration_blocks
-from ..modeling import MIXERS, HybridConfig, HybridForCausalLM
+from ..modeling import MIXERS, HybridForCausalLM
 from ..modeling.streaming import StreamingMixerConfig
 from ..provenance import record_step
 from .calibrated import calibrate_readouts, zero_readout
 from .lazy import lazy_frequency, measure_lazy_ratios
-from .mamba2 import init_mamba2_from_attention
-from .nha import init_nha_from_attention
+from .registry import INITIALIZERS, Initializer, hybrid_config_for
 from .selection import num_converted, select_layers
 from .sensitivity import layer_sensitivity
-from .streaming import init_streaming_from_attention
 
 logger = logging.getLogger(__name__)
-
-INITIALIZERS = {
-    "mamba2": init_mamba2_from_attention,
-    "nha": init_nha_from_attention,
-    "streaming": init_streaming_from_attention,
-}
 
 
 def check_convert(model_config: PreTrainedConfig, config: ConvertConfig) -> None:
@@ -48,42 +40,6 @@ def check_convert(model_config: PreTrainedConfig, config: ConvertConfig) -> None
     num_layers = model_config.num_hidden_layers
     if config.attn_layers is not None and (bad := [i for i in config.attn_layers if not 0 <= i < num_layers]):
         raise ConfigError(f"attn_layers {bad} out of range: the model has layers 0..{num_layers - 1}")
-
-
-def hybrid_config_for(source: PreTrainedModel, mixer_types: list[str], config: ConvertConfig) -> HybridConfig:
-    """The `HybridConfig` of `source` with the given mixer per layer; fails before any weight is touched."""
-    src = source.config
-    family = check_supported(src)
-    attn = source.model.layers[0].self_attn
-    hybrid_config = HybridConfig(
-        vocab_size=src.vocab_size,
-        hidden_size=src.hidden_size,
-        intermediate_size=src.intermediate_size,
-        num_hidden_layers=src.num_hidden_layers,
-        num_attention_heads=src.num_attention_heads,
-        num_key_value_heads=src.num_key_value_heads,
-        head_dim=getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads,
-        hidden_act=src.hidden_act,
-        max_position_embeddings=src.max_position_embeddings,
-        rms_norm_eps=src.rms_norm_eps,
-        rope_parameters=dict(src.rope_parameters),
-        tie_word_embeddings=src.tie_word_embeddings,
-        attention_bias=attn.q_proj.bias is not None,
-        attention_out_bias=attn.o_proj.bias is not None,
-        bos_token_id=src.bos_token_id,
-        eos_token_id=src.eos_token_id,
-        pad_token_id=src.pad_token_id,
-        initializer_range=src.initializer_range,
-        mixer_types=mixer_types,
-        mixers={config.mixer: dict(config.mixer_settings)},
-        source_model_type=family.name,
-    )
-    hybrid_config.dtype = source.dtype
-    try:  # the mixer's own settings class checks them, before any weight is touched
-        MIXERS[config.mixer].settings_class.from_hybrid_config(hybrid_config)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"bad {config.mixer} settings {config.mixer_settings}: {error}") from None
-    return hybrid_config
 
 
 def _lazy_shape(config: ConvertConfig) -> StreamingMixerConfig:
@@ -206,12 +162,13 @@ def convert(
         if mixer_type == "attention":
             layer.mixer.load_state_dict(src_layer.self_attn.state_dict())
         else:
-            layer.mixer = INITIALIZERS[mixer_type](src_layer.self_attn, hybrid_config, i, config, generator)
+            layer.mixer = INITIALIZERS[mixer_type].build(src_layer.self_attn, hybrid_config, i, config, generator)
     if config.mixer_init == "zero":
         for i in converted:
             zero_readout(hybrid.model.layers[i].mixer)
     elif config.mixer_init == "calibrated" and converted:
-        reports = calibrate_readouts(model, hybrid, blocks(), converted, progress=progress)
+        fit = INITIALIZERS[config.mixer].calibrate
+        reports = calibrate_readouts(model, hybrid, blocks(), converted, calibrate=fit, progress=progress)
         metrics["readout"] = {str(i): _rounded(r) for i, r in reports.items()}
     hybrid.generation_config = model.generation_config
     hybrid.hybridize_steps = list(getattr(model, "hybridize_steps", []))
@@ -248,6 +205,7 @@ assert set(INITIALIZERS) == set(CONVERT_MIXERS) <= set(MIXERS)  # the choices Co
 
 __all__ = [
     "INITIALIZERS",
+    "Initializer",
     "SELECTIONS",
     "ConvertConfig",
     "as_hybrid",

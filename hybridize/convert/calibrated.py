@@ -23,7 +23,7 @@ Y on the same inputs, the readout W minimising ||Y - Z W||² + λ||W||² is `(Z�
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -210,28 +210,30 @@ def calibrate_mixer(
     head_outputs: list[torch.Tensor],
     position_embeddings,
     heldout: Sequence[bool],
+    *,
+    calibrate: Callable[..., dict] | None = None,
 ) -> dict:
-    """Fit what a mixer fits on calibration text before its readout (Mamba2: linear features, the gate and each
-    head's decay, `convert.mamba2.linearize_features`, `fit_gate` and `fit_decay`), then its readout (`fit_readout`);
-    returns the report."""
-    from ..modeling import Mamba2Mixer
-    from .mamba2 import fit_decay, fit_gate, linearize_features
-
-    report = {}
-    if isinstance(mixer, Mamba2Mixer):
-        report.update(linearize_features(mixer))
-        report.update(fit_gate(mixer, inputs))
-        report.update(fit_decay(mixer, inputs, head_outputs, position_embeddings))
+    """Fit what the mixer fits on calibration text before its readout (`calibrate`, its initialiser's: Mamba2's
+    linear features, gate and decays, `convert.mamba2.calibrate_mamba2`), then its readout (`fit_readout`); returns
+    the report."""
+    report = calibrate(mixer, inputs, head_outputs, position_embeddings) if calibrate is not None else {}
     return {**report, **fit_readout(mixer, inputs, targets, position_embeddings, heldout)}
 
 
 @torch.no_grad()
 def calibrate_readouts(
-    source: nn.Module, hybrid: nn.Module, blocks: torch.Tensor, layers: Sequence[int], *, progress: bool = False
+    source: nn.Module,
+    hybrid: nn.Module,
+    blocks: torch.Tensor,
+    layers: Sequence[int],
+    *,
+    calibrate: Callable[..., dict] | None = None,
+    progress: bool = False,
 ) -> dict[int, dict]:
     """Fit the readouts of `hybrid`'s converted `layers` in order (see the module docstring); returns a report per
     layer. `source` is the model `hybrid` was converted from; neither is otherwise changed. `blocks` (n, l) are
-    unpadded token blocks of calibration text."""
+    unpadded token blocks of calibration text; `calibrate` is what the mixers fit before their readout
+    (`registry.Initializer.calibrate`)."""
     device = next(source.parameters()).device  # the hybrid visits the source's device while it is calibrated
     home = next(hybrid.parameters()).device
     hybrid.to(device)
@@ -254,7 +256,8 @@ def calibrate_readouts(
                 x = [layer.input_layernorm(hs) for hs in h]
                 targets, heads = zip(*(source_attention(source.model.layers[i], xs, pe, mask) for xs in x))
                 targets = [t.to(dtype) for t in targets]
-                reports[i] = calibrate_mixer(layer.mixer, x, targets, [t.to(dtype) for t in heads], pe, heldout)
+                heads = [t.to(dtype) for t in heads]
+                reports[i] = calibrate_mixer(layer.mixer, x, targets, heads, pe, heldout, calibrate=calibrate)
                 logger.info("layer %d readout: %s", i, reports[i])
                 todo.discard(i)
                 bar.update()

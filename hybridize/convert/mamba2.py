@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..modeling import HybridConfig, Mamba2Mixer
+from .calibrated import heldout_blocks, mixer_features
 
 
 @torch.no_grad()
@@ -161,8 +162,6 @@ def fit_decay(
         inputs: per calibration block, the mixer's input (1, l, hidden).
         head_outputs: per block, the source attention's per-head outputs before o_proj (1, l, heads · head_dim).
     """
-    from .calibrated import heldout_blocks, mixer_features
-
     s = mixer.settings
     h, p = s.num_heads, s.head_dim
     inputs, head_outputs = inputs[:DECAY_BLOCKS], head_outputs[:DECAY_BLOCKS]
@@ -199,4 +198,22 @@ def fit_decay(
     return {"half_lives": [int(t) for t in half_lives], "decay_r2": [round(float(r), 3) for r in scores.max(0).values]}
 
 
-__all__ = ["HALF_LIVES", "fit_decay", "fit_gate", "init_mamba2_from_attention", "linearize_features"]
+def calibrate_mamba2(
+    mixer: Mamba2Mixer, inputs: list[torch.Tensor], head_outputs: list[torch.Tensor], position_embeddings
+) -> dict:
+    """What a Mamba2 mixer fits on calibration text before its readout, in order: nearly linear features
+    (`linearize_features`), the gate (`fit_gate`) and each head's decay (`fit_decay`); returns their report."""
+    report = linearize_features(mixer)
+    report.update(fit_gate(mixer, inputs))
+    report.update(fit_decay(mixer, inputs, head_outputs, position_embeddings))
+    return report
+
+
+__all__ = [
+    "HALF_LIVES",
+    "calibrate_mamba2",
+    "fit_decay",
+    "fit_gate",
+    "init_mamba2_from_attention",
+    "linearize_features",
+]

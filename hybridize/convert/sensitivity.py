@@ -24,20 +24,18 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..configs.convert import ConvertConfig
 from ..evaluate.perplexity import token_kl
 from ..fingerprint import blocks_fingerprint, weights_fingerprint
 from ..io.calibration import calibration_blocks
 from ..sources import cache_root
 from .calibrated import calibrate_mixer, causal_mask, heldout_blocks, source_attention, zero_readout
-
-if TYPE_CHECKING:
-    from . import ConvertConfig
+from .registry import INITIALIZERS, hybrid_config_for
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +97,6 @@ def measure_sensitivity(
 ) -> list[float]:
     """KL(source || source with only layer i converted) per token, for each layer i, on calibration `blocks` (n, l).
     `source` is not modified."""
-    from . import INITIALIZERS, hybrid_config_for  # the package imports this module
-
     layers = source.model.layers
     num_layers = len(layers)
     hybrid_config = hybrid_config_for(source, [config.mixer] * num_layers, config)
@@ -123,15 +119,16 @@ def measure_sensitivity(
     final = [_logits(x, source) for x in final]
     heldout = heldout_blocks(len(blocks))
     generator = torch.Generator().manual_seed(config.seed)
+    initializer = INITIALIZERS[config.mixer]
     scores = []
     try:
         for i in tqdm(range(num_layers), desc="sensitivity", unit="layer", disable=not progress):
             src = layers[i]
-            mixer = INITIALIZERS[config.mixer](src.self_attn, hybrid_config, i, config, generator).to(device).eval()
+            mixer = initializer.build(src.self_attn, hybrid_config, i, config, generator).to(device).eval()
             x = [src.input_layernorm(hs) for hs in h]
             if config.mixer_init == "calibrated":
                 targets, heads = zip(*(source_attention(src, xs, pe, mask) for xs in x))
-                calibrate_mixer(mixer, x, list(targets), list(heads), pe, heldout)
+                calibrate_mixer(mixer, x, list(targets), list(heads), pe, heldout, calibrate=initializer.calibrate)
             elif config.mixer_init == "zero":
                 zero_readout(mixer)
             kl = 0.0

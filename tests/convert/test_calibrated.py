@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny import make_tiny, word_tokenizer
 
-from hybridize.convert import ConvertConfig, convert
+from hybridize.convert import INITIALIZERS, ConvertConfig, convert
 from hybridize.convert import sensitivity as sensitivity_module
 from hybridize.convert.calibrated import NormalEquations, calibrate_readouts, choose_readout, mixer_features
 from hybridize.errors import ConfigError
@@ -228,7 +228,11 @@ def test_calibrate_readouts_changes_only_the_readouts_and_restores_the_mode(cali
     before = {k: v.clone() for k, v in source.state_dict().items()}
     hybrid = convert(source, ConvertConfig(ratio=0.5, mixer_init="attention")).train()
     mapped = {k: v.clone() for k, v in hybrid.state_dict().items()}
-    calibrate_readouts(source, hybrid, torch.randint(2, 128, (2, 32)), [0, 2])
+    blocks = torch.randint(2, 128, (2, 32))
+    calibrate_readouts(source, hybrid, blocks, [0, 2])  # no mixer-specific fit: the readouts alone
+    changed = {k for k, v in hybrid.state_dict().items() if not torch.equal(v, mapped[k])}
+    assert changed == {f"model.layers.{i}.mixer.out_proj.weight" for i in (0, 2)}
+    calibrate_readouts(source, hybrid, blocks, [0, 2], calibrate=INITIALIZERS["mamba2"].calibrate)
     assert hybrid.training and not source.training
     assert all(torch.equal(v, before[k]) for k, v in source.state_dict().items())
     changed = {k for k, v in hybrid.state_dict().items() if not torch.equal(v, mapped[k])}
