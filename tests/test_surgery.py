@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny import TINY, tiny_hybrid
 
-from hybridize.compress.prune import PruneConfig, check_prune, model_shape
+from hybridize.compress.prune import PruneConfig, check_prune, count_params, model_shape, prune
 from hybridize.errors import UnsupportedModelError
 from hybridize.modeling import HybridConfig, HybridForCausalLM
 from hybridize.modeling.attention import AttentionMixer
@@ -45,7 +45,8 @@ def test_every_mixer_prune_accepts_has_a_handler(name):
     model = tiny_hybrid([name, "attention", name, "attention"])
     try:
         check_prune(model.config, PruneConfig(ffn=64))
-    except UnsupportedModelError:
+    except UnsupportedModelError as error:
+        assert str(error).startswith(f"prune does not support {name}: ")  # the one refusal, from surgery_for
         with pytest.raises(UnsupportedModelError):
             surgery_for(name, "prune")
     else:
@@ -75,3 +76,13 @@ def test_param_count_equals_the_module(name, bias):
     config, handler = model.config, surgery_for(name, "prune")
     expected = sum(p.numel() for p in model.model.layers[0].mixer.parameters())
     assert handler.param_count(config, model_shape(config)) == expected
+
+
+@pytest.mark.parametrize("name", _prunable())
+def test_every_prunable_mixer_prunes_to_the_counted_size(name):
+    model = tiny_hybrid([name, "attention"] * 2)
+    blocks = torch.randint(2, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    pruned = prune(model, PruneConfig(ffn=64, hidden=48, num_blocks=2), blocks=blocks)
+    config = pruned.config
+    assert config.mixer_types == model.config.mixer_types and config.hidden_size == 48
+    assert count_params(config, model_shape(config), config.mixer_types) == sum(p.numel() for p in pruned.parameters())

@@ -55,6 +55,10 @@ within the budget are pruned from the same importances and scored by their loss 
 calibration blocks in the train split, never the held-out split), and the best is kept. SSM head_dim is not searched
 (Nemotron-H keeps it); prune it explicitly with `ssm_head_dim`.
 
+What is particular to a mixer (its parameter count, the activations its heads and channels are ranked on, their
+selection, its sliced tensors and pruned settings, its search axes) is in its handler in `hybridize.surgery`
+(`attention.py`, `mamba2.py`); a mixer without one is refused with "prune does not support <mixer>".
+
 The pruned model is assembled layer by layer on the meta device, each layer filled with its sliced tensors, so memory
 holds the source and the (smaller) result, never a third copy; the source is not modified.
 """
@@ -78,9 +82,9 @@ from ..convert import as_hybrid
 from ..errors import ConfigError, UnsupportedModelError
 from ..evaluate.perplexity import perplexity
 from ..io.calibration import calibrate, calibration_blocks
-from ..modeling import MIXERS, HybridConfig, HybridForCausalLM, Mamba2Mixer, Mamba2MixerConfig
-from ..modeling.attention import AttentionMixer
+from ..modeling import HybridConfig, HybridForCausalLM
 from ..provenance import record_step
+from ..surgery import MixerSurgery, check_size, handlers, rows_cols, slice_linear, surgery_for, top
 
 logger = logging.getLogger(__name__)
 
@@ -115,14 +119,15 @@ def _mixer_types(config) -> list[str]:
     return list(getattr(config, "mixer_types", None) or ["attention"] * config.num_hidden_layers)
 
 
-def _is_attention(mixer_type: str) -> bool:
-    return issubclass(MIXERS[mixer_type], AttentionMixer)
+def _handlers(config) -> dict[str, MixerSurgery]:
+    """The prune handler of each mixer type in the model, in layer order; refuses a mixer without one."""
+    return {t: surgery_for(t, "prune") for t in _mixer_types(config)}
 
 
-def _ssm_settings(config) -> Mamba2MixerConfig | None:
-    if "mamba2" not in _mixer_types(config):
-        return None
-    return Mamba2MixerConfig.from_hybrid_config(config)
+def _present(config) -> list[MixerSurgery]:
+    """The handlers of the model's mixers, once each, in registration order (the order of their checks and axes)."""
+    used = set(_handlers(config).values())
+    return [handler for handler in handlers() if handler in used]
 
 
 def _head_dim(config) -> int:
@@ -131,14 +136,11 @@ def _head_dim(config) -> int:
 
 def model_shape(config) -> PruneShape:
     """The `PruneShape` of a hybrid or dense Llama-family config."""
-    ssm = _ssm_settings(config)
+    sizes = {"attn_heads": config.num_attention_heads, "ssm_heads": 0, "ssm_head_dim": 0}  # 0: no such layer
+    for handler in _present(config):
+        sizes.update(handler.shape(config))
     return PruneShape(
-        hidden=config.hidden_size,
-        ffn=config.intermediate_size,
-        attn_heads=config.num_attention_heads,
-        ssm_heads=ssm.num_heads if ssm else 0,
-        ssm_head_dim=ssm.head_dim if ssm else 0,
-        num_layers=config.num_hidden_layers,
+        hidden=config.hidden_size, ffn=config.intermediate_size, num_layers=config.num_hidden_layers, **sizes
     )
 
 
@@ -148,22 +150,10 @@ def count_params(config, shape: PruneShape, mixer_types: Sequence[str]) -> int:
     Example: `count_params(model.config, model_shape(model.config), model.config.mixer_types)`
     """
     d, f = shape.hidden, shape.ffn
-    attn_bias = bool(config.attention_bias)
-    out_bias = bool(getattr(config, "attention_out_bias", attn_bias))
     total = config.vocab_size * d * (1 if config.tie_word_embeddings else 2) + d  # embedding, head, final norm
     per_layer = 2 * d + 3 * d * f + ((2 * f + d) if getattr(config, "mlp_bias", False) else 0)  # norms, MLP
-    hd, kv = _head_dim(config), config.num_key_value_heads
-    q, k = shape.attn_heads * hd, kv * hd
-    attention = d * (q + 2 * k) + q * d + ((q + 2 * k) if attn_bias else 0) + (d if out_bias else 0)
-    mamba = 0
-    ssm = _ssm_settings(config)
-    if ssm is not None:
-        h, p, g, n = shape.ssm_heads, shape.ssm_head_dim, ssm.num_groups, ssm.state_size
-        conv = g * (p + n) + h * n  # x | B | C
-        rows = h * p + conv + h  # z | x B C | dt
-        mamba = d * rows + (rows if attn_bias else 0) + conv * (ssm.conv_kernel + 1) + 3 * h + h * p + h * p * d
-        mamba += d if out_bias else 0
-    return total + sum(per_layer + (mamba if t == "mamba2" else attention) for t in mixer_types)
+    mixers = {t: handler.param_count(config, shape) for t, handler in _handlers(config).items()}
+    return total + sum(per_layer + mixers[t] for t in mixer_types)
 
 
 def _count_model(model: nn.Module) -> int:
@@ -181,20 +171,13 @@ def check_prune(model_config, config: PruneConfig) -> PruneShape | None:
     Example: `check_prune(model.config, PruneConfig(ssm_heads=6))`
     """
     mixer_types = _mixer_types(model_config)
-    unknown = sorted({t for t in mixer_types if t not in MIXERS or not (_is_attention(t) or t == "mamba2")})
-    if unknown:
-        raise UnsupportedModelError(
-            f"pruning knows attention-shaped and mamba2 mixers; this model has {unknown}; prune a model without them"
-        )
+    present = _present(model_config)  # UnsupportedModelError for a mixer without a prune handler
     if getattr(model_config, "lowrank", None):
         raise UnsupportedModelError(
             f"the model has {len(model_config.lowrank)} low-rank factorized linears; prune before factorizing "
             "(hybridize prune, then hybridize factorize)"
         )
     full = model_shape(model_config)
-    kv = model_config.num_key_value_heads
-    has_attention = any(_is_attention(t) for t in mixer_types)
-    ssm = _ssm_settings(model_config)
     if config.params is not None:
         embedding = model_config.vocab_size * full.hidden
         target = config.params * count_params(model_config, full, mixer_types)
@@ -206,30 +189,13 @@ def check_prune(model_config, config: PruneConfig) -> PruneShape | None:
             )
         return None
 
-    def check(name: str, value: int | None, limit: int, multiple: int = 1, why: str = "") -> None:
-        if value is None:
-            return
-        if value > limit:
-            raise ConfigError(f"{name}={value} is more than the model's {limit}; pass at most {limit}")
-        if value % multiple:
-            raise ConfigError(
-                f"{name}={value} is not a multiple of {multiple} ({why}); pass one of "
-                f"{list(range(multiple, limit + 1, multiple))}"
-            )
-
-    if config.attn_heads is not None and not has_attention:
-        raise ConfigError(f"attn_heads={config.attn_heads}, but the model has no attention layer; drop attn_heads")
-    if (config.ssm_heads is not None or config.ssm_head_dim is not None) and ssm is None:
-        raise ConfigError(
-            "ssm_heads/ssm_head_dim given, but the model has no mamba2 layer; convert it first or drop them"
-        )
-    check("hidden", config.hidden, full.hidden)
-    check("ffn", config.ffn, full.ffn)
-    check("attn_heads", config.attn_heads, full.attn_heads, kv, f"the {kv} KV heads; each group keeps as many heads")
-    if ssm is not None:
-        why = f"the {ssm.num_groups} SSM groups; group-aware pruning keeps as many heads in every group"
-        check("ssm_heads", config.ssm_heads, full.ssm_heads, ssm.num_groups, why)
-        check("ssm_head_dim", config.ssm_head_dim, full.ssm_head_dim)
+    for handler in handlers():  # an axis of a mixer the model does not have
+        if handler not in present:
+            handler.check_absent(config)
+    check_size("hidden", config.hidden, full.hidden)
+    check_size("ffn", config.ffn, full.ffn)
+    for handler in present:
+        handler.check_prune(model_config, config, full)
     if config.drop_layers is not None and config.drop_layers >= full.num_layers:
         raise ConfigError(
             f"drop_layers={config.drop_layers} leaves no layer of {full.num_layers}; pass at most {full.num_layers - 1}"
@@ -319,41 +285,28 @@ def measure_importance(model: HybridForCausalLM, blocks: torch.Tensor, *, progre
     def on_input(key):
         return lambda block, module, args, kwargs: acc.add(key, args[0] if args else kwargs["hidden_states"])
 
-    def on_x_path(index: int, mixer: Mamba2Mixer):
-        # the x rows of in_proj (g * p of them), recomputed from its input: Minitron-SSM scores head channels on x
-        start, stop = mixer.inner_size, mixer.inner_size + mixer.settings.num_groups * mixer.settings.head_dim
-
-        def hook(block, module, args, kwargs):
-            bias = module.bias[start:stop] if module.bias is not None else None
-            acc.add(("ssm_x", index), F.linear(args[0], module.weight[start:stop], bias))
-
-        return hook
-
+    mixer_handlers = _handlers(model.config)
     hooks = {model.model.norm: lambda block, module, args, kwargs: close_layer(args[0])}
-    for i, layer in enumerate(layers):
+    for i, (layer, mixer_type) in enumerate(zip(layers, model.config.mixer_types, strict=True)):
         hooks[layer] = on_layer(i)
         hooks[layer.mixer] = on_input(("hidden", i, "mixer"))
         hooks[layer.mlp] = on_input(("hidden", i, "mlp"))
         hooks[layer.mlp.down_proj] = on_input(("ffn", i))
-        if isinstance(layer.mixer, Mamba2Mixer):
-            hooks[layer.mixer.in_proj] = on_x_path(i, layer.mixer)
-            hooks[layer.mixer.out_proj] = on_input(("ssm_out", i))
-        else:
-            hooks[layer.mixer.o_proj] = on_input(("attn", i))
+        hooks.update(mixer_handlers[mixer_type].importance_hooks(i, layer.mixer, acc.add))  # heads and channels
     calibrate(model, blocks, hooks, progress=progress)
 
     def per_layer(kind: str, *shape: int) -> dict[int, torch.Tensor]:
         return {key[1]: acc.importance(key).view(*shape) for key in acc.sums if key[0] == kind}
 
-    ssm = _ssm_settings(model.config)
+    views = {"attn": (model.config.num_attention_heads, -1)}
+    for handler in _present(model.config):
+        views.update(handler.importance_views(model.config))
     hidden = sum(acc.importance(key) for key in acc.sums if key[0] == "hidden")
     return Importance(
         hidden=hidden,
         ffn=per_layer("ffn", -1),
-        attn=per_layer("attn", model.config.num_attention_heads, -1),
-        ssm_x=per_layer("ssm_x", ssm.num_groups, -1) if ssm else {},
-        ssm_out=per_layer("ssm_out", ssm.num_heads, -1) if ssm else {},
         depth=depth,
+        **{kind: per_layer(kind, *views[kind]) if kind in views else {} for kind in ("attn", "ssm_x", "ssm_out")},
     )
 
 
@@ -406,18 +359,6 @@ class KeptIndices:
     ssm_channels: dict[int, torch.Tensor]
 
 
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The indices of the k largest scores, in their original order."""
-    return torch.topk(scores, k, sorted=False).indices.sort().values
-
-
-def _top_per_group(scores: torch.Tensor, num_groups: int, k: int) -> torch.Tensor:
-    """The k // num_groups best of each contiguous group of scores (group r is scores[r * size : (r + 1) * size])."""
-    grouped = scores.view(num_groups, -1)  # (groups, heads per group)
-    kept = torch.topk(grouped, k // num_groups, dim=1, sorted=False).indices.sort(dim=1).values
-    return (kept + torch.arange(num_groups)[:, None] * grouped.shape[1]).flatten()
-
-
 def select(
     model: HybridForCausalLM,
     importance: Importance,
@@ -432,35 +373,18 @@ def select(
     """
     config = model.config
     num_layers = config.num_hidden_layers
-    layers = tuple(sorted(_top(importance.depth, shape.num_layers).tolist()))
-    ffn, attn_heads, ssm_heads, ssm_channels = {}, {}, {}, {}
+    groupings = {"attn_grouping": attn_grouping, "ssm_grouping": ssm_grouping}
+    mixer_handlers = _handlers(config)
+    layers = tuple(sorted(top(importance.depth, shape.num_layers).tolist()))
+    kept: dict[str, dict[int, torch.Tensor]] = {"ffn": {}, "attn_heads": {}, "ssm_heads": {}, "ssm_channels": {}}
     for i in layers:
-        ffn[i] = _top(importance.ffn[i], shape.ffn)
-        if i in importance.attn:
-            head_scores = importance.attn[i].norm(dim=1)  # (heads,)
-            if attn_grouping == "aware":
-                attn_heads[i] = _top_per_group(head_scores, config.num_key_value_heads, shape.attn_heads)
-            else:  # group-unaware baseline: the best query heads anywhere, regrouped by position onto the KV heads
-                attn_heads[i] = _top(head_scores, shape.attn_heads)
-        if i in importance.ssm_x:
-            # Minitron-SSM, nested: channels on the x path (shared by all heads), then heads on the kept channels
-            channels = _top(importance.ssm_x[i].norm(dim=0), shape.ssm_head_dim)
-            head_scores = importance.ssm_out[i][:, channels].norm(dim=1)  # (heads,)
-            groups = importance.ssm_x[i].shape[0]
-            if ssm_grouping == "aware":
-                ssm_heads[i] = _top_per_group(head_scores, groups, shape.ssm_heads)
-            else:  # group-unaware baseline: the best heads anywhere, regrouped by position
-                ssm_heads[i] = _top(head_scores, shape.ssm_heads)
-            ssm_channels[i] = channels
+        kept["ffn"][i] = top(importance.ffn[i], shape.ffn)
+        handler = mixer_handlers[config.mixer_types[i]]
+        grouping = groupings.get(handler.grouping, "aware")
+        for field, indices in handler.select(i, importance, shape, config, grouping).items():
+            kept[field][i] = indices
     assert len(layers) == shape.num_layers <= num_layers
-    return KeptIndices(
-        hidden=_top(importance.hidden, shape.hidden),
-        layers=layers,
-        ffn=ffn,
-        attn_heads=attn_heads,
-        ssm_heads=ssm_heads,
-        ssm_channels=ssm_channels,
-    )
+    return KeptIndices(hidden=top(importance.hidden, shape.hidden), layers=layers, **kept)
 
 
 # Slicing
@@ -476,58 +400,12 @@ def _pruned_config(config: HybridConfig, shape: PruneShape, kept: KeptIndices) -
         "mixer_types": [config.mixer_types[i] for i in kept.layers],
         "mixers": copy.deepcopy(config.mixers),
     }
-    ssm = _ssm_settings(config)
-    if ssm is not None:  # every shape field explicit: the defaults follow the attention's, which may change too
-        changes["mixers"]["mamba2"] = {
-            **changes["mixers"].get("mamba2", {}),
-            "num_heads": shape.ssm_heads,
-            "num_groups": ssm.num_groups,
-            "head_dim": shape.ssm_head_dim,
-            "state_size": ssm.state_size,
-        }
+    for mixer_type, handler in _handlers(config).items():
+        if settings := handler.pruned_settings(config, shape):
+            changes["mixers"][mixer_type] = {**changes["mixers"].get(mixer_type, {}), **settings}
     pruned = HybridConfig.from_dict({**config.to_dict(), **changes})
     pruned.dtype = config.dtype
     return pruned
-
-
-def _rows_cols(tensor: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None):
-    out = tensor.index_select(0, rows) if rows is not None else tensor.clone()
-    return out.index_select(1, cols) if cols is not None else out
-
-
-def _linear(state: dict, name: str, linear: nn.Linear, rows=None, cols=None) -> None:
-    state[f"{name}.weight"] = _rows_cols(linear.weight, rows, cols)
-    if linear.bias is not None:
-        state[f"{name}.bias"] = _rows_cols(linear.bias, rows)
-
-
-def _attention_state(state: dict, mixer: AttentionMixer, heads: torch.Tensor, hidden: torch.Tensor) -> None:
-    hd = mixer.head_dim
-    q_rows = (heads[:, None] * hd + torch.arange(hd)).flatten()  # (kept heads * head_dim,)
-    _linear(state, "mixer.q_proj", mixer.q_proj, q_rows, hidden)
-    _linear(state, "mixer.k_proj", mixer.k_proj, None, hidden)  # KV heads are never pruned
-    _linear(state, "mixer.v_proj", mixer.v_proj, None, hidden)
-    _linear(state, "mixer.o_proj", mixer.o_proj, hidden, q_rows)
-
-
-def _mamba_state(
-    state: dict, mixer: Mamba2Mixer, heads: torch.Tensor, channels: torch.Tensor, hidden: torch.Tensor, scale: float
-) -> None:
-    s = mixer.settings
-    h, g, p, n = s.num_heads, s.num_groups, s.head_dim, s.state_size
-    inner = (heads[:, None] * p + channels).flatten()  # z rows, gated-norm weight, out_proj columns
-    x = (torch.arange(g)[:, None] * p + channels).flatten()  # every group keeps the same channels
-    B = g * p + torch.arange(g * n)  # never pruned
-    C = g * p + g * n + (heads[:, None] * n + torch.arange(n)).flatten()  # C is per head in our layout
-    conv = torch.cat([x, B, C])  # conv channels: x | B | C
-    rows = torch.cat([inner, h * p + conv, h * p + mixer.conv_size + heads])  # in_proj: z | x B C | dt
-    _linear(state, "mixer.in_proj", mixer.in_proj, rows, hidden)
-    state["mixer.conv1d.weight"] = _rows_cols(mixer.conv1d.weight, conv)
-    state["mixer.conv1d.bias"] = _rows_cols(mixer.conv1d.bias, conv)
-    for name in ("dt_bias", "A_log", "D"):
-        state[f"mixer.{name}"] = _rows_cols(getattr(mixer, name), heads)
-    state["mixer.norm.weight"] = _rows_cols(mixer.norm.weight, inner) * scale
-    _linear(state, "mixer.out_proj", mixer.out_proj, hidden, inner)
 
 
 @torch.no_grad()
@@ -545,33 +423,29 @@ def slice_model(
         pruned = HybridForCausalLM(pruned_config)
     hidden = kept.hidden
     scale_hidden = math.sqrt(full.hidden / shape.hidden) if rescale_norms else 1.0
-    scale_ssm = math.sqrt(full.ssm_head_dim / shape.ssm_head_dim) if rescale_norms and shape.ssm_head_dim else 1.0
+    mixer_handlers = _handlers(config)
     for new_index, i in enumerate(kept.layers):
         layer = model.model.layers[i]
         state = {
-            "input_layernorm.weight": _rows_cols(layer.input_layernorm.weight, hidden) * scale_hidden,
-            "post_attention_layernorm.weight": _rows_cols(layer.post_attention_layernorm.weight, hidden)
-            * scale_hidden,
+            "input_layernorm.weight": rows_cols(layer.input_layernorm.weight, hidden) * scale_hidden,
+            "post_attention_layernorm.weight": rows_cols(layer.post_attention_layernorm.weight, hidden) * scale_hidden,
         }
         f = kept.ffn[i]
-        _linear(state, "mlp.gate_proj", layer.mlp.gate_proj, f, hidden)
-        _linear(state, "mlp.up_proj", layer.mlp.up_proj, f, hidden)
-        _linear(state, "mlp.down_proj", layer.mlp.down_proj, hidden, f)
-        if isinstance(layer.mixer, Mamba2Mixer):
-            _mamba_state(state, layer.mixer, kept.ssm_heads[i], kept.ssm_channels[i], hidden, scale_ssm)
-        else:
-            _attention_state(state, layer.mixer, kept.attn_heads[i], hidden)
+        slice_linear(state, "mlp.gate_proj", layer.mlp.gate_proj, f, hidden)
+        slice_linear(state, "mlp.up_proj", layer.mlp.up_proj, f, hidden)
+        slice_linear(state, "mlp.down_proj", layer.mlp.down_proj, hidden, f)
+        mixer_handlers[config.mixer_types[i]].slice_state(state, layer.mixer, kept, i, full, shape, rescale_norms)
         pruned.model.layers[new_index].load_state_dict(state, strict=True, assign=True)
     pruned.model.embed_tokens.load_state_dict(
-        {"weight": _rows_cols(model.model.embed_tokens.weight, None, hidden)}, assign=True
+        {"weight": rows_cols(model.model.embed_tokens.weight, None, hidden)}, assign=True
     )
     pruned.model.norm.load_state_dict(
-        {"weight": _rows_cols(model.model.norm.weight, hidden) * scale_hidden}, assign=True
+        {"weight": rows_cols(model.model.norm.weight, hidden) * scale_hidden}, assign=True
     )
     if pruned_config.tie_word_embeddings:
         pruned.lm_head.weight = pruned.model.embed_tokens.weight
     else:
-        pruned.lm_head.load_state_dict({"weight": _rows_cols(model.lm_head.weight, None, hidden)}, assign=True)
+        pruned.lm_head.load_state_dict({"weight": rows_cols(model.lm_head.weight, None, hidden)}, assign=True)
     pruned.model.rotary_emb = LlamaRotaryEmbedding(config=pruned_config)  # buffers only; RoPE is unchanged
     leftover = [name for name, t in itertools.chain(pruned.named_parameters(), pruned.named_buffers()) if t.is_meta]
     assert not leftover, leftover
@@ -592,23 +466,14 @@ def _width_choices(size: int, max_pruning: float, multiple: int | None = None) -
     return sorted((c for c in choices if 1 <= c <= size and c >= floor), reverse=True)
 
 
-def _head_choices(heads: int, groups: int, max_pruning: float) -> list[int]:
-    return [k for k in range(heads, 0, -groups) if k >= heads * (1.0 - max_pruning)] or [heads]
-
-
 def _candidates(model_config, full: PruneShape, order: list[int], config: PruneConfig) -> list[tuple[PruneShape, int]]:
     """Every grid shape within the `params` budget with its parameter count, largest first."""
     mixer_types = _mixer_types(model_config)
-    ssm = _ssm_settings(model_config)
-    has_attention = any(_is_attention(t) for t in mixer_types)
     w = config.max_width_pruning
-    kv = model_config.num_key_value_heads
-    axes = {
-        "ffn": _width_choices(full.ffn, w),
-        "attn_heads": _head_choices(full.attn_heads, kv, w) if has_attention else [full.attn_heads],
-        "ssm_heads": _head_choices(full.ssm_heads, ssm.num_groups, w) if ssm else [0],
-        "drop": list(range(int(full.num_layers * config.max_depth_pruning) + 1)),
-    }
+    axes = {"ffn": _width_choices(full.ffn, w), "attn_heads": [full.attn_heads], "ssm_heads": [full.ssm_heads]}
+    for handler in _present(model_config):  # the mixers' own axes (ssm_head_dim is not searched)
+        axes.update({k: v for k, v in handler.search_axes(model_config, full, w).items() if k in axes})
+    axes["drop"] = list(range(int(full.num_layers * config.max_depth_pruning) + 1))
 
     def hidden_choices(attn_heads: int) -> list[int]:  # transformers wants hidden to be a multiple of the heads
         return [h for h in _width_choices(full.hidden, w, math.lcm(8, attn_heads)) if h % attn_heads == 0]
