@@ -83,6 +83,12 @@ def _sliding_window(config: PreTrainedConfig) -> int | None:
     return window if window < config.max_position_embeddings else None
 
 
+def head_dim(config: PreTrainedConfig) -> int:
+    """Size of one attention head of a Llama-family (or hybrid) config: its `head_dim`, else `hidden_size //
+    num_attention_heads`, as transformers' Llama reads it."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def check_supported(config: PreTrainedConfig) -> Family:
     """Check that hybridize can convert a model with this config, before any of its weights are read.
 
@@ -138,13 +144,13 @@ def check_supported(config: PreTrainedConfig) -> Family:
         )
     family = FAMILIES[model_type]
     attention_bias = model_type == "llama" and bool(getattr(config, "attention_bias", False))
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    size = head_dim(config)
     return replace(
         family,
         qkv_bias=family.qkv_bias or attention_bias,
         o_bias=family.o_bias or attention_bias,
-        head_dim=head_dim,
-        native_head_dim=head_dim * config.num_attention_heads == config.hidden_size,
+        head_dim=size,
+        native_head_dim=size * config.num_attention_heads == config.hidden_size,
     )
 
 

@@ -44,6 +44,7 @@ from torch import nn
 from ..configs.compress import ALIGNS, SOLVERS, WIDTH_AXES, FuseConfig
 from ..convert import as_hybrid
 from ..errors import ConfigError, UnsupportedModelError
+from ..families import head_dim
 from ..io.calibration import calibrate, calibration_blocks
 from ..modeling import HybridConfig, HybridForCausalLM
 from ..provenance import record_step
@@ -62,7 +63,7 @@ def _family(config) -> str:
 
 def _field(config, name: str):
     if name == "head_dim":
-        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return head_dim(config)
     return getattr(config, name, None)
 
 

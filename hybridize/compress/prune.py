@@ -81,6 +81,7 @@ from ..configs.compress import AXES, DEPTH_METRICS, GROUPINGS, PruneConfig
 from ..convert import as_hybrid
 from ..errors import ConfigError, UnsupportedModelError
 from ..evaluate.perplexity import perplexity
+from ..families import head_dim
 from ..io.calibration import calibrate, calibration_blocks
 from ..modeling import HybridConfig, HybridForCausalLM
 from ..provenance import record_step
@@ -128,10 +129,6 @@ def _present(config) -> list[MixerSurgery]:
     """The handlers of the model's mixers, once each, in registration order (the order of their checks and axes)."""
     used = set(_handlers(config).values())
     return [handler for handler in handlers() if handler in used]
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def model_shape(config) -> PruneShape:
@@ -396,7 +393,7 @@ def _pruned_config(config: HybridConfig, shape: PruneShape, kept: KeptIndices) -
         "intermediate_size": shape.ffn,
         "num_attention_heads": shape.attn_heads,
         "num_hidden_layers": shape.num_layers,
-        "head_dim": _head_dim(config),
+        "head_dim": head_dim(config),
         "mixer_types": [config.mixer_types[i] for i in kept.layers],
         "mixers": copy.deepcopy(config.mixers),
     }

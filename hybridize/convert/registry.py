@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 
 from ..configs.convert import ConvertConfig
 from ..errors import ConfigError
-from ..families import check_supported
+from ..families import check_supported, head_dim
 from ..modeling import MIXERS, HybridConfig
 from .mamba2 import calibrate_mamba2, init_mamba2_from_attention
 from .nha import init_nha_from_attention
@@ -53,7 +53,7 @@ def hybrid_config_for(source: PreTrainedModel, mixer_types: list[str], config: C
         num_hidden_layers=src.num_hidden_layers,
         num_attention_heads=src.num_attention_heads,
         num_key_value_heads=src.num_key_value_heads,
-        head_dim=getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads,
+        head_dim=head_dim(src),
         hidden_act=src.hidden_act,
         max_position_embeddings=src.max_position_embeddings,
         rms_norm_eps=src.rms_norm_eps,

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..families import check_supported
+from ..families import check_supported, head_dim
 from ..modeling import HybridForCausalLM, Mamba2MixerConfig
 
 _ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "granitehybrid": gguf.MODEL_ARCH.GRANITE_HYBRID}
@@ -71,10 +71,6 @@ def _decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
         (getattr(layer, "mixer_type", "attention"), layer, getattr(layer, "mixer", None) or layer.self_attn)
         for layer in model.model.layers
     ]
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def mamba2_copies(config) -> int:
@@ -212,7 +208,7 @@ def gguf_layout(model: nn.Module) -> GGUFLayout:
     """
     arch = check_gguf_export(model)
     config = model.config
-    head_dim = _head_dim(config)
+    size = head_dim(config)
     layers = _decoder_layers(model)
     rope = dict(config.rope_parameters or {})
     hparams: dict[str, Any] = {
@@ -221,9 +217,9 @@ def gguf_layout(model: nn.Module) -> GGUFLayout:
         "add_feed_forward_length": config.intermediate_size,
         "add_block_count": config.num_hidden_layers,
         "add_head_count": config.num_attention_heads,
-        "add_key_length": head_dim,
-        "add_value_length": head_dim,
-        "add_rope_dimension_count": head_dim,
+        "add_key_length": size,
+        "add_value_length": size,
+        "add_rope_dimension_count": size,
         "add_rope_freq_base": float(rope.get("rope_theta", 10000.0)),
         "add_layer_norm_rms_eps": float(config.rms_norm_eps),
         "add_vocab_size": config.vocab_size,

@@ -5,13 +5,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..families import head_dim
 from ..modeling.attention import AttentionMixer
 from ..modeling.streaming import StreamingMixer
 from .base import MixerSurgery, check_size, head_choices, register_surgery, slice_linear, top, top_per_group
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 # StreamingMixer prunes as attention (same q/k/v/o); fuse and export do not handle it
@@ -30,7 +27,7 @@ class AttentionSurgery(MixerSurgery):
         d = shape.hidden
         attn_bias = bool(config.attention_bias)
         out_bias = bool(getattr(config, "attention_out_bias", attn_bias))
-        hd, kv = _head_dim(config), config.num_key_value_heads
+        hd, kv = head_dim(config), config.num_key_value_heads
         q, k = shape.attn_heads * hd, kv * hd
         return d * (q + 2 * k) + q * d + ((q + 2 * k) if attn_bias else 0) + (d if out_bias else 0)
 
