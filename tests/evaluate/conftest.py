@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import CharTokenizer, bos_word_tokenizer
+from tiny import bos_word_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 VOCAB_SIZE = 128
@@ -41,17 +41,6 @@ def blocks() -> torch.Tensor:
 
 
 @pytest.fixture
-def char_tokenizer() -> CharTokenizer:
-    return CharTokenizer()
-
-
-@pytest.fixture
-def make_char_tokenizer() -> type[CharTokenizer]:
-    """The `CharTokenizer` class, for tests that choose its BOS and EOS."""
-    return CharTokenizer
-
-
-@pytest.fixture
-def word_tokenizer() -> PreTrainedTokenizerFast:
+def word_tokenizer() -> PreTrainedTokenizerFast:  # overrides the shared one (tests/conftest.py)
     """A real `PreTrainedTokenizerFast` over the words a, b, c that adds BOS itself, as Llama-2 tokenizers do."""
     return bos_word_tokenizer()
