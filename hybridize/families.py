@@ -1,6 +1,9 @@
 """Per-family facts about the source models hybridize converts: Llama (SmolLM2 included, also when read from GGUF),
 Mistral and Qwen2. All three share one decoder layout (pre-norm RMSNorm, rotary attention with grouped KV heads,
-a SiLU-gated MLP); they differ only in which projections carry a bias and in sliding-window attention.
+a SiLU-gated MLP); they differ only in which projections carry a bias and in sliding-window attention. The code
+reads all three alike: the decoder layers are `model.layers`; in each, attention is `self_attn` (`q_proj`, `k_proj`,
+`v_proj`, `o_proj`), the MLP is `mlp` (`gate_proj`, `up_proj`, `down_proj`), the norms are `input_layernorm` and
+`post_attention_layernorm`; the final norm is `model.norm`. `head_dim(config)` is the one rule for a head's size.
 
 `check_supported(config)` reads nothing but the config, so an architecture hybridize cannot convert is refused
 before any weights are read, with a message that names the problem, the value seen and the fix.
@@ -26,25 +29,11 @@ class Family:
             Whether `q_proj`, `k_proj` and `v_proj` carry a bias (Qwen2 always; Llama when `attention_bias=True`).
         o_bias (`bool`):
             Whether `o_proj` carries a bias (Llama when `attention_bias=True`).
-        head_dim (`int`, *optional*):
-            Size of one attention head: the config's `head_dim`, else `hidden_size // num_attention_heads`. A
-            `head_dim * num_attention_heads != hidden_size` is supported by the hybrid model, but native export to
-            `GraniteMoeHybridForCausalLM` needs `head_dim * num_attention_heads == hidden_size`. `None` in `FAMILIES`.
-        native_head_dim (`bool`, *optional*):
-            Whether `head_dim * num_attention_heads == hidden_size`, so that native Granite export is possible. `None`
-            in `FAMILIES`.
-        layers (`str`, *optional*, defaults to `"model.layers"`):
-            Where the decoder layers live. In each layer, attention is `self_attn` (`q_proj`, `k_proj`, `v_proj`,
-            `o_proj`), the MLP is `mlp` (`gate_proj`, `up_proj`, `down_proj`), the norms are `input_layernorm`
-            and `post_attention_layernorm`; the final norm is `model.norm`.
     """
 
     name: str
     qkv_bias: bool
     o_bias: bool
-    head_dim: int | None = None
-    native_head_dim: bool | None = None
-    layers: str = "model.layers"
 
 
 FAMILIES: dict[str, Family] = {
@@ -97,7 +86,7 @@ def check_supported(config: PreTrainedConfig) -> Family:
             The source model's config, e.g. from `hybridize.sources.load_config`.
 
     Returns:
-        `Family`: the family's facts, resolved for this config (biases, `head_dim`).
+        `Family`: the family's facts, resolved for this config (its biases).
 
     Raises:
         `UnsupportedModelError`: for another model type, a mixture of experts, an active sliding window, an MLP bias,
@@ -144,14 +133,7 @@ def check_supported(config: PreTrainedConfig) -> Family:
         )
     family = FAMILIES[model_type]
     attention_bias = model_type == "llama" and bool(getattr(config, "attention_bias", False))
-    size = head_dim(config)
-    return replace(
-        family,
-        qkv_bias=family.qkv_bias or attention_bias,
-        o_bias=family.o_bias or attention_bias,
-        head_dim=size,
-        native_head_dim=size * config.num_attention_heads == config.hidden_size,
-    )
+    return replace(family, qkv_bias=family.qkv_bias or attention_bias, o_bias=family.o_bias or attention_bias)
 
 
-__all__ = ["FAMILIES", "Family", "check_supported"]
+__all__ = ["FAMILIES", "Family", "check_supported", "head_dim"]

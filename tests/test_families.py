@@ -1,4 +1,4 @@
-"""check_supported: which configs pass, what each family's biases are, and the messages of the refusals."""
+"""check_supported: which configs pass, what each family's biases are, the messages of the refusals; head_dim."""
 
 import pytest
 from transformers import (
@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from hybridize.errors import UnsupportedModelError
-from hybridize.families import FAMILIES, check_supported
+from hybridize.families import FAMILIES, check_supported, head_dim
 
 TINY = {
     "hidden_size": 64,
@@ -47,7 +47,7 @@ def test_accepted_and_biases_match_the_modules(name):
     attention = AutoModelForCausalLM.from_config(config).model.layers[0].self_attn
     assert family.qkv_bias == (attention.q_proj.bias is not None) == (attention.v_proj.bias is not None)
     assert family.o_bias == (attention.o_proj.bias is not None)
-    assert family.head_dim == attention.head_dim
+    assert head_dim(config) == attention.head_dim
 
 
 def test_family_facts():
@@ -55,9 +55,7 @@ def test_family_facts():
     assert check_supported(ACCEPTED["llama_bias"]).o_bias
     assert (FAMILIES["qwen2"].qkv_bias, FAMILIES["qwen2"].o_bias) == (True, False)
     assert not FAMILIES["mistral"].qkv_bias
-    assert check_supported(ACCEPTED["llama"]).native_head_dim
-    custom = check_supported(ACCEPTED["llama_head_dim"])
-    assert (custom.head_dim, custom.native_head_dim) == (32, False)
+    assert head_dim(ACCEPTED["llama"]) == 16 and head_dim(ACCEPTED["llama_head_dim"]) == 32
 
 
 @pytest.mark.parametrize(
