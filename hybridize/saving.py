@@ -282,6 +282,7 @@ def save(model, output: str | Path, *, tokenizer=None, overwrite: bool = False, 
         be written, or its device lacks the space.
     """
     from .modeling.layout import standard_layout
+    from .remote_code import ship_mixer_code
 
     output = Path(output)
     needed = model_bytes(model)
@@ -289,6 +290,8 @@ def save(model, output: str | Path, *, tokenizer=None, overwrite: bool = False, 
         check_space(output.parent, needed, f"the model ({output})")
         with standard_layout(model):  # weights transposed for decoding are written in the standard layout
             model.save_pretrained(tmp)
+        if isinstance(getattr(model.config, "mixer_types", None), list):  # a hybrid: its outside mixers' code too
+            ship_mixer_code(model.config.mixer_types, tmp)
         if tokenizer is not None:
             copy_tokenizer(tokenizer, tmp)
         write_manifest(model, tmp)
