@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from .compat import config_second
 from .configs.analyze import AnalyzeConfig
 from .convert.lazy import attention_modules, laziest_layers, lazy_frequency, measure_lazy_ratios
 from .convert.selection import num_converted
@@ -28,13 +29,14 @@ RESULT_NAME = "lazy_ratio.json"
 PLOT_NAME = "lazy_ratio.png"
 
 
-def analyze(model: nn.Module, tokenizer: Any, config: AnalyzeConfig, *, progress: bool = False) -> dict[str, Any]:
+@config_second(AnalyzeConfig)
+def analyze(model: nn.Module, config: AnalyzeConfig, *, tokenizer: Any, progress: bool = False) -> dict[str, Any]:
     """Measure the lazy ratio of every attention layer of `model` on calibration documents; `model` is not modified.
 
     Args:
         model (`nn.Module`): a Llama-family causal LM or a hybrid (layers without attention are reported as such).
-        tokenizer: its tokenizer.
         config (`AnalyzeConfig`): the streaming shape, the documents and the selection ratio.
+        tokenizer: its tokenizer.
         progress (`bool`, *optional*, defaults to `False`): show a progress bar.
 
     Returns:
@@ -46,7 +48,7 @@ def analyze(model: nn.Module, tokenizer: Any, config: AnalyzeConfig, *, progress
     Example:
         ```python
         >>> model, tokenizer = hybridize.load("llama")
-        >>> result = analyze(model, tokenizer, AnalyzeConfig(window=508))
+        >>> result = analyze(model, AnalyzeConfig(window=508), tokenizer=tokenizer)
         ```
     """
     blocks = calibration_blocks(tokenizer, config.data, num_blocks=config.num_docs, seq_len=config.seq_len)

@@ -38,7 +38,7 @@ def test_bench_context_beyond_the_baseline(llama_dir, tmp_path, no_loading):
 def test_bench_api_refuses_before_measuring():
     model = make_tiny("llama", max_position_embeddings=64)
     with pytest.raises(ConfigError, match="contexts 65 exceed the model's max_position_embeddings=64"):
-        bench(model, None, BenchConfig(contexts=(64, 65)))
+        bench(model, BenchConfig(contexts=(64, 65)), tokenizer=None)
     check_bench(model.config, BenchConfig(contexts=(64,)))  # the longest allowed prompt
 
 

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, StaticCache
 
+from ..compat import config_second
 from ..configs.evaluate import BenchConfig
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..io.corpus import load_corpus, token_blocks
@@ -283,8 +284,14 @@ def _ratios(row: dict[str, Any]) -> dict[str, float]:
     return ratios
 
 
+@config_second(BenchConfig)
 def bench(
-    model: nn.Module, tokenizer: Any, config: BenchConfig, *, baseline: nn.Module | None = None, progress: bool = False
+    model: nn.Module,
+    config: BenchConfig,
+    *,
+    tokenizer: Any,
+    baseline: nn.Module | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Measure `model` (and `baseline`, interleaved) at each context length and batch size, and how far each runs
     above the memory floor.
@@ -313,7 +320,7 @@ def bench(
     Raises:
         `ConfigError`: a context longer than either model's `max_position_embeddings` (`check_bench`).
 
-    Example: `bench(hybrid, tokenizer, BenchConfig(contexts=(512, 2048)), baseline=source)`
+    Example: `bench(hybrid, BenchConfig(contexts=(512, 2048)), tokenizer=tokenizer, baseline=source)`
     """
     models = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
     for m in models.values():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..compat import config_second
 from ..configs.distill import KL_KINDS
 from ..configs.evaluate import EvalConfig
 from ..errors import ConfigError
@@ -162,16 +163,17 @@ def check_eval(model_config: Any, config: EvalConfig) -> None:
         check_tasks(config.tasks, max_length=max_length, batch_size=config.batch_size, limit=config.limit)
 
 
+@config_second(EvalConfig)
 def evaluate(
-    model: nn.Module, tokenizer: Any, config: EvalConfig, *, baseline: nn.Module | None = None, progress: bool = False
+    model: nn.Module, config: EvalConfig, *, tokenizer: Any, baseline: nn.Module | None = None, progress: bool = False
 ) -> dict[str, Any]:
     """Held-out perplexity of `model` and, with a `baseline`, its KL and top-1 agreement against it; or, when
     `config.tasks` is set, lm-eval tasks on `model` (and on the baseline, side by side).
 
     Args:
         model (`nn.Module`): a Hugging Face causal LM.
-        tokenizer: its tokenizer (the baseline must share it).
         config (`EvalConfig`): split, block length, token budget and batch size; or the lm-eval tasks.
+        tokenizer: its tokenizer (the baseline must share it).
         baseline (`nn.Module`, *optional*): the reference model, usually the source of a conversion.
         progress (`bool`, *optional*, defaults to `False`): show a tqdm bar.
 
@@ -180,7 +182,7 @@ def evaluate(
         baseline also `baseline_perplexity`, `kl` and `top1_agreement`. With `config.tasks`: `max_length`, `limit`
         and `tasks` (`{task: {metric: value}}`, see `harness.run_tasks`), and with a baseline `baseline_tasks`.
 
-    Example: `evaluate(hybrid, tokenizer, EvalConfig(max_tokens=8192), baseline=source)`
+    Example: `evaluate(hybrid, EvalConfig(max_tokens=8192), tokenizer=tokenizer, baseline=source)`
     """
     if config.tasks:
         return _evaluate_tasks(model, tokenizer, config, baseline=baseline)

@@ -45,7 +45,7 @@ def native(source):
 
 def test_bench_reports_every_field_the_floor_and_both_baselines(source, tmp_path):
     hybrid = hybridize.convert(source, hybridize.ConvertConfig(mixer_init="attention", ratio=0.5))
-    result = bench(hybrid, word_tokenizer(), BenchConfig(**SMALL, batch_sizes=(1, 3)), baseline=source)
+    result = bench(hybrid, BenchConfig(**SMALL, batch_sizes=(1, 3)), tokenizer=word_tokenizer(), baseline=source)
     bandwidth = result["machine"]["read_bandwidth_gb_per_s"]
     assert bandwidth > 0 and result["machine"]["bandwidth_probe_bytes"] >= 256 << 20
     assert result["models"]["model"]["weight_bytes"] == weight_bytes_per_step(hybrid)
@@ -86,7 +86,7 @@ def test_floor_bytes_are_unique_parameters_without_an_untied_embedding(tied):
     assert expected == 4 * sum(p.numel() for n, p in source.named_parameters() if tied or "embed_tokens" not in n)
     hybrid = tiny_hybrid(["mamba2", "attention", "nha", "streaming"])  # tied, as TINY says
     assert weight_bytes_per_step(hybrid) == _unique_parameter_bytes(hybrid)
-    result = bench(source, word_tokenizer(), BenchConfig(contexts=(16,), new_tokens=1, repeats=1))
+    result = bench(source, BenchConfig(contexts=(16,), new_tokens=1, repeats=1), tokenizer=word_tokenizer())
     row = result["rows"][0]["model"]
     assert row["step_bytes"] == expected + row["cache_bytes"] and "baseline" not in result["rows"][0]
 
@@ -139,8 +139,8 @@ def test_static_cache_generates_the_default_paths_tokens(source, native, which):
 
 def test_native_export_benches_as_model_and_as_baseline(source, native):
     config = BenchConfig(contexts=(16,), new_tokens=2, repeats=1, batch_sizes=(1, 4))
-    as_model = bench(native, word_tokenizer(), config, baseline=source)
-    as_baseline = bench(source, word_tokenizer(), config, baseline=native)
+    as_model = bench(native, config, tokenizer=word_tokenizer(), baseline=source)
+    as_baseline = bench(source, config, tokenizer=word_tokenizer(), baseline=native)
     assert as_model["models"]["model"]["class"] == as_baseline["models"]["baseline_static"]["class"]
     assert as_model["models"]["model"]["class"] == "GraniteMoeHybridForCausalLM"
     for result in (as_model, as_baseline):
@@ -157,7 +157,7 @@ def test_a_hybrid_baseline_or_no_static_runs_the_default_path_only(source):
         (hybrid, BenchConfig(contexts=(16,), new_tokens=1, repeats=1)),  # HybridCache has no static counterpart
         (make_tiny("llama", seed=1), BenchConfig(contexts=(16,), new_tokens=1, repeats=1, baseline_static=False)),
     ]:
-        result = bench(source, word_tokenizer(), config, baseline=baseline)
+        result = bench(source, config, tokenizer=word_tokenizer(), baseline=baseline)
         row = result["rows"][0]
         assert "baseline_static" not in row and "baseline_static" not in result["models"]
         assert "decode_speedup" in row["ratios"] and "decode_speedup_static" not in row["ratios"]

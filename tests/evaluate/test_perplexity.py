@@ -125,13 +125,13 @@ def test_eval_config_is_frozen_and_keyword_only():
 
 def test_evaluate_on_the_heldout_corpus(tiny_llama, other_llama, char_tokenizer):
     config = EvalConfig(seq_len=32, max_tokens=200, batch_size=2)
-    result = evaluate(tiny_llama, char_tokenizer, config)
+    result = evaluate(tiny_llama, config, tokenizer=char_tokenizer)
     blocks = token_blocks(char_tokenizer, load_corpus("heldout"), seq_len=32, max_tokens=200)
     assert result["num_blocks"] == 6 and result["num_tokens"] == 192
     assert result["perplexity"] == pytest.approx(perplexity(tiny_llama, blocks), rel=1e-6)
     assert "kl" not in result
 
-    compared = evaluate(tiny_llama, char_tokenizer, config, baseline=other_llama)
+    compared = evaluate(tiny_llama, config, tokenizer=char_tokenizer, baseline=other_llama)
     assert compared["perplexity"] == pytest.approx(result["perplexity"], rel=1e-6)
     assert compared["kl"] > 0 and 0 <= compared["top1_agreement"] <= 1
     assert math.isfinite(compared["baseline_perplexity"])
@@ -197,9 +197,8 @@ def test_prompt_scoring_sees_what_dynamic_selection_decided():
 def test_evaluate_on_a_data_file(tiny_llama, char_tokenizer, tmp_path):
     texts = ["the first document " * 20, "and a second one " * 20]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
-    result = evaluate(
-        tiny_llama, char_tokenizer, EvalConfig(data=str(tmp_path / "docs.jsonl"), seq_len=32, max_tokens=256)
-    )
+    config = EvalConfig(data=str(tmp_path / "docs.jsonl"), seq_len=32, max_tokens=256)
+    result = evaluate(tiny_llama, config, tokenizer=char_tokenizer)
     expected = perplexity(tiny_llama, token_blocks(char_tokenizer, texts, seq_len=32, max_tokens=256))
     assert result["data"] == str(tmp_path / "docs.jsonl") and "split" not in result
     assert result["perplexity"] == pytest.approx(expected, rel=1e-6)
