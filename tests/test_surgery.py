@@ -1,10 +1,12 @@
-"""The surgery registry (`hybridize.surgery`): exact-class lookup, the one refusal for a mixer without a handler, a
-handler for every mixer that prune accepts, and handler parameter counts equal to the real modules'."""
+"""The surgery registry (`hybridize.surgery`): exact-class lookup, the one refusal for a mixer without a handler (from
+every operation, before any work), a handler for every mixer that prune accepts, and handler parameter counts equal to
+the real modules'."""
 
 import pytest
 import torch
 from tiny import TINY, tiny_hybrid
 
+from hybridize.compress.fuse import FuseConfig, fuse
 from hybridize.compress.prune import PruneConfig, check_prune, count_params, model_shape, prune
 from hybridize.errors import UnsupportedModelError
 from hybridize.modeling import HybridConfig, HybridForCausalLM
@@ -24,8 +26,24 @@ def test_an_unregistered_mixer_gets_the_one_refusal(monkeypatch):
         surgery_for("toy", "prune")
     with pytest.raises(UnsupportedModelError, match=r"^prune does not support gdn: it is not a known mixer"):
         surgery_for("gdn", "prune")
-    with pytest.raises(UnsupportedModelError, match=r"^fuse does not support mamba2: "):
-        surgery_for("mamba2", "fuse")  # a handler that does not do the operation
+    with pytest.raises(UnsupportedModelError, match=r"^fuse does not support streaming: fuse handles attention, "):
+        surgery_for("streaming", "fuse")  # a handler that does not do the operation for this mixer
+
+
+def test_every_operation_refuses_a_mixer_without_a_handler_before_any_work(monkeypatch):
+    monkeypatch.setitem(MIXERS, "toy", ToyMixer)
+    model = tiny_hybrid(["toy", "attention", "mamba2", "attention"])
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    blocks = torch.randint(2, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    operations = {
+        "prune": lambda: prune(model, PruneConfig(ffn=64, num_blocks=2), blocks=blocks),
+        "fuse": lambda: fuse([model, model], FuseConfig(align="weights")),
+    }
+    for operation, run in operations.items():
+        with pytest.raises(UnsupportedModelError, match=rf"^{operation} does not support toy: {operation} handles "):
+            run()
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 
 
 def test_register_surgery_registers_exact_classes(monkeypatch):

@@ -21,6 +21,10 @@ The units, and where their plan acts:
 - Mamba2 heads in the same two levels (groups share x and B; heads own z, C, dt, dt_bias, A_log, D, the norm gain and
   out_proj's columns).
 
+What is particular to a mixer (its groups and heads, the module whose input holds its head outputs, its tensors'
+transport, its units' weight vectors, the settings that must match and the fused model's) is in its handler in
+`hybridize.surgery` (`attention.py`, `mamba2.py`); a mixer without one is refused with "fuse does not support <mixer>".
+
 A plan P becomes two maps: producers of a unit (rows of the weights that compute it, norm gains, biases) take the
 barycentre of the units sent to it, P normalised per target column; consumers (columns of the weights that read it)
 take the sum, P normalised per source row ("average in, sum out"). For a permutation both are that permutation, so a
@@ -43,15 +47,24 @@ from torch import nn
 
 from ..configs.compress import ALIGNS, SOLVERS, WIDTH_AXES, FuseConfig
 from ..convert import as_hybrid
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError
 from ..families import head_dim
 from ..io.calibration import calibrate, calibration_blocks
 from ..modeling import HybridConfig, HybridForCausalLM
 from ..provenance import record_step
+from ..surgery import (
+    MixerSurgery,
+    consumer_map,
+    identity_plan,
+    map_cols,
+    map_rows,
+    producer_map,
+    surgery_for,
+    top,
+    top_per_group,
+)
 
 logger = logging.getLogger(__name__)
-
-_MIXERS = ("attention", "mamba2")
 
 
 # Checks, before any heavy work
@@ -67,18 +80,23 @@ def _field(config, name: str):
     return getattr(config, name, None)
 
 
-def _mamba(config: HybridConfig) -> dict:
-    from ..modeling.mamba2 import Mamba2MixerConfig
+def _mixer_types(config) -> list[str]:
+    return list(getattr(config, "mixer_types", None) or ["attention"] * config.num_hidden_layers)
 
-    if "mamba2" not in config.mixer_types:
-        return {}
-    s = Mamba2MixerConfig.from_hybrid_config(config)
-    return {"num_heads": s.num_heads, "num_groups": s.num_groups, "head_dim": s.head_dim, "state_size": s.state_size}
+
+def _handlers(config) -> dict[str, MixerSurgery]:
+    """The fuse handler of each mixer type in the model, in layer order; refuses a mixer without one."""
+    return {t: surgery_for(t, "fuse") for t in _mixer_types(config)}
+
+
+def _handler(layer) -> MixerSurgery:
+    return surgery_for(layer.mixer_type, "fuse")
 
 
 def check_fuse(configs: Sequence, config: FuseConfig, tokenizers: Sequence | None = None) -> None:
     """Refuse models that cannot be fused, from their configs (and tokenizers) alone: different families,
-    vocabularies, depths, layer layouts, KV groups or head sizes, or factorized models."""
+    vocabularies, depths, layer layouts, KV groups or head sizes, mixer settings, mixers that fuse does not align, or
+    factorized models."""
     if not configs or (len(configs) < 2 and config.width == 1):
         raise ConfigError(f"fuse needs at least two models (or one with width < 1), got {len(configs)}")
     if config.weights is not None and len(config.weights) != len(configs):
@@ -96,20 +114,19 @@ def check_fuse(configs: Sequence, config: FuseConfig, tokenizers: Sequence | Non
                     f"model {index} has {name}={_field(other, name)} but the anchor has {_field(anchor, name)}; fuse "
                     "models that share a vocabulary and a layout"
                 )
-        types = getattr(other, "mixer_types", None) or ["attention"] * other.num_hidden_layers
-        anchor_types = getattr(anchor, "mixer_types", None) or ["attention"] * anchor.num_hidden_layers
+        types, anchor_types = _mixer_types(other), _mixer_types(anchor)
         if types != anchor_types:
             raise ConfigError(f"model {index} has mixer_types {types} but the anchor has {anchor_types}")
-        if unsupported := sorted(set(types) - set(_MIXERS)):
-            raise UnsupportedModelError(f"fuse aligns {', '.join(_MIXERS)} layers, not {unsupported}")
+        handlers = _handlers(other)  # UnsupportedModelError for a mixer without a fuse handler
         if getattr(other, "lowrank", None):
             raise ConfigError(f"model {index} has factorized linears; fuse dense models, then factorize the result")
-        if other.model_type == HybridConfig.model_type and anchor.model_type == HybridConfig.model_type:
-            ours, theirs = _mamba(other), _mamba(anchor)
-            if {k: v for k, v in ours.items() if k != "num_heads"} != {
-                k: v for k, v in theirs.items() if k != "num_heads"
-            }:
-                raise ConfigError(f"model {index} has Mamba2 settings {ours} but the anchor has {theirs}")
+        for mixer_type, handler in handlers.items():  # the mixers' settings beyond the shared fields above
+            ours, theirs = handler.fuse_layout(other), handler.fuse_layout(anchor)
+            if ours != theirs:
+                raise ConfigError(
+                    f"model {index} has {mixer_type} settings {ours} but the anchor has {theirs}; fuse models that "
+                    "share a layout"
+                )
     if config.align == "none":
         for index, other in enumerate(configs):
             for name in ("hidden_size", "intermediate_size", "num_attention_heads"):
@@ -186,37 +203,6 @@ def grouped_plan(
     return group_plan, head_plan
 
 
-def producer_map(plan: torch.Tensor) -> torch.Tensor:
-    """(m', m): each target unit is the barycentre of the units sent to it."""
-    return (plan / plan.sum(0, keepdim=True).clamp_min(1e-30)).T
-
-
-def consumer_map(plan: torch.Tensor) -> torch.Tensor:
-    """(m', m): each source unit's outgoing weight is split over the targets it is sent to, and summed there."""
-    return (plan / plan.sum(1, keepdim=True).clamp_min(1e-30)).T
-
-
-def _rows(tensor: torch.Tensor, matrix: torch.Tensor, unit: int = 1) -> torch.Tensor:
-    """Map dim 0 of `tensor` (m·unit, ...) by `matrix` (m', m), unit by unit -> (m'·unit, ...)."""
-    grouped = tensor.reshape(matrix.shape[1], unit, -1)  # (m, unit, rest)
-    mapped = torch.einsum("ji,iur->jur", matrix.to(tensor.dtype), grouped)
-    return mapped.reshape(matrix.shape[0] * unit, *tensor.shape[1:])
-
-
-def _cols(tensor: torch.Tensor, matrix: torch.Tensor, unit: int = 1) -> torch.Tensor:
-    return _rows(tensor.transpose(0, 1), matrix, unit).transpose(0, 1)
-
-
-def _segments(tensor: torch.Tensor, parts: Sequence[tuple[int, torch.Tensor | None, int]]) -> torch.Tensor:
-    """Map dim 0 segment by segment: `parts` is (rows, matrix or None for unchanged, unit) in order."""
-    pieces, start = [], 0
-    for rows, matrix, unit in parts:
-        piece = tensor[start : start + rows]
-        pieces.append(piece if matrix is None else _rows(piece, matrix, unit))
-        start += rows
-    return torch.cat(pieces)
-
-
 @dataclass
 class LayerPlans:
     """The plans of one layer: MLP neurons, and the mixer's groups and heads (None: identity)."""
@@ -234,103 +220,41 @@ class ModelPlans:
     layers: list[LayerPlans] = field(default_factory=list)
 
 
-def _identity_like(plan: torch.Tensor | None, size: int) -> torch.Tensor:
-    return torch.eye(size, dtype=torch.float64) / size if plan is None else plan
-
-
 @torch.no_grad()
 def transport(model: HybridForCausalLM, plans: ModelPlans) -> dict[str, torch.Tensor]:
     """`model`'s state dict in the target's units: every tensor mapped by the plans of its axes (see the module
     docstring); the plans' target sizes give the shapes (the tied head is left out)."""
     c = model.config
-    res = _identity_like(plans.residual, c.hidden_size)
+    res = identity_plan(plans.residual, c.hidden_size)
     res_in, res_out = producer_map(res), consumer_map(res)
     out = {}
     embed = model.model.embed_tokens.weight
-    out["model.embed_tokens.weight"] = _cols(embed, res_in)
+    out["model.embed_tokens.weight"] = map_cols(embed, res_in)
     if not c.tie_word_embeddings:
-        out["lm_head.weight"] = _cols(model.lm_head.weight, res_out)
-    out["model.norm.weight"] = _rows(model.model.norm.weight, res_in)
+        out["lm_head.weight"] = map_cols(model.lm_head.weight, res_out)
+    out["model.norm.weight"] = map_rows(model.model.norm.weight, res_in)
     for index, (layer, layer_plans) in enumerate(zip(model.model.layers, plans.layers)):
         prefix = f"model.layers.{index}."
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            out[f"{prefix}{norm}.weight"] = _rows(getattr(layer, norm).weight, res_in)
+            out[f"{prefix}{norm}.weight"] = map_rows(getattr(layer, norm).weight, res_in)
         mlp = layer.mlp
-        neurons = _identity_like(layer_plans.mlp, mlp.gate_proj.weight.shape[0])
+        neurons = identity_plan(layer_plans.mlp, mlp.gate_proj.weight.shape[0])
         for name in ("gate_proj", "up_proj"):
-            out[f"{prefix}mlp.{name}.weight"] = _cols(_rows(getattr(mlp, name).weight, producer_map(neurons)), res_out)
-        out[f"{prefix}mlp.down_proj.weight"] = _rows(_cols(mlp.down_proj.weight, consumer_map(neurons)), res_in)
-        mixer = layer.mixer
-        if layer.mixer_type == "attention":
-            out.update(_transport_attention(mixer, layer_plans, res_in, res_out, c, f"{prefix}mixer."))
-        else:
-            out.update(_transport_mamba2(mixer, layer_plans, res_in, res_out, f"{prefix}mixer."))
-    return out
-
-
-def _transport_attention(mixer, plans: LayerPlans, res_in, res_out, c, prefix: str) -> dict[str, torch.Tensor]:
-    hd, groups = c.head_dim, c.num_key_value_heads
-    heads = _identity_like(plans.heads, mixer.q_proj.weight.shape[0] // hd)
-    group = _identity_like(plans.groups, groups)
-    out = {}
-    for name, plan in (("q_proj", heads), ("k_proj", group), ("v_proj", group)):
-        linear = getattr(mixer, name)
-        out[f"{prefix}{name}.weight"] = _cols(_rows(linear.weight, producer_map(plan), hd), res_out)
-        if linear.bias is not None:
-            out[f"{prefix}{name}.bias"] = _rows(linear.bias, producer_map(plan), hd)
-    out[f"{prefix}o_proj.weight"] = _rows(_cols(mixer.o_proj.weight, consumer_map(heads), hd), res_in)
-    if mixer.o_proj.bias is not None:
-        out[f"{prefix}o_proj.bias"] = _rows(mixer.o_proj.bias, res_in)
-    return out
-
-
-def _transport_mamba2(mixer, plans: LayerPlans, res_in, res_out, prefix: str) -> dict[str, torch.Tensor]:
-    s = mixer.settings
-    heads_in = producer_map(_identity_like(plans.heads, s.num_heads))
-    heads_out = consumer_map(_identity_like(plans.heads, s.num_heads))
-    group_in = producer_map(_identity_like(plans.groups, s.num_groups))
-    p, n, h, g = s.head_dim, s.state_size, s.num_heads, s.num_groups
-    # in_proj rows: z (h·p) | x (g·p) | B (g·n) | C (h·n) | dt (h); conv1d channels: x | B | C
-    in_parts = [
-        (h * p, heads_in, p),
-        (g * p, group_in, p),
-        (g * n, group_in, n),
-        (h * n, heads_in, n),
-        (h, heads_in, 1),
-    ]
-    conv_parts = in_parts[1:4]
-    out = {f"{prefix}in_proj.weight": _cols(_segments(mixer.in_proj.weight, in_parts), res_out)}
-    if mixer.in_proj.bias is not None:
-        out[f"{prefix}in_proj.bias"] = _segments(mixer.in_proj.bias, in_parts)
-    out[f"{prefix}conv1d.weight"] = _segments(mixer.conv1d.weight, conv_parts)
-    out[f"{prefix}conv1d.bias"] = _segments(mixer.conv1d.bias, conv_parts)
-    for name in ("dt_bias", "A_log", "D"):
-        out[f"{prefix}{name}"] = _rows(getattr(mixer, name), heads_in)
-    out[f"{prefix}norm.weight"] = _rows(mixer.norm.weight, heads_in, p)
-    out[f"{prefix}out_proj.weight"] = _rows(_cols(mixer.out_proj.weight, heads_out, p), res_in)
-    if mixer.out_proj.bias is not None:
-        out[f"{prefix}out_proj.bias"] = _rows(mixer.out_proj.bias, res_in)
+            out[f"{prefix}mlp.{name}.weight"] = map_cols(
+                map_rows(getattr(mlp, name).weight, producer_map(neurons)), res_out
+            )
+        out[f"{prefix}mlp.down_proj.weight"] = map_rows(map_cols(mlp.down_proj.weight, consumer_map(neurons)), res_in)
+        mixer = _handler(layer).transport(layer.mixer, layer_plans.groups, layer_plans.heads, res_in, res_out)
+        out.update({f"{prefix}mixer.{name}": tensor for name, tensor in mixer.items()})
     return out
 
 
 # Ground costs
 
 
-def _head_output(layer) -> nn.Module:
-    """The module whose input holds the per-head outputs of the layer's mixer."""
-    return layer.mixer.o_proj if layer.mixer_type == "attention" else layer.mixer.out_proj
-
-
 def _groups(layer) -> int:
-    """KV groups of an attention layer, or Mamba2 groups (x and B are shared by the heads of a group)."""
-    if layer.mixer_type == "attention":
-        return layer.mixer.config.num_key_value_heads
-    return layer.mixer.settings.num_groups
-
-
-def _head_size(layer) -> int:
-    mixer = layer.mixer
-    return mixer.head_dim if layer.mixer_type == "attention" else mixer.settings.head_dim
+    """The layer's groups of heads (KV groups of attention, x/B groups of Mamba2)."""
+    return _handler(layer).head_layout(layer.mixer)[0]
 
 
 def _capture(model: HybridForCausalLM, block: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -349,7 +273,8 @@ def _capture(model: HybridForCausalLM, block: torch.Tensor) -> dict[str, torch.T
     for i, layer in enumerate(model.model.layers):
         hooks[layer] = store(f"res.{i}")
         hooks[layer.mlp.down_proj] = store(f"mlp.{i}")
-        hooks[_head_output(layer)] = store(f"heads.{i}", _head_size(layer))
+        handler = _handler(layer)
+        hooks[handler.head_output(layer.mixer)] = store(f"heads.{i}", handler.head_layout(layer.mixer)[2])
     calibrate(model, block[None], hooks)
     return acts
 
@@ -421,7 +346,7 @@ def _distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.cdist(x, y)
 
 
-def _unit_vectors(mapped: dict[str, torch.Tensor], layer, index: int, c) -> dict[str, torch.Tensor]:
+def _unit_vectors(mapped: dict[str, torch.Tensor], layer, index: int) -> dict[str, torch.Tensor]:
     """Weight vectors per unit of one layer, from a state dict already in the target residual basis:
     `mlp` (neurons), `heads` and `groups` (the group's own k/v or x/B rows)."""
     prefix = f"model.layers.{index}."
@@ -429,33 +354,10 @@ def _unit_vectors(mapped: dict[str, torch.Tensor], layer, index: int, c) -> dict
         [mapped[f"{prefix}mlp.gate_proj.weight"], mapped[f"{prefix}mlp.up_proj.weight"],
          mapped[f"{prefix}mlp.down_proj.weight"].T], dim=1,
     )  # fmt: skip
-    if layer.mixer_type == "attention":
-        hd = c.head_dim
-        q = mapped[f"{prefix}mixer.q_proj.weight"].unflatten(0, (-1, hd)).flatten(1)  # (heads, hd·d)
-        o = mapped[f"{prefix}mixer.o_proj.weight"].T.unflatten(0, (-1, hd)).flatten(1)
-        k = mapped[f"{prefix}mixer.k_proj.weight"].unflatten(0, (-1, hd)).flatten(1)
-        v = mapped[f"{prefix}mixer.v_proj.weight"].unflatten(0, (-1, hd)).flatten(1)
-        return {"mlp": mlp, "heads": torch.cat([q, o], 1), "groups": torch.cat([k, v], 1)}
-    s = layer.mixer.settings
-    h, g, p, n = s.num_heads, s.num_groups, s.head_dim, s.state_size
-    z, x, B, C, dt = mapped[f"{prefix}mixer.in_proj.weight"].split([h * p, g * p, g * n, h * n, h])
-    out = mapped[f"{prefix}mixer.out_proj.weight"].T.unflatten(0, (h, p)).flatten(1)
-    heads = torch.cat([z.unflatten(0, (h, p)).flatten(1), C.unflatten(0, (h, n)).flatten(1), dt, out], 1)
-    groups = torch.cat([x.unflatten(0, (g, p)).flatten(1), B.unflatten(0, (g, n)).flatten(1)], 1)
-    return {"mlp": mlp, "heads": heads, "groups": groups}
+    return {"mlp": mlp, **_handler(layer).unit_vectors(mapped, f"{prefix}mixer.", layer.mixer)}
 
 
 # Target shape
-
-
-def _kept(importance: torch.Tensor, size: int, groups: int = 1) -> list[int]:
-    """Indices of the `size` most important units, the same number in each of `groups` contiguous groups."""
-    per_group, keep = importance.numel() // groups, size // groups
-    kept = []
-    for g in range(groups):
-        top = importance[g * per_group : (g + 1) * per_group].topk(keep).indices + g * per_group
-        kept.extend(sorted(top.tolist()))
-    return kept
 
 
 def target_config(anchor: HybridConfig, config: FuseConfig) -> HybridConfig:
@@ -464,20 +366,15 @@ def target_config(anchor: HybridConfig, config: FuseConfig) -> HybridConfig:
     values.pop("model_type", None)
     values.pop("transformers_version", None)
     if config.width < 1:
-        groups = anchor.num_key_value_heads
         if "hidden" in config.width_axes:
             values["hidden_size"] = max(1, round(config.width * anchor.hidden_size))
         if "mlp" in config.width_axes:
             values["intermediate_size"] = max(1, round(config.width * anchor.intermediate_size))
-        if "heads" in config.width_axes:
-            per_group = anchor.num_attention_heads // groups
-            values["num_attention_heads"] = groups * max(1, round(config.width * per_group))
-            if mamba := _mamba(anchor):
-                per_group = mamba["num_heads"] // mamba["num_groups"]
-                mamba["num_heads"] = mamba["num_groups"] * max(1, round(config.width * per_group))
-                values["mixers"] = {**values["mixers"], "mamba2": {**values["mixers"].get("mamba2", {}), **mamba}}
-    if mamba := _mamba(anchor):  # explicit Mamba2 shapes: they default to the attention heads, which may change
-        values["mixers"] = {**values["mixers"], "mamba2": {**mamba, **values["mixers"].get("mamba2", {})}}
+    heads_width = config.width if "heads" in config.width_axes else 1.0
+    for mixer_type, handler in _handlers(anchor).items():  # heads per group narrowed by each mixer's handler
+        values.update(handler.fused_fields(anchor, heads_width))
+        if settings := handler.fused_settings(anchor, heads_width):
+            values["mixers"] = {**values["mixers"], mixer_type: {**values["mixers"].get(mixer_type, {}), **settings}}
     target = HybridConfig(**values)
     target.dtype = anchor.dtype
     return target
@@ -509,14 +406,11 @@ def _plans_from_costs(models, costs: list[dict], target: HybridConfig, config: F
 
 def _kept_units(anchor: HybridForCausalLM, target: HybridConfig, importance: dict) -> dict[str, list[int]]:
     """The anchor units the target keeps, per site, by importance (all of them at full width)."""
-    kept = {"res": _kept(importance["res"], target.hidden_size)}
+    kept = {"res": top(importance["res"], target.hidden_size).tolist()}
     for i, layer in enumerate(anchor.model.layers):
-        kept[f"mlp.{i}"] = _kept(importance[f"mlp.{i}"], target.intermediate_size)
-        if layer.mixer_type == "attention":
-            heads = target.num_attention_heads
-        else:
-            heads = _mamba(target)["num_heads"]
-        kept[f"heads.{i}"] = _kept(importance[f"heads.{i}"], heads, _groups(layer))
+        kept[f"mlp.{i}"] = top(importance[f"mlp.{i}"], target.intermediate_size).tolist()
+        heads = _handler(layer).fused_heads(target)  # the same number kept in each group
+        kept[f"heads.{i}"] = top_per_group(importance[f"heads.{i}"], _groups(layer), heads).tolist()
     return kept
 
 
@@ -528,7 +422,7 @@ def _weight_plans(models, target: HybridConfig, config: FuseConfig) -> list[Mode
     importance = {"res": embed.norm(dim=1)}
     anchor_units = []
     for i, layer in enumerate(anchor.model.layers):
-        units = _unit_vectors(dict(anchor.state_dict()), layer, i, anchor.config)
+        units = _unit_vectors(dict(anchor.state_dict()), layer, i)
         anchor_units.append(units)
         importance[f"mlp.{i}"] = units["mlp"].norm(dim=1)
         importance[f"heads.{i}"] = units["heads"].norm(dim=1)
@@ -550,8 +444,8 @@ def _weight_plans(models, target: HybridConfig, config: FuseConfig) -> list[Mode
         mapped = transport(model, ModelPlans(residual=residual, layers=_empty(model)))
         model_plans = ModelPlans(residual=residual)
         for i, layer in enumerate(model.model.layers):
-            ours = _unit_vectors(mapped, layer, i, model.config)
-            theirs = _unit_vectors(anchor_mapped, anchor.model.layers[i], i, anchor.config)
+            ours = _unit_vectors(mapped, layer, i)
+            theirs = _unit_vectors(anchor_mapped, anchor.model.layers[i], i)
             mlp = solve(_distance(ours["mlp"], theirs["mlp"][kept[f"mlp.{i}"]]), config.solver, config.reg)
             head_cost = _distance(ours["heads"], theirs["heads"])
             group_cost = _distance(ours["groups"], theirs["groups"])
@@ -678,10 +572,7 @@ def permuted(model: HybridForCausalLM, seed: int = 1) -> HybridForCausalLM:
     c = model.config
     plans = ModelPlans(residual=_permutation(c.hidden_size, generator))
     for layer in model.model.layers:
-        if layer.mixer_type == "attention":
-            groups, heads = c.num_key_value_heads, c.num_attention_heads
-        else:
-            groups, heads = layer.mixer.settings.num_groups, layer.mixer.settings.num_heads
+        groups, heads, _ = _handler(layer).head_layout(layer.mixer)
         group_plan, head_plan = _grouped_permutation(groups, heads // groups, generator)
         plans.layers.append(
             LayerPlans(mlp=_permutation(c.intermediate_size, generator), groups=group_plan, heads=head_plan)

@@ -1,7 +1,8 @@
 """Per-mixer surgery: what the compress transformations need to know about one mixer type, in one place.
 
-A handler (`MixerSurgery`) holds a mixer's parameter count and how to measure, rank and slice its heads and channels,
-and is registered for the mixer classes it handles, torchao-style:
+A handler (`MixerSurgery`) holds a mixer's parameter count and how to measure, rank and slice its heads and channels
+(prune), its groups and heads and how to transport them (fuse), and is registered for the mixer classes it handles,
+torchao-style:
 
 ```python
 @register_surgery(Mamba2Mixer)
@@ -19,8 +20,14 @@ from . import attention, mamba2  # each registers its handler (`register_surgery
 from .base import (
     MixerSurgery,
     check_size,
+    consumer_map,
     handlers,
     head_choices,
+    identity_plan,
+    map_cols,
+    map_rows,
+    map_segments,
+    producer_map,
     register_surgery,
     rows_cols,
     slice_linear,
@@ -33,9 +40,15 @@ __all__ = [
     "MixerSurgery",
     "attention",
     "check_size",
+    "consumer_map",
     "handlers",
     "head_choices",
+    "identity_plan",
     "mamba2",
+    "map_cols",
+    "map_rows",
+    "map_segments",
+    "producer_map",
     "register_surgery",
     "rows_cols",
     "slice_linear",

@@ -1,5 +1,12 @@
-"""Surgery on attention layers (`AttentionMixer`, and `StreamingMixer`, whose weights are attention's): query heads are
-pruned inside each KV group (Minitron, arXiv 2407.14679), so k, v and the GQA layout are untouched."""
+"""Surgery on attention layers (`AttentionMixer`, and `StreamingMixer`, whose weights are attention's).
+
+- prune: query heads are pruned inside each KV group (Minitron, arXiv 2407.14679), so k, v and the GQA layout are
+  untouched.
+- fuse: KV groups are units (k and v rows), query heads are units inside them (q rows, o columns); channels inside a
+  head never move (RoPE pairs channels by frequency).
+
+A streaming layer prunes as attention; its sinks have no fused form.
+"""
 
 import torch
 from torch import nn
@@ -8,17 +15,32 @@ from ..errors import ConfigError
 from ..families import head_dim
 from ..modeling.attention import AttentionMixer
 from ..modeling.streaming import StreamingMixer
-from .base import MixerSurgery, check_size, head_choices, register_surgery, slice_linear, top, top_per_group
+from .base import (
+    MixerSurgery,
+    check_size,
+    consumer_map,
+    head_choices,
+    identity_plan,
+    map_cols,
+    map_rows,
+    producer_map,
+    register_surgery,
+    slice_linear,
+    top,
+    top_per_group,
+)
 
 
-# StreamingMixer prunes as attention (same q/k/v/o); fuse and export do not handle it
-@register_surgery(AttentionMixer, StreamingMixer)
+@register_surgery(AttentionMixer)
+@register_surgery(StreamingMixer, operations=("prune",))
 class AttentionSurgery(MixerSurgery):
     """Query heads, ranked on the `o_proj` input as (heads, head_dim), the same number kept in every KV group."""
 
-    operations = ("prune",)
+    operations = ("prune", "fuse")
     prune_axes = ("attn_heads",)
     grouping = "attn_grouping"
+
+    # Prune
 
     def shape(self, config) -> dict[str, int]:
         return {"attn_heads": config.num_attention_heads}
@@ -65,6 +87,45 @@ class AttentionSurgery(MixerSurgery):
         slice_linear(state, "mixer.k_proj", mixer.k_proj, None, hidden)  # KV heads are never pruned
         slice_linear(state, "mixer.v_proj", mixer.v_proj, None, hidden)
         slice_linear(state, "mixer.o_proj", mixer.o_proj, hidden, q_rows)
+
+    # Fuse
+
+    def head_layout(self, mixer: nn.Module) -> tuple[int, int, int]:
+        hd = mixer.head_dim
+        return mixer.k_proj.out_features // hd, mixer.q_proj.out_features // hd, hd
+
+    def head_output(self, mixer: nn.Module) -> nn.Module:
+        return mixer.o_proj
+
+    def fused_heads(self, config) -> int:
+        return config.num_attention_heads
+
+    def fused_fields(self, config, heads_width: float) -> dict:
+        groups = config.num_key_value_heads
+        per_group = config.num_attention_heads // groups
+        return {"num_attention_heads": groups * max(1, round(heads_width * per_group))}
+
+    def transport(self, mixer: nn.Module, groups, heads, res_in, res_out) -> dict[str, torch.Tensor]:
+        num_groups, num_heads, hd = self.head_layout(mixer)
+        heads, groups = identity_plan(heads, num_heads), identity_plan(groups, num_groups)
+        out = {}
+        for name, plan in (("q_proj", heads), ("k_proj", groups), ("v_proj", groups)):
+            linear = getattr(mixer, name)
+            out[f"{name}.weight"] = map_cols(map_rows(linear.weight, producer_map(plan), hd), res_out)
+            if linear.bias is not None:
+                out[f"{name}.bias"] = map_rows(linear.bias, producer_map(plan), hd)
+        out["o_proj.weight"] = map_rows(map_cols(mixer.o_proj.weight, consumer_map(heads), hd), res_in)
+        if mixer.o_proj.bias is not None:
+            out["o_proj.bias"] = map_rows(mixer.o_proj.bias, res_in)
+        return out
+
+    def unit_vectors(self, state: dict, prefix: str, mixer: nn.Module) -> dict[str, torch.Tensor]:
+        hd = mixer.head_dim
+        q = state[f"{prefix}q_proj.weight"].unflatten(0, (-1, hd)).flatten(1)  # (heads, hd·d)
+        o = state[f"{prefix}o_proj.weight"].T.unflatten(0, (-1, hd)).flatten(1)
+        k = state[f"{prefix}k_proj.weight"].unflatten(0, (-1, hd)).flatten(1)  # (groups, hd·d)
+        v = state[f"{prefix}v_proj.weight"].unflatten(0, (-1, hd)).flatten(1)
+        return {"heads": torch.cat([q, o], 1), "groups": torch.cat([k, v], 1)}
 
 
 __all__ = ["AttentionSurgery"]

@@ -2,7 +2,7 @@
 the compress transformations share. See the package docstring.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -12,23 +12,38 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..modeling.mixers import MIXERS
 
 _HANDLERS: dict[type, "MixerSurgery"] = {}
+# mixer class -> the operations its handler does for it, where fewer than the handler's `operations`
+_OPERATIONS: dict[type, tuple[str, ...]] = {}
+# mixer class -> operation -> why it is refused, where the mixer shares its handler with others (`register_surgery`)
+_REASONS: dict[type, dict[str, str]] = {}
 
-# the operations of hybridize.compress that ask for a handler, and what to do with a model they refuse
-_FIXES = {"prune": "prune a model without it"}
+# the operations that ask for a handler (`surgery_for`), and what to do with a model they refuse
+_FIXES = {
+    "prune": "prune a model without it",
+    "fuse": "fuse models without it",
+}
 
 
 class MixerSurgery:
-    """What the compress transformations ask of one mixer type. Subclasses fill in the operations they support;
-    `operations` names them.
+    """What the compress transformations and the exports ask of one mixer type. Subclasses fill in the operations
+    they support; `operations` names them, among "prune", "fuse", "factorize", "export" (the native transformers
+    class, `hybridize.export`) and "export_gguf" (llama.cpp, `hybridize.llamacpp`), and `reasons` says why the others
+    are refused where there is more to say than that they are not written.
 
     The prune interface (`hybridize.compress.prune`) works on the prunable shape `PruneShape`, the `Importance` of one
     calibration pass and the `KeptIndices` a selection returns; a handler reads and writes its own fields of them
     (`prune_axes`, its accumulator keys, its `KeptIndices` fields).
+
+    The fuse interface (`hybridize.compress.fuse`) sees a layer's units as heads in groups of heads that share weights
+    (attention's query heads in their KV groups): transport plans act on whole groups and on whole heads.
     """
 
     operations: ClassVar[tuple[str, ...]] = ()
+    reasons: ClassVar[dict[str, str]] = {}  # operation -> why this mixer is refused it
     prune_axes: ClassVar[tuple[str, ...]] = ()  # the `PruneShape` (and `PruneConfig`) fields it owns
     grouping: ClassVar[str | None] = None  # the `PruneConfig` field that chooses its grouping ("aware"/"ignore")
+
+    # Prune
 
     def shape(self, config) -> dict[str, int]:
         """Its `prune_axes` sizes in the (hybrid or dense) `config`."""
@@ -70,10 +85,57 @@ class MixerSurgery:
         """Add the mixer's sliced tensors to the layer's `state` (keys `mixer.*`)."""
         raise NotImplementedError
 
+    # Fuse
 
-def register_surgery(*mixer_classes: type) -> Callable[[type[MixerSurgery]], type[MixerSurgery]]:
-    """Class decorator: register an instance of the decorated `MixerSurgery` for each of `mixer_classes` (exact
-    classes; a subclass needs its own registration).
+    def fuse_layout(self, config) -> dict[str, Any]:
+        """Its settings in `config` that every fused model must share with the anchor (empty: none beyond the
+        config fields `check_fuse` compares for every model)."""
+        return {}
+
+    def head_layout(self, mixer: nn.Module) -> tuple[int, int, int]:
+        """`(groups, heads, head size)` of one of its layers."""
+        raise NotImplementedError
+
+    def head_output(self, mixer: nn.Module) -> nn.Module:
+        """The module whose input holds the layer's per-head outputs, (..., heads x head size)."""
+        raise NotImplementedError
+
+    def fused_heads(self, config) -> int:
+        """Heads of each of its layers in the (fused) `config`."""
+        raise NotImplementedError
+
+    def fused_fields(self, config, heads_width: float) -> dict[str, Any]:
+        """The `HybridConfig` fields of the fused model that it sets, with `heads_width` of its heads kept in every
+        group (1: all)."""
+        return {}
+
+    def fused_settings(self, config, heads_width: float) -> dict[str, Any]:
+        """Its entries of `HybridConfig.mixers` in the fused model, as `fused_fields` (empty: unchanged)."""
+        return {}
+
+    def transport(self, mixer: nn.Module, groups, heads, res_in, res_out) -> dict[str, torch.Tensor]:
+        """The mixer's tensors (keys relative to it: `q_proj.weight`) in the target's units: producers of a head or a
+        group by `producer_map` of the plan `heads` or `groups` ((m, m') or None for the identity), consumers by
+        `consumer_map`; input columns of the residual stream by `res_out`, output rows by `res_in` (producer and
+        consumer maps of the residual plan)."""
+        raise NotImplementedError
+
+    def unit_vectors(self, state: dict, prefix: str, mixer: nn.Module) -> dict[str, torch.Tensor]:
+        """`heads` and `groups`: one weight vector per head and per group (the group's own weights), read from
+        `state` (a state dict in the target's residual basis; the mixer's keys start with `prefix`)."""
+        raise NotImplementedError
+
+
+def register_surgery(
+    *mixer_classes: type, operations: tuple[str, ...] | None = None, reasons: dict[str, str] | None = None
+) -> Callable[[type[MixerSurgery]], type[MixerSurgery]]:
+    """Class decorator: register the decorated `MixerSurgery` for each of `mixer_classes` (exact classes; a subclass
+    needs its own registration). Stacked, the registrations share one instance.
+
+    Args:
+        mixer_classes (`type`): the mixer module classes it handles.
+        operations (`tuple[str, ...]`, *optional*): for these classes, only these of the handler's operations.
+        reasons (`dict[str, str]`, *optional*): for these classes, operation -> why it is refused.
 
     Example:
         ```python
@@ -83,9 +145,15 @@ def register_surgery(*mixer_classes: type) -> Callable[[type[MixerSurgery]], typ
     """
 
     def register(cls: type[MixerSurgery]) -> type[MixerSurgery]:
-        handler = cls()
+        handler = next((h for h in _HANDLERS.values() if type(h) is cls), None) or cls()
         for mixer_class in mixer_classes:
             _HANDLERS[mixer_class] = handler
+            _OPERATIONS.pop(mixer_class, None)
+            _REASONS.pop(mixer_class, None)
+            if operations is not None:
+                _OPERATIONS[mixer_class] = tuple(operations)
+            if reasons:
+                _REASONS[mixer_class] = dict(reasons)
         return cls
 
     return register
@@ -106,17 +174,26 @@ def surgery_for(mixer_type: str, operation: str) -> MixerSurgery:
     """
     mixer_class = MIXERS.get(mixer_type)
     handler = _HANDLERS.get(mixer_class) if mixer_class is not None else None
-    if handler is not None and operation in handler.operations:
+    if handler is not None and operation in _operations(mixer_class):
         return handler
+    reasons = {**getattr(handler, "reasons", {}), **_REASONS.get(mixer_class, {})}
     if mixer_class is None:
         reason = f"it is not a known mixer (known: {', '.join(sorted(MIXERS))})"
+    elif operation in reasons:
+        reason = reasons[operation]
     else:
-        supported = sorted(
-            name for name, cls in MIXERS.items() if operation in getattr(_HANDLERS.get(cls), "operations", ())
-        )
+        supported = sorted(name for name, cls in MIXERS.items() if operation in _operations(cls))
         reason = f"{operation} handles {', '.join(supported)} layers"
     fix = _FIXES.get(operation, f"{operation} a model without it")
     raise UnsupportedModelError(f"{operation} does not support {mixer_type}: {reason}; {fix}")
+
+
+def _operations(mixer_class: type) -> tuple[str, ...]:
+    """The operations the handler of `mixer_class` does for it (none without a handler)."""
+    handler = _HANDLERS.get(mixer_class)
+    if handler is None:
+        return ()
+    return tuple(op for op in handler.operations if op in _OPERATIONS.get(mixer_class, handler.operations))
 
 
 # Helpers shared by the handlers and the transformations
@@ -165,11 +242,54 @@ def slice_linear(state: dict, name: str, linear: nn.Linear, rows=None, cols=None
         state[f"{name}.bias"] = rows_cols(linear.bias, rows)
 
 
+def identity_plan(plan: torch.Tensor | None, size: int) -> torch.Tensor:
+    """`plan`, or the identity plan (uniform marginals) of `size` units where it is `None`."""
+    return torch.eye(size, dtype=torch.float64) / size if plan is None else plan
+
+
+def producer_map(plan: torch.Tensor) -> torch.Tensor:
+    """(m', m): each target unit is the barycentre of the units sent to it."""
+    return (plan / plan.sum(0, keepdim=True).clamp_min(1e-30)).T
+
+
+def consumer_map(plan: torch.Tensor) -> torch.Tensor:
+    """(m', m): each source unit's outgoing weight is split over the targets it is sent to, and summed there."""
+    return (plan / plan.sum(1, keepdim=True).clamp_min(1e-30)).T
+
+
+def map_rows(tensor: torch.Tensor, matrix: torch.Tensor, unit: int = 1) -> torch.Tensor:
+    """Map dim 0 of `tensor` (m·unit, ...) by `matrix` (m', m), unit by unit -> (m'·unit, ...)."""
+    grouped = tensor.reshape(matrix.shape[1], unit, -1)  # (m, unit, rest)
+    mapped = torch.einsum("ji,iur->jur", matrix.to(tensor.dtype), grouped)
+    return mapped.reshape(matrix.shape[0] * unit, *tensor.shape[1:])
+
+
+def map_cols(tensor: torch.Tensor, matrix: torch.Tensor, unit: int = 1) -> torch.Tensor:
+    """Map dim 1 of `tensor` as `map_rows` maps dim 0."""
+    return map_rows(tensor.transpose(0, 1), matrix, unit).transpose(0, 1)
+
+
+def map_segments(tensor: torch.Tensor, parts: Sequence[tuple[int, torch.Tensor | None, int]]) -> torch.Tensor:
+    """Map dim 0 segment by segment: `parts` is (rows, matrix or None for unchanged, unit) in order."""
+    pieces, start = [], 0
+    for rows, matrix, unit in parts:
+        piece = tensor[start : start + rows]
+        pieces.append(piece if matrix is None else map_rows(piece, matrix, unit))
+        start += rows
+    return torch.cat(pieces)
+
+
 __all__ = [
     "MixerSurgery",
     "check_size",
+    "consumer_map",
     "handlers",
     "head_choices",
+    "identity_plan",
+    "map_cols",
+    "map_rows",
+    "map_segments",
+    "producer_map",
     "register_surgery",
     "rows_cols",
     "slice_linear",

@@ -1,8 +1,13 @@
-"""Surgery on Mamba2 layers (`Mamba2Mixer`): the group-aware SSM pruning of Nemotron-H / Minitron-SSM (Taghibakhshi
-et al., arXiv 2504.11409) in our layout, where x and B are one per group and z, C, dt, dt_bias, A_log and D one per
-head (see `hybridize.compress.prune` for the rules). Head channels are scored on the x path and kept alike in every
-head; heads are scored on their output and the same number kept in every group. B, the groups, the state size and the
-conv kernel are never touched."""
+"""Surgery on Mamba2 layers (`Mamba2Mixer`), in our layout, where x and B are one per group and z, C, dt, dt_bias,
+A_log and D one per head.
+
+- prune: the group-aware SSM pruning of Nemotron-H / Minitron-SSM (Taghibakhshi et al., arXiv 2504.11409; see
+  `hybridize.compress.prune` for the rules). Head channels are scored on the x path and kept alike in every head;
+  heads are scored on their output and the same number kept in every group. B, the groups, the state size and the
+  conv kernel are never touched.
+- fuse: groups are units (their x and B rows and conv channels), heads are units inside them (z, C and dt rows, C
+  conv channels, dt_bias, A_log, D, the norm gain and out_proj's columns).
+"""
 
 import math
 
@@ -12,16 +17,33 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..modeling.mamba2 import Mamba2Mixer, Mamba2MixerConfig
-from .base import MixerSurgery, check_size, head_choices, register_surgery, rows_cols, slice_linear, top, top_per_group
+from .base import (
+    MixerSurgery,
+    check_size,
+    consumer_map,
+    head_choices,
+    identity_plan,
+    map_cols,
+    map_rows,
+    map_segments,
+    producer_map,
+    register_surgery,
+    rows_cols,
+    slice_linear,
+    top,
+    top_per_group,
+)
 
 
 @register_surgery(Mamba2Mixer)
 class Mamba2Surgery(MixerSurgery):
     """SSM heads and head channels (`ssm_heads`, `ssm_head_dim`), group-aware by default."""
 
-    operations = ("prune",)
+    operations = ("prune", "fuse")
     prune_axes = ("ssm_heads", "ssm_head_dim")
     grouping = "ssm_grouping"
+
+    # Prune
 
     def shape(self, config) -> dict[str, int]:
         ssm = Mamba2MixerConfig.from_hybrid_config(config)
@@ -112,6 +134,75 @@ class Mamba2Surgery(MixerSurgery):
             state[f"mixer.{name}"] = rows_cols(getattr(mixer, name), heads)
         state["mixer.norm.weight"] = rows_cols(mixer.norm.weight, inner) * scale
         slice_linear(state, "mixer.out_proj", mixer.out_proj, hidden, inner)
+
+    # Fuse
+
+    def fuse_layout(self, config) -> dict:
+        s = Mamba2MixerConfig.from_hybrid_config(config)
+        return {
+            "num_groups": s.num_groups,
+            "head_dim": s.head_dim,
+            "state_size": s.state_size,
+            "conv_kernel": s.conv_kernel,
+        }
+
+    def head_layout(self, mixer: nn.Module) -> tuple[int, int, int]:
+        s = mixer.settings
+        return s.num_groups, s.num_heads, s.head_dim
+
+    def head_output(self, mixer: nn.Module) -> nn.Module:
+        return mixer.out_proj
+
+    def fused_heads(self, config) -> int:
+        return Mamba2MixerConfig.from_hybrid_config(config).num_heads
+
+    def fused_settings(self, config, heads_width: float) -> dict:
+        # every shape explicit: they default to the attention's, which may change too
+        s = Mamba2MixerConfig.from_hybrid_config(config)
+        per_group = s.num_heads // s.num_groups
+        return {
+            "num_heads": s.num_groups * max(1, round(heads_width * per_group)),
+            "num_groups": s.num_groups,
+            "head_dim": s.head_dim,
+            "state_size": s.state_size,
+        }
+
+    def transport(self, mixer: nn.Module, groups, heads, res_in, res_out) -> dict[str, torch.Tensor]:
+        s = mixer.settings
+        p, n, h, g = s.head_dim, s.state_size, s.num_heads, s.num_groups
+        heads_in = producer_map(identity_plan(heads, h))
+        heads_out = consumer_map(identity_plan(heads, h))
+        group_in = producer_map(identity_plan(groups, g))
+        # in_proj rows: z (h·p) | x (g·p) | B (g·n) | C (h·n) | dt (h); conv1d channels: x | B | C
+        in_parts = [
+            (h * p, heads_in, p),
+            (g * p, group_in, p),
+            (g * n, group_in, n),
+            (h * n, heads_in, n),
+            (h, heads_in, 1),
+        ]
+        conv_parts = in_parts[1:4]
+        out = {"in_proj.weight": map_cols(map_segments(mixer.in_proj.weight, in_parts), res_out)}
+        if mixer.in_proj.bias is not None:
+            out["in_proj.bias"] = map_segments(mixer.in_proj.bias, in_parts)
+        out["conv1d.weight"] = map_segments(mixer.conv1d.weight, conv_parts)
+        out["conv1d.bias"] = map_segments(mixer.conv1d.bias, conv_parts)
+        for name in ("dt_bias", "A_log", "D"):
+            out[name] = map_rows(getattr(mixer, name), heads_in)
+        out["norm.weight"] = map_rows(mixer.norm.weight, heads_in, p)
+        out["out_proj.weight"] = map_rows(map_cols(mixer.out_proj.weight, heads_out, p), res_in)
+        if mixer.out_proj.bias is not None:
+            out["out_proj.bias"] = map_rows(mixer.out_proj.bias, res_in)
+        return out
+
+    def unit_vectors(self, state: dict, prefix: str, mixer: nn.Module) -> dict[str, torch.Tensor]:
+        s = mixer.settings
+        h, g, p, n = s.num_heads, s.num_groups, s.head_dim, s.state_size
+        z, x, B, C, dt = state[f"{prefix}in_proj.weight"].split([h * p, g * p, g * n, h * n, h])
+        out = state[f"{prefix}out_proj.weight"].T.unflatten(0, (h, p)).flatten(1)
+        heads = torch.cat([z.unflatten(0, (h, p)).flatten(1), C.unflatten(0, (h, n)).flatten(1), dt, out], 1)
+        groups = torch.cat([x.unflatten(0, (g, p)).flatten(1), B.unflatten(0, (g, n)).flatten(1)], 1)
+        return {"heads": heads, "groups": groups}
 
 
 __all__ = ["Mamba2Surgery"]

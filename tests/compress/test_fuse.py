@@ -142,6 +142,11 @@ def test_bad_inputs():
     )
     with pytest.raises(UnsupportedModelError, match="streaming"):
         check_fuse([nha.config, nha.config], FuseConfig())
+    kernel = convert(
+        make_tiny("llama"), ConvertConfig(mixer_init="attention", ratio=0.5, mixer_settings={"conv_kernel": 2})
+    )
+    with pytest.raises(ConfigError, match="mamba2 settings .*'conv_kernel': 2"):
+        check_fuse([_hybrid().config, kernel.config], FuseConfig())
 
 
 @pytest.mark.parametrize(
