@@ -7,6 +7,7 @@ import torch
 from tiny import TINY, tiny_hybrid
 
 from hybridize.compress.fuse import FuseConfig, fuse
+from hybridize.compress.lowrank import FactorizeConfig, factorize
 from hybridize.compress.prune import PruneConfig, check_prune, count_params, model_shape, prune
 from hybridize.errors import UnsupportedModelError
 from hybridize.modeling import HybridConfig, HybridForCausalLM
@@ -38,6 +39,7 @@ def test_every_operation_refuses_a_mixer_without_a_handler_before_any_work(monke
     operations = {
         "prune": lambda: prune(model, PruneConfig(ffn=64, num_blocks=2), blocks=blocks),
         "fuse": lambda: fuse([model, model], FuseConfig(align="weights")),
+        "factorize": lambda: factorize(model, FactorizeConfig(ratio=0.5, method="svd")),
     }
     for operation, run in operations.items():
         with pytest.raises(UnsupportedModelError, match=rf"^{operation} does not support toy: {operation} handles "):

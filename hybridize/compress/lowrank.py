@@ -41,6 +41,7 @@ from ..errors import ConfigError
 from ..io.calibration import calibrate, calibration_blocks
 from ..modeling import HybridForCausalLM, LowRankLinear
 from ..provenance import record_step
+from ..surgery import surgery_for
 
 logger = logging.getLogger(__name__)
 
@@ -117,19 +118,25 @@ def uniform_rank(m: int, n: int, ratio: float) -> int | None:
 
 
 def target_linears(model: HybridForCausalLM, targets: Iterable[str]) -> dict[str, nn.Linear]:
-    """Full name -> `nn.Linear` of every matrix the targets select (already factorized ones are skipped)."""
-    kinds = {leaf: kind for kind in targets for leaf in TARGETS[kind]}
+    """Full name -> `nn.Linear` of every matrix the targets select (already factorized ones are skipped): `mlp` in
+    every layer, the others in the mixers whose surgery handler lists them (`factorize_targets`).
+
+    Raises:
+        `UnsupportedModelError`: a mixer has no factorize handler (`hybridize.surgery.surgery_for`).
+    """
+    targets = tuple(targets)
     found = {}
     for i, layer in enumerate(model.model.layers):
-        for name, module in layer.named_modules():
-            leaf = name.rpartition(".")[2]
-            kind = kinds.get(leaf)
-            if kind is None or not isinstance(module, nn.Linear):
-                continue
-            in_mlp = name.startswith("mlp.")
-            if (kind == "mlp") != in_mlp or (kind == "mamba" and layer.mixer_type != "mamba2"):
-                continue
-            found[f"model.layers.{i}.{name}"] = module
+        handler = surgery_for(layer.mixer_type, "factorize")
+        kinds = {
+            "mixer": [k for k in targets if k in handler.factorize_targets],
+            "mlp": [k for k in targets if k == "mlp"],
+        }
+        for part, selected in kinds.items():
+            leaves = {leaf for kind in selected for leaf in TARGETS[kind]}
+            for name, module in getattr(layer, part).named_modules(prefix=part):
+                if name.rpartition(".")[2] in leaves and isinstance(module, nn.Linear):
+                    found[f"model.layers.{i}.{name}"] = module
     return found
 
 
@@ -312,7 +319,8 @@ def allocate_ranks(
 
 
 def check_factorize(model, config: FactorizeConfig) -> None:
-    """Refuse a model whose targets select nothing, before any calibration."""
+    """Refuse a model with a mixer that factorize does not handle, or whose targets select nothing, before any
+    calibration."""
     if not isinstance(model, HybridForCausalLM):
         return  # a dense source is converted first; convert checks its family
     if not target_linears(model, config.targets):

@@ -1,7 +1,7 @@
 """Per-mixer surgery: what the compress transformations need to know about one mixer type, in one place.
 
 A handler (`MixerSurgery`) holds a mixer's parameter count and how to measure, rank and slice its heads and channels
-(prune), its groups and heads and how to transport them (fuse), and is registered for the mixer classes it handles,
+(prune), its groups and heads and how to transport them (fuse), which of its linears factorize takes, and is registered for the mixer classes it handles,
 torchao-style:
 
 ```python
@@ -16,7 +16,7 @@ class Mamba2Surgery(MixerSurgery):
 code: it ships with every checkpoint as remote code.
 """
 
-from . import attention, mamba2  # each registers its handler (`register_surgery`) when imported
+from . import attention, mamba2, nha  # each registers its handler (`register_surgery`) when imported
 from .base import (
     MixerSurgery,
     check_size,
@@ -48,6 +48,7 @@ __all__ = [
     "map_cols",
     "map_rows",
     "map_segments",
+    "nha",
     "producer_map",
     "register_surgery",
     "rows_cols",

@@ -4,8 +4,9 @@
   untouched.
 - fuse: KV groups are units (k and v rows), query heads are units inside them (q rows, o columns); channels inside a
   head never move (RoPE pairs channels by frequency).
+- factorize: q, k, v and o are the `attn` targets.
 
-A streaming layer prunes as attention; its sinks have no fused form.
+A streaming layer prunes and factorizes as attention; its sinks have no fused form.
 """
 
 import torch
@@ -32,13 +33,14 @@ from .base import (
 
 
 @register_surgery(AttentionMixer)
-@register_surgery(StreamingMixer, operations=("prune",))
+@register_surgery(StreamingMixer, operations=("prune", "factorize"))
 class AttentionSurgery(MixerSurgery):
     """Query heads, ranked on the `o_proj` input as (heads, head_dim), the same number kept in every KV group."""
 
-    operations = ("prune", "fuse")
+    operations = ("prune", "fuse", "factorize")
     prune_axes = ("attn_heads",)
     grouping = "attn_grouping"
+    factorize_targets = ("attn",)
 
     # Prune
 

@@ -21,6 +21,7 @@ _REASONS: dict[type, dict[str, str]] = {}
 _FIXES = {
     "prune": "prune a model without it",
     "fuse": "fuse models without it",
+    "factorize": "factorize a model without it",
 }
 
 
@@ -42,6 +43,7 @@ class MixerSurgery:
     reasons: ClassVar[dict[str, str]] = {}  # operation -> why this mixer is refused it
     prune_axes: ClassVar[tuple[str, ...]] = ()  # the `PruneShape` (and `PruneConfig`) fields it owns
     grouping: ClassVar[str | None] = None  # the `PruneConfig` field that chooses its grouping ("aware"/"ignore")
+    factorize_targets: ClassVar[tuple[str, ...]] = ()  # the `FactorizeConfig.targets` (`TARGETS`) its linears are in
 
     # Prune
 

@@ -7,6 +7,7 @@ A_log and D one per head.
   conv kernel are never touched.
 - fuse: groups are units (their x and B rows and conv channels), heads are units inside them (z, C and dt rows, C
   conv channels, dt_bias, A_log, D, the norm gain and out_proj's columns).
+- factorize: in_proj and out_proj are the `mamba` targets.
 """
 
 import math
@@ -39,9 +40,10 @@ from .base import (
 class Mamba2Surgery(MixerSurgery):
     """SSM heads and head channels (`ssm_heads`, `ssm_head_dim`), group-aware by default."""
 
-    operations = ("prune", "fuse")
+    operations = ("prune", "fuse", "factorize")
     prune_axes = ("ssm_heads", "ssm_head_dim")
     grouping = "ssm_grouping"
+    factorize_targets = ("mamba",)
 
     # Prune
 

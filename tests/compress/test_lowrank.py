@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from tiny import make_tiny, run_cli, save_tiny, word_tokenizer
+from tiny import make_tiny, run_cli, save_tiny, tiny_hybrid, word_tokenizer
 from transformers import AutoModelForCausalLM
 
 import hybridize
@@ -158,6 +158,17 @@ def test_targets_select_their_linears():
     assert sorted(n.rpartition(".")[2] for n in mamba) == ["in_proj", "in_proj", "out_proj", "out_proj"]
     factorize(model, FactorizeConfig(ratio=0.5, method="svd", targets=("mlp",)))
     assert all(".mlp." in name for name in model.config.lowrank) and len(model.config.lowrank) == 12
+
+
+@pytest.mark.parametrize("mixer", ["nha", "streaming"])
+def test_attention_like_mixers_factorize_their_attention_projections(mixer):
+    model = tiny_hybrid([mixer, "attention"] * 2)
+    names = list(target_linears(model, ("attn", "mamba")))
+    leaves = ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert names == [f"model.layers.{i}.mixer.{leaf}" for i in range(4) for leaf in leaves]
+    assert target_linears(model, ("mamba",)) == {}  # NHA's slot gates (g_proj) are no target
+    factorize(model, FactorizeConfig(ratio=0.5, method="svd", targets=("attn",)))
+    assert sorted(model.config.lowrank) == sorted(names)
 
 
 def test_a_matrix_that_low_rank_cannot_shrink_stays_dense():
