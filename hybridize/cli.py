@@ -112,6 +112,32 @@ def _settings(**options) -> dict:
     return {name: value for name, value in options.items() if value is not None}
 
 
+def _merged(options: dict, flags: dict) -> dict:
+    """`--mixer-option` settings and the settings' own flags (`--window`) together; a setting given both ways must
+    agree."""
+    for key in options.keys() & flags.keys():
+        if options[key] != flags[key]:
+            raise ConfigError(
+                f"--mixer-option {key}={options[key]!r} and --{key.replace('_', '-')} {flags[key]!r} disagree"
+            )
+    return {**options, **flags}
+
+
+def _key_values(pairs: list[str] | None, option: str) -> dict:
+    """`KEY=VALUE` options as a dict; a VALUE that reads as JSON (`64`, `0.5`, `true`, `null`) is that value, any
+    other is the text itself."""
+    result = {}
+    for pair in pairs or ():
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} takes KEY=VALUE, e.g. {option} chunk_size=32; got {pair!r}")
+        try:
+            result[key.strip()] = json.loads(text)
+        except ValueError:
+            result[key.strip()] = text
+    return result
+
+
 def _check_json(path: Path | None, inputs: list) -> None:
     """A `--json` path is checked like an output before anything loads (replacing an existing file is fine)."""
     if path is not None:
@@ -137,9 +163,9 @@ def convert(
     attn_layers: Annotated[
         str | None, typer.Option(help="Comma-separated layers that keep attention, e.g. 1,3,5 (overrides --ratio).")
     ] = None,
-    conv_init: Annotated[str, typer.Option(help="Mamba2 conv initialisation: delta or random.")] = (
-        ConvertConfig.conv_init
-    ),
+    conv_init: Annotated[
+        str | None, typer.Option(help="Mamba2 conv initialisation: delta (default) or random.")
+    ] = ConvertConfig.conv_init,
     mixer_init: Annotated[
         str | None,
         typer.Option(
@@ -150,6 +176,13 @@ def convert(
             "random (Mamba2 ablation).",
         ),
     ] = ConvertConfig.mixer_init,
+    init_option: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=VALUE option of the mixer's initialiser, e.g. conv_init=random (repeatable)."),
+    ] = None,
+    mixer_option: Annotated[
+        list[str] | None, typer.Option(help="KEY=VALUE setting of the new mixer, e.g. chunk_size=32 (repeatable).")
+    ] = None,
     chunk_size: Annotated[
         int | None, typer.Option(help="Mamba2 / NHA chunk length (speed only; default 64 / 32).")
     ] = None,
@@ -190,8 +223,12 @@ def convert(
         full_every=full_every,
         conv_init=conv_init,
         mixer_init=mixer_init,
+        init_options=_key_values(init_option, "--init-option"),
         select=select,
-        mixer_settings=_settings(chunk_size=chunk_size, sinks=sinks, window=window, w_last=w_last, slots=slots),
+        mixer_settings=_merged(
+            _key_values(mixer_option, "--mixer-option"),
+            _settings(chunk_size=chunk_size, sinks=sinks, window=window, w_last=w_last, slots=slots),
+        ),
         calibration=calibration,
         calibration_docs=calibration_docs,
         calibration_len=calibration_len,

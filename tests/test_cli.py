@@ -264,6 +264,29 @@ def test_full_every_reports_the_layers_it_kept(llama_dir, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "h").config.mixer_types == ["mamba2", "attention"] * 2
 
 
+def test_convert_init_and_mixer_options(llama_dir, tmp_path):
+    """--init-option goes into init_options, --mixer-option into mixer_settings (next to their own flags, which
+    must agree with them); both are recorded and used."""
+    code, out = run_cli(
+        "convert", llama_dir, "--init", "attention", "--init-option", "conv_init=random",
+        "--mixer-option", "chunk_size=8", "--mixer-option", "state_size=16", "-o", tmp_path / "h",
+    )  # fmt: skip
+    assert code == 0, out
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "h")
+    assert model.config.mixers["mamba2"] == {"chunk_size": 8, "state_size": 16}
+    assert (model.model.layers[0].mixer.conv1d.weight[:, 0, :-1] != 0).any()  # not the delta conv
+    step = json.loads((tmp_path / "h" / "hybridize.json").read_text())["steps"][-1]
+    assert step["config"]["init_options"] == {"conv_init": "random"} and step["config"]["conv_init"] == "random"
+    for args, message in [
+        (["--init-option", "conv_init"], "--init-option takes KEY=VALUE"),
+        (["--init-option", "conv_init=random", "--conv-init", "delta"], "disagree"),
+        (["--mixer", "nha", "--init-option", "conv_init=random"], "do not apply to the nha mixer"),
+        (["--mixer-option", "chunk_size=8", "--chunk-size", "16"], "disagree"),
+    ]:
+        code, out = run_cli("convert", llama_dir, *args, "-o", tmp_path / "bad")
+        assert code == 1 and message in out and not (tmp_path / "bad").exists(), (args, out)
+
+
 def test_help_at_80_columns_names_every_option_and_the_mixers(monkeypatch):
     import typer.main
 

@@ -1,15 +1,74 @@
-"""`ConvertConfig`, the options of `hybridize.convert` (re-exported there), and the choices it checks."""
+"""`ConvertConfig`, the options of `hybridize.convert` (re-exported there), the per-mixer init options and the
+choices it checks.
 
+`MIXER_INITS` is the torch-free half of the conversion registry (`hybridize.convert.registry.INITIALIZERS` is the
+other half): one entry per mixer that `convert` can create, saying its init options class and which `mixer_init`
+values apply to it. `ConvertConfig` reads it when it checks itself, so an entry added at run time (a test's toy mixer)
+is a convertible mixer from then on.
+"""
+
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..errors import ConfigError
 from ..validation import check_fields
 
-CONVERT_MIXERS = ("mamba2", "nha", "streaming")  # mixers with an initializer (`hybridize.convert.INITIALIZERS`)
-_CONV_INITS = ("random", "delta")
-_MIXER_INITS = ("attention", "random", "zero", "calibrated")
-_READOUT_MIXERS = ("mamba2", "nha")  # mixers with a new readout to zero or calibrate
+MIXER_INIT_CHOICES = ("attention", "random", "zero", "calibrated")
 SELECTIONS = ("uniform", "lazy", "sensitivity", "random", "dynamic")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mamba2InitConfig:
+    """Init options of a Mamba2 mixer converted from attention (`hybridize.convert.mamba2`).
+
+    Args:
+        conv_init (`str`, *optional*, defaults to `"delta"`): `"delta"` (identity convolution at step 0) or
+            `"random"` (PyTorch's default, as published by MambaInLlama).
+    """
+
+    conv_init: Literal["random", "delta"] = "delta"
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NHAInitConfig:
+    """Init options of an NHA mixer converted from attention (`hybridize.convert.nha`): none yet."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamingInitConfig:
+    """Init options of a streaming mixer converted from attention (`hybridize.convert.streaming`): none yet."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixerInit:
+    """What `ConvertConfig` knows of a convertible mixer without importing it.
+
+    Args:
+        options_class (`type`): the frozen dataclass of its init options (`ConvertConfig.init_options`), which checks
+            them in its `__post_init__`.
+        has_readout (`bool`, *optional*, defaults to `False`): the mixer has a new readout, which
+            `mixer_init="zero"` zeroes and `"calibrated"` fits (the default init of such a mixer is `"calibrated"`,
+            else `"attention"`).
+        allows_random (`bool`, *optional*, defaults to `False`): `mixer_init="random"` (the weights it would copy
+            from attention drawn fresh) applies.
+    """
+
+    options_class: type
+    has_readout: bool = False
+    allows_random: bool = False
+
+
+MIXER_INITS: dict[str, MixerInit] = {
+    "mamba2": MixerInit(options_class=Mamba2InitConfig, has_readout=True, allows_random=True),
+    "nha": MixerInit(options_class=NHAInitConfig, has_readout=True),
+    "streaming": MixerInit(options_class=StreamingInitConfig),
+}
+# the convertible mixers, a live view of `MIXER_INITS` (an entry added later is in it)
+CONVERT_MIXERS = MIXER_INITS.keys()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -17,7 +76,8 @@ class ConvertConfig:
     """How to convert a model.
 
     Args:
-        mixer (`str`, *optional*, defaults to `"mamba2"`): the mixer that replaces attention in converted layers.
+        mixer (`str`, *optional*, defaults to `"mamba2"`): the mixer that replaces attention in converted layers:
+            `mamba2`, `nha` or `streaming` (the keys of `MIXER_INITS`).
         ratio (`float`, *optional*, defaults to 0.5): fraction of layers converted, in [0, 1]; 0 keeps the source
             model as it is (as a hybrid), 1 converts every layer. Spread evenly as MambaInLlama does.
         attn_layers (`tuple[int, ...]`, *optional*): explicit layers that keep attention, each named once; overrides
@@ -35,9 +95,10 @@ class ConvertConfig:
             request at prefill (LightTransfer-Test).
         mixer_settings (`dict`, *optional*): settings of the new mixer, stored in `HybridConfig.mixers[mixer]` and
             checked by that mixer's config class (e.g. `{"chunk_size": 64}` for `mamba2`).
-        conv_init (`str`, *optional*, defaults to `"delta"`): Mamba2 only: `"delta"` (identity convolution at
-            step 0) or `"random"` (PyTorch's default, as published by MambaInLlama). See README for the measured
-            difference.
+        conv_init (`str`, *optional*): Mamba2 only, the same as `init_options={"conv_init": ...}`: `"delta"`
+            (identity convolution at step 0, the default) or `"random"` (PyTorch's default, as published by
+            MambaInLlama). See README for the measured difference. Given in both places, the two must agree; after
+            the checks both hold the value used (`None` here for a mixer without the option).
         mixer_init (`str`, *optional*): how the new mixer starts. `"calibrated"` (the default for mamba2 and nha):
             q/k/v reused as below, then each converted layer's readout (`out_proj` / `o_proj`) refit in closed form,
             in layer order, onto the source attention's output on calibration text (`hybridize/convert/calibrated.py`;
@@ -45,6 +106,9 @@ class ConvertConfig:
             (MambaInLlama for Mamba2: C <- W_q, B <- W_k, x <- W_v, out <- W_o; the source's q/k/v/o for NHA).
             `"zero"`: the mapping with the readout zeroed (the layer starts as if its mixer were removed).
             `"random"` (Mamba2 only): x, B, C and out_proj drawn fresh, the ablation that shows what the reuse buys.
+        init_options (`dict`, *optional*): options of the mixer's initialiser, checked by its options class in
+            `MIXER_INITS` (`Mamba2InitConfig`: `conv_init`; none for nha and streaming). After the checks it holds
+            every option, the defaults included, so that `hybridize.json` records them.
         seed (`int`, *optional*, defaults to 0): seeds the new parameters (gate, dt, conv) and `select="random"`, so
             a conversion repeats.
         calibration (`str`, *optional*, defaults to `"wiki"`): for `mixer_init="calibrated"` and `select="lazy"` or
@@ -66,8 +130,9 @@ class ConvertConfig:
     full_every: int | None = None
     select: str = "uniform"
     mixer_settings: dict = field(default_factory=dict)
-    conv_init: str = "delta"
+    conv_init: str | None = None
     mixer_init: str | None = None
+    init_options: dict = field(default_factory=dict)
     seed: int = 0
     calibration: str = "wiki"
     calibration_docs: int = 8
@@ -75,23 +140,25 @@ class ConvertConfig:
 
     def __post_init__(self):
         check_fields(self, distinct=("attn_layers",))
-        if self.mixer not in CONVERT_MIXERS:
-            raise ConfigError(f"mixer {self.mixer!r} is not supported; choose one of {sorted(CONVERT_MIXERS)}")
+        if self.mixer not in MIXER_INITS:
+            raise ConfigError(f"mixer {self.mixer!r} is not supported; choose one of {sorted(MIXER_INITS)}")
         if not 0.0 <= self.ratio <= 1.0:
             raise ConfigError(f"ratio must be in [0, 1] (the fraction of layers converted), got {self.ratio}")
-        if self.conv_init not in _CONV_INITS:
-            raise ConfigError(f"conv_init must be one of {_CONV_INITS}, got {self.conv_init!r}")
+        entry = MIXER_INITS[self.mixer]
+        object.__setattr__(self, "init_options", self._checked_init_options(entry.options_class))
         if self.mixer_init is None:  # the best measured start of each mixer (README: calibrated initialisation)
-            object.__setattr__(self, "mixer_init", "calibrated" if self.mixer in _READOUT_MIXERS else "attention")
-        if self.mixer_init not in _MIXER_INITS:
-            raise ConfigError(f"mixer_init must be one of {_MIXER_INITS}, got {self.mixer_init!r}")
-        if self.mixer_init == "random" and self.mixer != "mamba2":
+            object.__setattr__(self, "mixer_init", "calibrated" if entry.has_readout else "attention")
+        if self.mixer_init not in MIXER_INIT_CHOICES:
+            raise ConfigError(f"mixer_init must be one of {MIXER_INIT_CHOICES}, got {self.mixer_init!r}")
+        if self.mixer_init == "random" and not entry.allows_random:
+            ablated = "/".join(name.capitalize() for name, init in MIXER_INITS.items() if init.allows_random)
             raise ConfigError(
-                f"mixer_init='random' is a Mamba2 ablation; the {self.mixer} mixer reuses attention as is"
+                f"mixer_init='random' is a {ablated} ablation; the {self.mixer} mixer reuses attention as is"
             )
-        if self.mixer_init in ("zero", "calibrated") and self.mixer not in _READOUT_MIXERS:
+        if self.mixer_init in ("zero", "calibrated") and not entry.has_readout:
+            readout = ", ".join(name for name, init in MIXER_INITS.items() if init.has_readout)
             raise ConfigError(
-                f"mixer_init={self.mixer_init!r} sets the readout of a new mixer ({', '.join(_READOUT_MIXERS)}); the "
+                f"mixer_init={self.mixer_init!r} sets the readout of a new mixer ({readout}); the "
                 f"{self.mixer} mixer is the source attention itself: use mixer_init='attention'"
             )
         if self.full_every is not None and self.full_every < 1:
@@ -118,5 +185,39 @@ class ConvertConfig:
         if self.attn_layers is not None:
             object.__setattr__(self, "attn_layers", tuple(sorted(self.attn_layers)))
 
+    def _checked_init_options(self, options_class: type) -> dict:
+        """`init_options` with `conv_init` folded in, checked by `options_class`, every option filled in."""
+        options = dict(self.init_options)
+        if self.conv_init is not None:
+            if options.setdefault("conv_init", self.conv_init) != self.conv_init:
+                raise ConfigError(
+                    f"conv_init={self.conv_init!r} and init_options conv_init={options['conv_init']!r} disagree; "
+                    "give it once"
+                )
+        names = {f.name for f in dataclasses.fields(options_class)}
+        if unknown := sorted(set(options) - names):
+            raise ConfigError(
+                f"init option(s) {unknown} do not apply to the {self.mixer} mixer; its init options are "
+                f"{sorted(names) or 'none'}"
+            )
+        checked = dataclasses.asdict(options_class(**options))
+        object.__setattr__(self, "conv_init", checked.get("conv_init"))
+        return checked
 
-__all__ = ["CONVERT_MIXERS", "SELECTIONS", "ConvertConfig"]
+    @property
+    def init_config(self):
+        """The init options as an instance of the mixer's options class (e.g. `Mamba2InitConfig`)."""
+        return MIXER_INITS[self.mixer].options_class(**self.init_options)
+
+
+__all__ = [
+    "CONVERT_MIXERS",
+    "MIXER_INITS",
+    "MIXER_INIT_CHOICES",
+    "SELECTIONS",
+    "ConvertConfig",
+    "Mamba2InitConfig",
+    "MixerInit",
+    "NHAInitConfig",
+    "StreamingInitConfig",
+]

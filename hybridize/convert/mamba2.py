@@ -23,7 +23,8 @@ def init_mamba2_from_attention(
     attn: nn.Module, config: HybridConfig, layer_idx: int, convert_config, generator: torch.Generator
 ) -> Mamba2Mixer:
     """A new `Mamba2Mixer` for layer `layer_idx` whose projections are copied from the attention module `attn`
-    (with `q_proj`, `k_proj`, `v_proj`, `o_proj`), with `convert_config.conv_init`. `attn` is not modified."""
+    (with `q_proj`, `k_proj`, `v_proj`, `o_proj`), with the conv init of `convert_config.init_options`
+    (`Mamba2InitConfig`). `attn` is not modified."""
     mixer = Mamba2Mixer(config, layer_idx).to(attn.q_proj.weight.dtype)
     s = mixer.settings
     if s.state_size != attn.k_proj.weight.shape[0] // s.num_groups or s.head_dim != s.state_size:
@@ -73,7 +74,7 @@ def init_mamba2_from_attention(
     mixer.D.fill_(1.0)
     mixer.norm.weight.fill_(1.0)
 
-    if convert_config.conv_init == "delta":
+    if convert_config.init_config.conv_init == "delta":
         mixer.conv1d.weight.zero_()
         mixer.conv1d.weight[:, 0, -1] = 1.0
         mixer.conv1d.bias.zero_()

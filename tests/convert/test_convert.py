@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hybridize.configs.convert import Mamba2InitConfig, MixerInit
 from hybridize.convert import ConvertConfig, convert
 from hybridize.convert.selection import select_layers, uniform_layers
 from hybridize.errors import ConfigError, UnsupportedModelError
@@ -152,3 +153,47 @@ def test_bad_mixer_settings_stop_before_work(tiny_llama):
         convert(tiny_llama, ConvertConfig(mixer_init="attention", mixer_settings={"chunk": 3}))
     with pytest.raises(ConfigError, match="bad mamba2 settings"):
         convert(tiny_llama, ConvertConfig(mixer_init="attention", mixer_settings={"chunk_size": 0}))
+
+
+def test_init_options_are_the_mixers_and_conv_init_folds_into_them(tiny_llama):
+    """`init_options` is checked by the mixer's options class in `MIXER_INITS`; `conv_init` is the same Mamba2
+    option given as a field: either way gives the same model, and two different values are refused."""
+    by_field = ConvertConfig(mixer_init="attention", ratio=0.5, conv_init="random", seed=3)
+    by_option = ConvertConfig(mixer_init="attention", ratio=0.5, init_options={"conv_init": "random"}, seed=3)
+    assert by_field == by_option and by_option.conv_init == "random"
+    assert by_option.init_config == Mamba2InitConfig(conv_init="random")
+    a, b = convert(tiny_llama, by_field), convert(tiny_llama, by_option)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert a.hybridize_steps[-1]["config"]["init_options"] == {"conv_init": "random"}
+    default = ConvertConfig(mixer_init="attention")
+    assert default.init_options == {"conv_init": "delta"} and default.conv_init == "delta"
+    assert ConvertConfig(mixer="nha").init_options == {} and ConvertConfig(mixer="nha").conv_init is None
+    with pytest.raises(ConfigError, match="disagree"):
+        ConvertConfig(conv_init="random", init_options={"conv_init": "delta"})
+    with pytest.raises(ConfigError, match=r"\['conv_init'\] do not apply to the nha mixer"):
+        ConvertConfig(mixer="nha", conv_init="random")
+    with pytest.raises(ConfigError, match=r"\['taps'\] do not apply to the mamba2 mixer.*\['conv_init'\]"):
+        ConvertConfig(init_options={"taps": 3})
+    with pytest.raises(ConfigError, match="conv_init='identity' is not one of"):
+        ConvertConfig(init_options={"conv_init": "identity"})
+
+
+def test_a_mixer_init_entry_added_later_is_convertible(monkeypatch):
+    """`ConvertConfig` reads `MIXER_INITS` when it checks itself, so a mixer registered at run time (a test's toy)
+    is accepted with its own options class and init choices."""
+    from dataclasses import dataclass
+
+    from hybridize.configs import convert as convert_configs
+
+    @dataclass(frozen=True, kw_only=True)
+    class ToyInitConfig:
+        decay: float = 0.5
+
+    with pytest.raises(ConfigError, match="mixer 'toy' is not supported"):
+        ConvertConfig(mixer="toy")
+    monkeypatch.setitem(convert_configs.MIXER_INITS, "toy", MixerInit(options_class=ToyInitConfig))
+    config = ConvertConfig(mixer="toy", init_options={"decay": 0.9})
+    assert config.mixer_init == "attention" and config.init_options == {"decay": 0.9}
+    assert "toy" in convert_configs.CONVERT_MIXERS
+    with pytest.raises(ConfigError, match="sets the readout of a new mixer"):
+        ConvertConfig(mixer="toy", mixer_init="zero")
