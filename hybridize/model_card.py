@@ -37,7 +37,8 @@ from huggingface_hub.utils import (
 )
 
 from .configs.hub import HUB_ID_PATTERN
-from .errors import CheckpointError
+from .errors import CheckpointError, UnsupportedModelError
+from .export import check_native_layers, native_layer_names
 from .provenance import MANIFEST_NAME, read_manifest
 from .sources import ALIASES
 
@@ -69,10 +70,6 @@ _NOT_METRICS = {
 _DATA_KEYS = re.compile(r"token|data|corpus|sample|example|split", re.IGNORECASE)
 # Built-in perplexity of `hybridize eval` (flat metrics): the held-out articles of the packaged Wikipedia corpus.
 _BUILTIN_TASK = ("wiki_heldout", "Wikipedia held-out articles (hybridize corpus, CC BY-SA)")
-# Native layer names -> our mixer names; Granite's `linear_attention`/`mamba` layers are Mamba2 (export.py).
-_NATIVE_LAYER_NAMES = {
-    "granitemoehybrid": {"full_attention": "attention", "linear_attention": "mamba2", "mamba": "mamba2"},
-}
 
 
 # Base model and licence
@@ -151,7 +148,8 @@ def layer_types(config: dict) -> list[str]:
     if isinstance(config.get("mixer_types"), list):
         return [str(t) for t in config["mixer_types"]]
     if isinstance(config.get("layer_types"), list):
-        names = _NATIVE_LAYER_NAMES.get(config.get("model_type"), {})
+        # a model exported by `hybridize.export`: the surgery handlers know their GraniteMoeHybrid layer names
+        names = native_layer_names() if config.get("model_type") == "granitemoehybrid" else {}
         return [names.get(t, "attention" if t == "full_attention" else str(t)) for t in config["layer_types"]]
     return ["attention"] * int(config.get("num_hidden_layers") or 0)
 
@@ -355,15 +353,17 @@ def _load_section(config: dict, repo: str) -> list[str]:
         ]
     else:
         lines += ["This checkpoint was saved without its modeling code, so it needs hybridize to load.", ""]
-    types = layer_types(config)
-    if "attention" in types and set(types) <= {"attention", "mamba2"}:
-        lines += [
-            (
-                "It can also be exported to a native transformers class (`GraniteMoeHybrid`) that loads with no "
-                "custom code: `hybridize export MODEL -o OUT`."
-            ),
-            "",
-        ]
+    try:
+        check_native_layers(layer_types(config))
+    except UnsupportedModelError:
+        return lines
+    lines += [
+        (
+            "It can also be exported to a native transformers class (`GraniteMoeHybrid`) that loads with no "
+            "custom code: `hybridize export MODEL -o OUT`."
+        ),
+        "",
+    ]
     return lines
 
 

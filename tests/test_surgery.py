@@ -10,6 +10,8 @@ from hybridize.compress.fuse import FuseConfig, fuse
 from hybridize.compress.lowrank import FactorizeConfig, factorize
 from hybridize.compress.prune import PruneConfig, check_prune, count_params, model_shape, prune
 from hybridize.errors import UnsupportedModelError
+from hybridize.export import ExportConfig, export
+from hybridize.llamacpp import export_gguf
 from hybridize.modeling import HybridConfig, HybridForCausalLM
 from hybridize.modeling.attention import AttentionMixer
 from hybridize.modeling.mixers import MIXERS
@@ -31,7 +33,7 @@ def test_an_unregistered_mixer_gets_the_one_refusal(monkeypatch):
         surgery_for("streaming", "fuse")  # a handler that does not do the operation for this mixer
 
 
-def test_every_operation_refuses_a_mixer_without_a_handler_before_any_work(monkeypatch):
+def test_every_operation_refuses_a_mixer_without_a_handler_before_any_work(monkeypatch, tmp_path):
     monkeypatch.setitem(MIXERS, "toy", ToyMixer)
     model = tiny_hybrid(["toy", "attention", "mamba2", "attention"])
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -40,10 +42,13 @@ def test_every_operation_refuses_a_mixer_without_a_handler_before_any_work(monke
         "prune": lambda: prune(model, PruneConfig(ffn=64, num_blocks=2), blocks=blocks),
         "fuse": lambda: fuse([model, model], FuseConfig(align="weights")),
         "factorize": lambda: factorize(model, FactorizeConfig(ratio=0.5, method="svd")),
+        "export": lambda: export(model, ExportConfig()),
+        "export_gguf": lambda: export_gguf(model, tmp_path / "m.gguf", ExportConfig(to="gguf"), tokenizer=None),
     }
     for operation, run in operations.items():
         with pytest.raises(UnsupportedModelError, match=rf"^{operation} does not support toy: {operation} handles "):
             run()
+    assert list(tmp_path.iterdir()) == []
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 

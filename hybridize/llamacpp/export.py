@@ -37,11 +37,12 @@ _FILE_TYPES = {
 _EIGHT_BIT_IN_Q4 = ("token_embd.weight", "output.weight")
 
 
-def _tensor_type(name: str, shape: tuple[int, ...], outtype: str) -> Q:
+def _tensor_type(name: str, shape: tuple[int, ...], outtype: str, f32: frozenset[str] = frozenset()) -> Q:
     """As llama.cpp's converter chooses: vectors, norms, tensors not named `.weight` (biases, `ssm_a`, `ssm_d`) and
-    the Mamba2 convolution (ggml's `ssm_conv` reads f32) stay f32; a matrix whose rows do not fill whole quantisation
-    blocks falls back to f16. At q4_1 the token embedding and output head are q8_0."""
-    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or ".ssm_conv1d." in name:
+    the matrices a mixer's handler keeps in `f32` (the Mamba2 convolution: ggml's `ssm_conv` reads f32) stay f32; a
+    matrix whose rows do not fill whole quantisation blocks falls back to f16. At q4_1 the token embedding and output
+    head are q8_0."""
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or name in f32:
         return Q.F32
     qtype = Q.Q8_0 if outtype == "q4_1" and name in _EIGHT_BIT_IN_Q4 else _QTYPES[outtype]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
@@ -67,7 +68,7 @@ def _plan(layout: GGUFLayout, outtype: str) -> dict[str, tuple[tuple[int, ...], 
     plan = {}
     for name, make in layout.tensors.items():
         shape = make().shape
-        plan[name] = (shape, _tensor_type(name, shape, outtype))
+        plan[name] = (shape, _tensor_type(name, shape, outtype, layout.f32))
     return plan
 
 

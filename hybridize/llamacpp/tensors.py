@@ -2,22 +2,11 @@
 attention + Mamba2 hybrids (llama.cpp `src/models/granite-hybrid.cpp`, `src/models/mamba-base.cpp`; tensor and key
 names from the `gguf` package's `MODEL_TENSORS` and `Keys`).
 
-Three things differ from the PyTorch hybrid, each mapped exactly:
-
-- RoPE: both architectures rotate pairs of consecutive channels (ggml's "normal" RoPE), transformers rotates channel
-  i with i + head_dim/2. q and k rows are reordered per head so that the pairs line up (`_interleave_rope_rows`).
-- Groups: llama.cpp's Mamba2 shares B and C per group (head h reads group h // (heads / groups)) and keeps x per head;
-  our mixer shares x and B per KV group and keeps C per head. With one group per head (`ssm.group_count = heads`),
-  x and B are repeated to every head of their KV group (the rows and their conv channels), as `hybridize.export`
-  does for GraniteMoeHybrid. The gated RMSNorm is then per group = per head, as ours.
-- Width: llama.cpp's `granitehybrid` loads only `ssm.inner_size = 2 x hidden` ("only an expansion factor of 2 is
-  supported", a GGML_ASSERT), while a MambaInLlama hybrid has inner size heads x head_dim = hidden. Each head is
-  widened to `copies` x head_dim channels holding `copies` identical copies of the head: the z and x rows and x's conv
-  channels are repeated, so every copy computes the same state and output; the norm's mean over the widened group
-  equals the mean over the head (same values, repeated); `ssm_out` reads the first copy and has zero columns for the
-  others. Exact, at the price of llama.cpp computing the copies: with x and B per head and two copies, a SmolLM2
-  Mamba2 layer holds in_proj 3465 x 576 and out_proj 576 x 1152 (2.66M weights; 1.22M in PyTorch, 1.66M per head
-  without copies) and `copies` x the SSM state.
+Each mixer's layout is in its handler in `hybridize.surgery` (`gguf_tensors`, `gguf_hparams`, `gguf_arch`): RoPE
+pairs reordered in q and k (`attention.py`: llama.cpp rotates consecutive channels, transformers channel i with
+i + head_dim/2); the Mamba2 groups and the widening of each head to llama.cpp's inner size of 2 x hidden
+(`mamba2.py`). A handler keys its tensors by `gguf.MODEL_TENSOR` member name and suffix (`ATTN_Q.weight`), which this
+module turns into llama.cpp's names; a mixer without a handler is refused with "export_gguf does not support <mixer>".
 """
 
 import re
@@ -27,21 +16,14 @@ from typing import Any
 
 import gguf
 import numpy as np
-import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..families import check_supported, head_dim
-from ..modeling import HybridForCausalLM, Mamba2MixerConfig
+from ..modeling import HybridForCausalLM
+from ..surgery import MixerSurgery, surgery_for, to_array
 
 _ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "granitehybrid": gguf.MODEL_ARCH.GRANITE_HYBRID}
-# per-layer mixer types each architecture computes
-_EXPORTED_MIXERS = ("attention", "mamba2")
-_NO_LLAMA_CPP_ARCH = {
-    "streaming": "sink + sliding-window attention has no llama.cpp architecture (its sliding-window models keep no "
-    "attention sinks)",
-    "nha": "Native Hybrid Attention (slot memories and a window under one softmax) has no llama.cpp architecture",
-}
 # rope_parameters types llama.cpp computes from metadata alone (others need extra tensors or keys written for them)
 _ROPE_TYPES = ("default", "linear")
 
@@ -49,20 +31,23 @@ _ROPE_TYPES = ("default", "linear")
 @dataclass(frozen=True, kw_only=True)
 class GGUFLayout:
     """What `export_gguf` writes: the llama.cpp architecture, its hyperparameters (a `GGUFWriter` method name ->
-    value) and the tensors, each produced on demand (name -> function returning a float32 array) so that only one is
-    held at a time beside the model."""
+    value), the tensors, each produced on demand (name -> function returning a float32 array) so that only one is
+    held at a time beside the model, and the matrices that stay f32 whatever the outtype."""
 
     arch: str
     hparams: dict[str, Any]
     tensors: dict[str, Callable[[], np.ndarray]]
-
-
-def _array(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(torch.float32).contiguous().numpy()
+    f32: frozenset[str] = frozenset()
 
 
 def _name(tensor: gguf.MODEL_TENSOR, bid: int | None = None, suffix: str = ".weight") -> str:
     return gguf.TENSOR_NAMES[tensor].format(bid=bid) + suffix
+
+
+def _handler_name(key: str, bid: int) -> str:
+    """A handler's tensor key (`ATTN_Q.weight`, `SSM_A`) as llama.cpp names it in block `bid`."""
+    member, dot, suffix = key.partition(".")
+    return _name(gguf.MODEL_TENSOR[member], bid, dot + suffix)
 
 
 def _decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
@@ -73,22 +58,11 @@ def _decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
     ]
 
 
-def mamba2_copies(config) -> int:
-    """How many copies of each SSM head fill llama.cpp's `ssm.inner_size = 2 x hidden` (see the module docstring).
-
-    Raises:
-        `UnsupportedModelError`: 2 x hidden is not a whole multiple of heads x head_dim (e.g. after pruning the width
-            or the SSM head size), so no exact widening exists.
-    """
-    s = Mamba2MixerConfig.from_hybrid_config(config)
-    inner = s.num_heads * s.head_dim
-    if (2 * config.hidden_size) % inner:
-        raise UnsupportedModelError(
-            f"llama.cpp's granitehybrid needs a Mamba2 inner size of 2 x hidden = {2 * config.hidden_size}, and this "
-            f"model's {s.num_heads} heads x {s.head_dim} channels = {inner} do not divide it, so the heads cannot be "
-            "widened exactly; export before pruning the width or the SSM heads, or keep the PyTorch format"
-        )
-    return 2 * config.hidden_size // inner
+def _handlers(model: nn.Module) -> dict[str, MixerSurgery]:
+    """The GGUF export handler of each mixer type in `model` (plain Llama/Mistral layers are attention); refuses a
+    mixer without one."""
+    types = model.config.mixer_types if isinstance(model, HybridForCausalLM) else ["attention"]
+    return {t: surgery_for(t, "export_gguf") for t in sorted(set(types))}
 
 
 def check_gguf_export(model: nn.Module) -> str:
@@ -98,11 +72,8 @@ def check_gguf_export(model: nn.Module) -> str:
     Example: `check_gguf_export(hybrid)` is `"granitehybrid"` for an attention + Mamba2 hybrid.
     """
     config = model.config
+    found = _handlers(model)  # UnsupportedModelError for a mixer without a GGUF export handler
     if isinstance(model, HybridForCausalLM):
-        mixers = set(config.mixer_types)
-        for mixer in sorted(mixers - set(_EXPORTED_MIXERS)):
-            reason = _NO_LLAMA_CPP_ARCH.get(mixer, f"the mixer {mixer!r} has no llama.cpp architecture")
-            raise UnsupportedModelError(f"cannot export to GGUF: {reason}; keep the PyTorch format")
         if config.lowrank:
             raise UnsupportedModelError(
                 f"cannot export to GGUF: {len(config.lowrank)} linears are factorised (low-rank pairs), which no "
@@ -115,12 +86,18 @@ def check_gguf_export(model: nn.Module) -> str:
                 f"cannot export to GGUF: a {config.source_model_type} hybrid with attention or MLP biases has no exact "
                 "llama.cpp layout here (llama and mistral sources without biases are supported)"
             )
-        if "attention" not in mixers:
+        if "attention" not in found:
             raise UnsupportedModelError(
                 "cannot export to GGUF: a model with no attention layer is not a granitehybrid (llama.cpp's hybrid "
                 "memory needs one); keep at least one attention layer"
             )
-        arch = "granitehybrid" if "mamba2" in mixers else "llama"
+        archs = {handler.gguf_arch for handler in found.values()} - {None}
+        if len(archs) > 1:
+            raise UnsupportedModelError(
+                f"cannot export to GGUF: the mixers {sorted(found)} need different llama.cpp architectures "
+                f"({sorted(archs)}); keep the PyTorch format"
+            )
+        arch = archs.pop() if archs else "llama"
     else:
         family = check_supported(config)
         if family.qkv_bias or family.o_bias:
@@ -135,67 +112,9 @@ def check_gguf_export(model: nn.Module) -> str:
             f"cannot export to GGUF: rope_type {rope.get('rope_type')!r} is not written here (supported: "
             f"{', '.join(_ROPE_TYPES)})"
         )
-    if arch == "granitehybrid":
-        mamba2_copies(config)
+    for handler in found.values():
+        handler.check_gguf(config)
     return arch
-
-
-def _interleave_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
-    """q/k rows from transformers' rotate-half pairing (i, i + d/2) to ggml's consecutive pairs (2i, 2i + 1): per
-    head, row j * d/2 + i moves to 2i + j."""
-    out_features = weight.shape[0]
-    head_dim = out_features // heads
-    return weight.reshape(heads, 2, head_dim // 2, -1).swapaxes(1, 2).reshape(out_features, -1)
-
-
-def _attention_tensors(bid: int, mixer: nn.Module, config) -> dict[str, Callable[[], np.ndarray]]:
-    T = gguf.MODEL_TENSOR
-    return {
-        _name(T.ATTN_Q, bid): lambda: _interleave_rope_rows(_array(mixer.q_proj.weight), config.num_attention_heads),
-        _name(T.ATTN_K, bid): lambda: _interleave_rope_rows(_array(mixer.k_proj.weight), config.num_key_value_heads),
-        _name(T.ATTN_V, bid): lambda: _array(mixer.v_proj.weight),
-        _name(T.ATTN_OUT, bid): lambda: _array(mixer.o_proj.weight),
-    }
-
-
-def _mamba2_tensors(bid: int, mixer: nn.Module, copies: int) -> dict[str, Callable[[], np.ndarray]]:
-    """One Mamba2 layer in llama.cpp's layout: in_proj rows z | x | B | C | dt with x and B per head and every head
-    widened to `copies` identical copies (see the module docstring)."""
-    s = mixer.settings
-    h, g, p, n = s.num_heads, s.num_groups, s.head_dim, s.state_size
-    r = h // g  # heads per KV group
-
-    def per_head(t: torch.Tensor, size: int) -> torch.Tensor:  # (g * size, ...) -> (h * size, ...)
-        return t.unflatten(0, (g, size)).repeat_interleave(r, dim=0).flatten(0, 1)
-
-    def widened(t: torch.Tensor) -> torch.Tensor:  # (h * p, ...) -> (h * copies * p, ...), each head repeated
-        return t.unflatten(0, (h, 1, p)).expand(h, copies, p, *t.shape[1:]).flatten(0, 2)
-
-    def ssm_in() -> np.ndarray:
-        z, xBC, dt = mixer.in_proj.weight.split([mixer.inner_size, mixer.conv_size, h])
-        x, B, C = xBC.split([g * p, g * n, h * n])
-        return _array(torch.cat([widened(z), widened(per_head(x, p)), per_head(B, n), C, dt]))
-
-    def conv(t: torch.Tensor) -> np.ndarray:  # conv channels x | B | C, x and B per head, x widened
-        x, B, C = t.split([g * p, g * n, h * n])
-        return _array(torch.cat([widened(per_head(x, p)), per_head(B, n), C]))
-
-    def ssm_out() -> np.ndarray:  # (hidden, h * p) -> (hidden, h * copies * p): the first copy, zeros for the others
-        weight = mixer.out_proj.weight.unflatten(1, (h, 1, p))
-        padding = weight.new_zeros(weight.shape[0], h, copies - 1, p)
-        return _array(torch.cat([weight, padding], dim=2).flatten(1))
-
-    T = gguf.MODEL_TENSOR
-    return {
-        _name(T.SSM_IN, bid): ssm_in,
-        _name(T.SSM_CONV1D, bid): lambda: conv(mixer.conv1d.weight[:, 0]),  # (channels, kernel)
-        _name(T.SSM_CONV1D, bid, ".bias"): lambda: conv(mixer.conv1d.bias),
-        _name(T.SSM_DT, bid, ".bias"): lambda: _array(mixer.dt_bias),
-        _name(T.SSM_A, bid, ""): lambda: _array(-torch.exp(mixer.A_log.float()))[:, None],  # A = -exp(A_log), (h, 1)
-        _name(T.SSM_D, bid, ""): lambda: _array(mixer.D)[:, None],
-        _name(T.SSM_NORM, bid): lambda: _array(widened(mixer.norm.weight)).reshape(h, copies * p),  # (groups, size)
-        _name(T.SSM_OUT, bid): ssm_out,
-    }
 
 
 def gguf_layout(model: nn.Module) -> GGUFLayout:
@@ -207,6 +126,7 @@ def gguf_layout(model: nn.Module) -> GGUFLayout:
     Example: `layout = gguf_layout(hybrid); sorted(layout.tensors)[:2]`
     """
     arch = check_gguf_export(model)
+    found = _handlers(model)
     config = model.config
     size = head_dim(config)
     layers = _decoder_layers(model)
@@ -229,42 +149,36 @@ def gguf_layout(model: nn.Module) -> GGUFLayout:
         hparams["add_rope_scaling_factor"] = float(rope["factor"])
     T = gguf.MODEL_TENSOR
     tensors: dict[str, Callable[[], np.ndarray]] = {
-        _name(T.TOKEN_EMBD): lambda: _array(model.model.embed_tokens.weight),
-        _name(T.OUTPUT_NORM): lambda: _array(model.model.norm.weight),
+        _name(T.TOKEN_EMBD): lambda: to_array(model.model.embed_tokens.weight),
+        _name(T.OUTPUT_NORM): lambda: to_array(model.model.norm.weight),
     }
     if not config.tie_word_embeddings:  # tied: llama.cpp reads token_embd as the output too
-        tensors[_name(T.OUTPUT)] = lambda: _array(model.lm_head.weight)
-    copies = mamba2_copies(config) if arch == "granitehybrid" else 1
+        tensors[_name(T.OUTPUT)] = lambda: to_array(model.lm_head.weight)
+    f32 = set()
     for bid, (mixer_type, layer, mixer) in enumerate(layers):
-        tensors[_name(T.ATTN_NORM, bid)] = lambda layer=layer: _array(layer.input_layernorm.weight)
-        if mixer_type == "attention":
-            tensors.update(_attention_tensors(bid, mixer, config))
-        else:
-            tensors.update(_mamba2_tensors(bid, mixer, copies))
-        tensors[_name(T.FFN_NORM, bid)] = lambda layer=layer: _array(layer.post_attention_layernorm.weight)
-        tensors[_name(T.FFN_GATE, bid)] = lambda layer=layer: _array(layer.mlp.gate_proj.weight)
-        tensors[_name(T.FFN_UP, bid)] = lambda layer=layer: _array(layer.mlp.up_proj.weight)
-        tensors[_name(T.FFN_DOWN, bid)] = lambda layer=layer: _array(layer.mlp.down_proj.weight)
+        tensors[_name(T.ATTN_NORM, bid)] = lambda layer=layer: to_array(layer.input_layernorm.weight)
+        handler = found[mixer_type]
+        tensors.update({_handler_name(key, bid): make for key, make in handler.gguf_tensors(mixer, config).items()})
+        f32.update(_handler_name(key, bid) for key in handler.gguf_f32)
+        tensors[_name(T.FFN_NORM, bid)] = lambda layer=layer: to_array(layer.post_attention_layernorm.weight)
+        tensors[_name(T.FFN_GATE, bid)] = lambda layer=layer: to_array(layer.mlp.gate_proj.weight)
+        tensors[_name(T.FFN_UP, bid)] = lambda layer=layer: to_array(layer.mlp.up_proj.weight)
+        tensors[_name(T.FFN_DOWN, bid)] = lambda layer=layer: to_array(layer.mlp.down_proj.weight)
     if arch == "granitehybrid":
-        s = Mamba2MixerConfig.from_hybrid_config(config)
-        kv_heads = config.num_key_value_heads
         hparams |= {
             # a layer is recurrent iff its KV head count is 0 (llama.cpp granite-hybrid.cpp)
-            "add_head_count_kv": [kv_heads if t == "attention" else 0 for t, _, _ in layers],
+            "add_head_count_kv": [found[t].gguf_head_count_kv(config) for t, _, _ in layers],
             # llama.cpp's converter writes False for GraniteMoeHybrid checkpoints with Mamba layers (no RoPE); the
             # attention layers of a Llama-derived hybrid rotate, and granitehybrid applies RoPE iff this is true
             "add_rope_scaling_finetuned": True,
-            "add_ssm_conv_kernel": s.conv_kernel,
-            "add_ssm_inner_size": 2 * config.hidden_size,
-            "add_ssm_state_size": s.state_size,
-            "add_ssm_time_step_rank": s.num_heads,  # llama.cpp reads the SSM head count from this key
-            "add_ssm_group_count": s.num_heads,
         }
+        for handler in found.values():
+            hparams |= handler.gguf_hparams(config)
     else:
         hparams["add_head_count_kv"] = config.num_key_value_heads
     allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[_ARCHS[arch]]}
     assert all(_pattern(name) in allowed for name in tensors), sorted(tensors)
-    return GGUFLayout(arch=arch, hparams=hparams, tensors=tensors)
+    return GGUFLayout(arch=arch, hparams=hparams, tensors=tensors, f32=frozenset(f32))
 
 
 def _pattern(name: str) -> str:
@@ -272,4 +186,4 @@ def _pattern(name: str) -> str:
     return re.sub(r"^blk\.\d+\.", "blk.{bid}.", name.removesuffix(".weight").removesuffix(".bias"))
 
 
-__all__ = ["GGUFLayout", "check_gguf_export", "gguf_layout", "mamba2_copies"]
+__all__ = ["GGUFLayout", "check_gguf_export", "gguf_layout"]

@@ -1,8 +1,10 @@
-"""Per-mixer surgery: what the compress transformations need to know about one mixer type, in one place.
+"""Per-mixer surgery: what the compress transformations and the exports need to know about one mixer type, in one
+place.
 
 A handler (`MixerSurgery`) holds a mixer's parameter count and how to measure, rank and slice its heads and channels
-(prune), its groups and heads and how to transport them (fuse), which of its linears factorize takes, and is registered for the mixer classes it handles,
-torchao-style:
+(prune), its groups and heads and how to transport them (fuse), which of its linears factorize takes, and its
+GraniteMoeHybrid and llama.cpp forms (export, export_gguf, and the model card's layer names), and is registered for the
+mixer classes it handles, torchao-style:
 
 ```python
 @register_surgery(Mamba2Mixer)
@@ -32,6 +34,7 @@ from .base import (
     rows_cols,
     slice_linear,
     surgery_for,
+    to_array,
     top,
     top_per_group,
 )
@@ -54,6 +57,7 @@ __all__ = [
     "rows_cols",
     "slice_linear",
     "surgery_for",
+    "to_array",
     "top",
     "top_per_group",
 ]

@@ -5,14 +5,19 @@
 - fuse: KV groups are units (k and v rows), query heads are units inside them (q rows, o columns); channels inside a
   head never move (RoPE pairs channels by frequency).
 - factorize: q, k, v and o are the `attn` targets.
+- export: GraniteMoeHybrid's `self_attn` takes the projections as they are; llama.cpp rotates pairs of consecutive
+  channels where transformers rotates channel i with i + head_dim/2, so q and k rows are reordered per head.
 
-A streaming layer prunes and factorizes as attention; its sinks have no fused form.
+A streaming layer prunes and factorizes as attention; its sinks have no fused, native or llama.cpp form.
 """
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 from ..families import head_dim
 from ..modeling.attention import AttentionMixer
 from ..modeling.streaming import StreamingMixer
@@ -27,20 +32,28 @@ from .base import (
     producer_map,
     register_surgery,
     slice_linear,
+    to_array,
     top,
     top_per_group,
 )
 
+_STREAMING_REASONS = {
+    "export": "sink + sliding-window attention has no GraniteMoeHybrid layer (its attention keeps no sinks)",
+    "export_gguf": "sink + sliding-window attention has no llama.cpp architecture (its sliding-window models keep no "
+    "attention sinks)",
+}
+
 
 @register_surgery(AttentionMixer)
-@register_surgery(StreamingMixer, operations=("prune", "factorize"))
+@register_surgery(StreamingMixer, operations=("prune", "factorize"), reasons=_STREAMING_REASONS)
 class AttentionSurgery(MixerSurgery):
     """Query heads, ranked on the `o_proj` input as (heads, head_dim), the same number kept in every KV group."""
 
-    operations = ("prune", "fuse", "factorize")
+    operations = ("prune", "fuse", "factorize", "export", "export_gguf")
     prune_axes = ("attn_heads",)
     grouping = "attn_grouping"
     factorize_targets = ("attn",)
+    native_layer_types = ("full_attention",)
 
     # Prune
 
@@ -129,5 +142,45 @@ class AttentionSurgery(MixerSurgery):
         v = state[f"{prefix}v_proj.weight"].unflatten(0, (-1, hd)).flatten(1)
         return {"heads": torch.cat([q, o], 1), "groups": torch.cat([k, v], 1)}
 
+    # Export
 
-__all__ = ["AttentionSurgery"]
+    def check_native(self, config) -> None:
+        if config.num_attention_heads * head_dim(config) != config.hidden_size:
+            raise UnsupportedModelError(
+                f"heads x head_dim ({config.num_attention_heads} x {head_dim(config)}) != hidden_size "
+                f"({config.hidden_size}): Granite's attention takes head_dim = hidden_size / heads"
+            )
+
+    def native_config(self, config) -> dict:
+        return {
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads,
+            "attention_multiplier": head_dim(config) ** -0.5,
+        }
+
+    def native_tensors(self, mixer: nn.Module) -> dict[str, torch.Tensor]:
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        return {f"self_attn.{name}.weight": getattr(mixer, name).weight for name in names}
+
+    def gguf_head_count_kv(self, config) -> int:
+        return config.num_key_value_heads
+
+    def gguf_tensors(self, mixer: nn.Module, config) -> dict[str, Callable[[], np.ndarray]]:
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        return {
+            "ATTN_Q.weight": lambda: interleave_rope_rows(to_array(mixer.q_proj.weight), heads),
+            "ATTN_K.weight": lambda: interleave_rope_rows(to_array(mixer.k_proj.weight), kv_heads),
+            "ATTN_V.weight": lambda: to_array(mixer.v_proj.weight),
+            "ATTN_OUT.weight": lambda: to_array(mixer.o_proj.weight),
+        }
+
+
+def interleave_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """q/k rows from transformers' rotate-half pairing (i, i + d/2) to ggml's consecutive pairs (2i, 2i + 1): per
+    head, row j * d/2 + i moves to 2i + j."""
+    out_features = weight.shape[0]
+    size = out_features // heads
+    return weight.reshape(heads, 2, size // 2, -1).swapaxes(1, 2).reshape(out_features, -1)
+
+
+__all__ = ["AttentionSurgery", "interleave_rope_rows"]

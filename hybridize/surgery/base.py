@@ -5,6 +5,7 @@ the compress transformations share. See the package docstring.
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,6 +23,8 @@ _FIXES = {
     "prune": "prune a model without it",
     "fuse": "fuse models without it",
     "factorize": "factorize a model without it",
+    "export": "keep the hybrid format",
+    "export_gguf": "keep the PyTorch format",
 }
 
 
@@ -37,6 +40,9 @@ class MixerSurgery:
 
     The fuse interface (`hybridize.compress.fuse`) sees a layer's units as heads in groups of heads that share weights
     (attention's query heads in their KV groups): transport plans act on whole groups and on whole heads.
+
+    The export interface maps its layers onto transformers' GraniteMoeHybrid (`hybridize.export`) and llama.cpp
+    (`hybridize.llamacpp`): layer type, config fields and hyperparameters, tensor names and layouts.
     """
 
     operations: ClassVar[tuple[str, ...]] = ()
@@ -44,6 +50,9 @@ class MixerSurgery:
     prune_axes: ClassVar[tuple[str, ...]] = ()  # the `PruneShape` (and `PruneConfig`) fields it owns
     grouping: ClassVar[str | None] = None  # the `PruneConfig` field that chooses its grouping ("aware"/"ignore")
     factorize_targets: ClassVar[tuple[str, ...]] = ()  # the `FactorizeConfig.targets` (`TARGETS`) its linears are in
+    native_layer_types: ClassVar[tuple[str, ...]] = ()  # its GraniteMoeHybrid `layer_types` names, the written first
+    gguf_arch: ClassVar[str | None] = None  # the llama.cpp architecture its layers need (None: any that has attention)
+    gguf_f32: ClassVar[tuple[str, ...]] = ()  # its `gguf_tensors` keys that llama.cpp reads as f32 at any outtype
 
     # Prune
 
@@ -125,6 +134,38 @@ class MixerSurgery:
     def unit_vectors(self, state: dict, prefix: str, mixer: nn.Module) -> dict[str, torch.Tensor]:
         """`heads` and `groups`: one weight vector per head and per group (the group's own weights), read from
         `state` (a state dict in the target's residual basis; the mixer's keys start with `prefix`)."""
+        raise NotImplementedError
+
+    # Export: GraniteMoeHybrid (`hybridize.export`) and llama.cpp (`hybridize.llamacpp`)
+
+    def check_native(self, config) -> None:
+        """Raise `UnsupportedModelError` if its layers in `config` have no exact GraniteMoeHybrid form."""
+
+    def native_config(self, config) -> dict[str, Any]:
+        """Its `GraniteMoeHybridConfig` fields. Asked of every handler that exports, whether or not the model has its
+        layers: the config validates every field."""
+        return {}
+
+    def native_tensors(self, mixer: nn.Module) -> dict[str, torch.Tensor]:
+        """The mixer's tensors under their GraniteMoeHybrid names, relative to the decoder layer
+        (`self_attn.q_proj.weight`)."""
+        raise NotImplementedError
+
+    def check_gguf(self, config) -> None:
+        """Raise `UnsupportedModelError` if its layers in `config` have no exact llama.cpp form."""
+
+    def gguf_hparams(self, config) -> dict[str, Any]:
+        """Its GGUF hyperparameters (a `gguf.GGUFWriter` method name -> value)."""
+        return {}
+
+    def gguf_head_count_kv(self, config) -> int:
+        """Its layers' entry in llama.cpp's per-layer KV head count (0 marks a recurrent layer)."""
+        raise NotImplementedError
+
+    def gguf_tensors(self, mixer: nn.Module, config) -> dict[str, Callable[[], np.ndarray]]:
+        """The mixer's tensors in llama.cpp's layout, each made on demand as a float32 array, keyed by the
+        `gguf.MODEL_TENSOR` member and the suffix (`ATTN_Q.weight`, `SSM_DT.bias`, `SSM_A`). `hybridize.llamacpp`
+        turns the keys into tensor names: the handlers do not import `gguf`."""
         raise NotImplementedError
 
 
@@ -281,6 +322,11 @@ def map_segments(tensor: torch.Tensor, parts: Sequence[tuple[int, torch.Tensor |
     return torch.cat(pieces)
 
 
+def to_array(tensor: torch.Tensor) -> np.ndarray:
+    """A float32 numpy copy of `tensor`, as a GGUF file is written from."""
+    return tensor.detach().to(torch.float32).contiguous().numpy()
+
+
 __all__ = [
     "MixerSurgery",
     "check_size",
@@ -296,6 +342,7 @@ __all__ = [
     "rows_cols",
     "slice_linear",
     "surgery_for",
+    "to_array",
     "top",
     "top_per_group",
 ]

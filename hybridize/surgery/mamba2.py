@@ -8,15 +8,26 @@ A_log and D one per head.
 - fuse: groups are units (their x and B rows and conv channels), heads are units inside them (z, C and dt rows, C
   conv channels, dt_bias, A_log, D, the norm gain and out_proj's columns).
 - factorize: in_proj and out_proj are the `mamba` targets.
+- export: GraniteMoeHybrid and llama.cpp share B and C per SSM group and keep x per head, where ours shares x and B per
+  KV group and keeps C per head. With one SSM group per head, x and B rows and their conv channels are repeated to
+  every head of their KV group, which is exact, and the gated norm is per group = per head, as ours. llama.cpp's `granitehybrid` also needs an inner size of 2 x hidden ("only an expansion
+  factor of 2 is supported", a GGML_ASSERT), while a MambaInLlama hybrid has heads x head_dim = hidden: each head is
+  widened to `copies` x head_dim channels holding `copies` identical copies of the head (z and x rows and x's conv
+  channels repeated, so every copy computes the same state and output; the norm's mean over the widened group equals
+  the head's; `ssm_out` reads the first copy and has zero columns for the others). Exact, at the price of llama.cpp
+  computing the copies: with two copies a SmolLM2 Mamba2 layer holds in_proj 3465 x 576 and out_proj 576 x 1152
+  (2.66M weights; 1.22M in PyTorch, 1.66M per head without copies) and `copies` x the SSM state.
 """
 
 import math
+from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 from ..modeling.mamba2 import Mamba2Mixer, Mamba2MixerConfig
 from .base import (
     MixerSurgery,
@@ -31,6 +42,7 @@ from .base import (
     register_surgery,
     rows_cols,
     slice_linear,
+    to_array,
     top,
     top_per_group,
 )
@@ -40,10 +52,13 @@ from .base import (
 class Mamba2Surgery(MixerSurgery):
     """SSM heads and head channels (`ssm_heads`, `ssm_head_dim`), group-aware by default."""
 
-    operations = ("prune", "fuse", "factorize")
+    operations = ("prune", "fuse", "factorize", "export", "export_gguf")
     prune_axes = ("ssm_heads", "ssm_head_dim")
     grouping = "ssm_grouping"
     factorize_targets = ("mamba",)
+    native_layer_types = ("linear_attention", "mamba")  # Granite writes the first; "mamba" in older configs
+    gguf_arch = "granitehybrid"
+    gguf_f32 = ("SSM_CONV1D.weight",)  # ggml's ssm_conv reads f32
 
     # Prune
 
@@ -206,5 +221,124 @@ class Mamba2Surgery(MixerSurgery):
         groups = torch.cat([x.unflatten(0, (g, p)).flatten(1), B.unflatten(0, (g, n)).flatten(1)], 1)
         return {"heads": heads, "groups": groups}
 
+    # Export
 
-__all__ = ["Mamba2Surgery"]
+    def check_native(self, config) -> None:
+        s = Mamba2MixerConfig.from_hybrid_config(config)
+        if s.num_heads * s.head_dim != config.hidden_size:
+            raise UnsupportedModelError(
+                f"Mamba2 heads x head_dim ({s.num_heads} x {s.head_dim}) != hidden_size ({config.hidden_size}): "
+                "Granite's Mamba2 needs d_inner = expand x hidden; export before pruning the SSM heads or the width"
+            )
+
+    def native_config(self, config) -> dict:
+        s = Mamba2MixerConfig.from_hybrid_config(config)
+        return {
+            "mamba_n_heads": s.num_heads,
+            "mamba_n_groups": s.num_heads,  # one group per head: x and B are repeated (`native_tensors`)
+            "mamba_d_head": s.head_dim,
+            "mamba_d_state": s.state_size,
+            "mamba_d_conv": s.conv_kernel,
+            "mamba_expand": 1,
+            "mamba_chunk_size": s.chunk_size,
+            "mamba_conv_bias": True,
+            "mamba_proj_bias": False,
+        }
+
+    def native_tensors(self, mixer: nn.Module) -> dict[str, torch.Tensor]:
+        # our per-group x/B rows repeated per head, in Granite's row order z | x | B | C | dt
+        s = mixer.settings
+        sizes = [s.num_groups * s.head_dim, s.num_groups * s.state_size, s.num_heads * s.state_size]
+        z, xBC, dt = mixer.in_proj.weight.split([mixer.inner_size, mixer.conv_size, s.num_heads])
+        x, B, C = xBC.split(sizes)
+        conv_w_x, conv_w_B, conv_w_C = mixer.conv1d.weight.split(sizes)
+        conv_b_x, conv_b_B, conv_b_C = mixer.conv1d.bias.split(sizes)
+        p, n = s.head_dim, s.state_size
+        tensors = {
+            "in_proj.weight": torch.cat([z, _per_head(x, s, p), _per_head(B, s, n), C, dt]),
+            "conv1d.weight": torch.cat([_per_head(conv_w_x, s, p), _per_head(conv_w_B, s, n), conv_w_C]),
+            "conv1d.bias": torch.cat([_per_head(conv_b_x, s, p), _per_head(conv_b_B, s, n), conv_b_C]),
+            "dt_bias": mixer.dt_bias,
+            "A_log": mixer.A_log,
+            "D": mixer.D,
+            "norm.weight": mixer.norm.weight,
+            "out_proj.weight": mixer.out_proj.weight,
+        }
+        return {f"mamba.{name}": tensor for name, tensor in tensors.items()}
+
+    def check_gguf(self, config) -> None:
+        mamba2_copies(config)
+
+    def gguf_hparams(self, config) -> dict:
+        s = Mamba2MixerConfig.from_hybrid_config(config)
+        return {
+            "add_ssm_conv_kernel": s.conv_kernel,
+            "add_ssm_inner_size": 2 * config.hidden_size,
+            "add_ssm_state_size": s.state_size,
+            "add_ssm_time_step_rank": s.num_heads,  # llama.cpp reads the SSM head count from this key
+            "add_ssm_group_count": s.num_heads,
+        }
+
+    def gguf_head_count_kv(self, config) -> int:
+        return 0  # a recurrent layer (llama.cpp granite-hybrid.cpp)
+
+    def gguf_tensors(self, mixer: nn.Module, config) -> dict[str, Callable[[], np.ndarray]]:
+        # in_proj rows z | x | B | C | dt with x and B per head and every head widened to `copies` identical copies
+        s = mixer.settings
+        h, g, p, n = s.num_heads, s.num_groups, s.head_dim, s.state_size
+        copies = mamba2_copies(config)
+
+        def widened(t: torch.Tensor) -> torch.Tensor:  # (h * p, ...) -> (h * copies * p, ...), each head repeated
+            return t.unflatten(0, (h, 1, p)).expand(h, copies, p, *t.shape[1:]).flatten(0, 2)
+
+        def ssm_in() -> np.ndarray:
+            z, xBC, dt = mixer.in_proj.weight.split([mixer.inner_size, mixer.conv_size, h])
+            x, B, C = xBC.split([g * p, g * n, h * n])
+            return to_array(torch.cat([widened(z), widened(_per_head(x, s, p)), _per_head(B, s, n), C, dt]))
+
+        def conv(t: torch.Tensor) -> np.ndarray:  # conv channels x | B | C, x and B per head, x widened
+            x, B, C = t.split([g * p, g * n, h * n])
+            return to_array(torch.cat([widened(_per_head(x, s, p)), _per_head(B, s, n), C]))
+
+        def ssm_out() -> np.ndarray:  # (hidden, h * p) -> (hidden, h * copies * p): the first copy, zeros elsewhere
+            weight = mixer.out_proj.weight.unflatten(1, (h, 1, p))
+            padding = weight.new_zeros(weight.shape[0], h, copies - 1, p)
+            return to_array(torch.cat([weight, padding], dim=2).flatten(1))
+
+        return {
+            "SSM_IN.weight": ssm_in,
+            "SSM_CONV1D.weight": lambda: conv(mixer.conv1d.weight[:, 0]),  # (channels, kernel)
+            "SSM_CONV1D.bias": lambda: conv(mixer.conv1d.bias),
+            "SSM_DT.bias": lambda: to_array(mixer.dt_bias),
+            "SSM_A": lambda: to_array(-torch.exp(mixer.A_log.float()))[:, None],  # A = -exp(A_log), (h, 1)
+            "SSM_D": lambda: to_array(mixer.D)[:, None],
+            "SSM_NORM.weight": lambda: to_array(widened(mixer.norm.weight)).reshape(h, copies * p),  # (groups, size)
+            "SSM_OUT.weight": ssm_out,
+        }
+
+
+def _per_head(t: torch.Tensor, settings: Mamba2MixerConfig, size: int) -> torch.Tensor:
+    """Rows kept per group, (groups * size, ...), repeated for every head of the group -> (heads * size, ...)."""
+    repeat = settings.num_heads // settings.num_groups
+    return t.unflatten(0, (settings.num_groups, size)).repeat_interleave(repeat, dim=0).flatten(0, 1)
+
+
+def mamba2_copies(config) -> int:
+    """How many copies of each SSM head fill llama.cpp's `ssm.inner_size = 2 x hidden` (see the module docstring).
+
+    Raises:
+        `UnsupportedModelError`: 2 x hidden is not a whole multiple of heads x head_dim (e.g. after pruning the width
+            or the SSM head size), so no exact widening exists.
+    """
+    s = Mamba2MixerConfig.from_hybrid_config(config)
+    inner = s.num_heads * s.head_dim
+    if (2 * config.hidden_size) % inner:
+        raise UnsupportedModelError(
+            f"llama.cpp's granitehybrid needs a Mamba2 inner size of 2 x hidden = {2 * config.hidden_size}, and this "
+            f"model's {s.num_heads} heads x {s.head_dim} channels = {inner} do not divide it, so the heads cannot be "
+            "widened exactly; export before pruning the width or the SSM heads, or keep the PyTorch format"
+        )
+    return 2 * config.hidden_size // inner
+
+
+__all__ = ["Mamba2Surgery", "mamba2_copies"]

@@ -15,7 +15,7 @@ from hybridize.configs import ExportConfig
 from hybridize.convert import ConvertConfig, convert
 from hybridize.errors import ConfigError, DependencyError, OutputExistsError, UnsupportedModelError
 from hybridize.llamacpp import export_gguf, tokenizer_origin
-from hybridize.llamacpp.tensors import mamba2_copies
+from hybridize.surgery.mamba2 import mamba2_copies
 
 GGUF = ExportConfig(to="gguf")
 
