@@ -1,0 +1,205 @@
+"""Attention -> Gated DeltaNet initialisation (Gated DeltaNet, arXiv 2412.06464): q, k, v and o (and their biases)
+are the source attention's, unchanged; the decay (a_proj, A_log, dt_bias), the write strength (b_proj), the output
+gate (g_proj) and the conv are new, chosen so that the layer starts as a normalised linear-attention reading of the
+source's q, k, v with one fixed memory horizon per head, and training learns the rest:
+
+- **Conv: a scaled delta** (every tap 0 but the last, `CONV_TAP`). q, k and v pass the conv unchanged up to the
+  tap, and SiLU(0.1 x) is within a few % of 0.05 x, so the features start nearly linear in the source's q, k, v
+  instead of SiLU clipping their negative parts (which no readout undoes; the same measurement as Mamba2's
+  `linearize_features`). The tap's scale costs nothing: q and k are L2-normalised after the SiLU, and the output is
+  RMS-normalised per head, which removes v's scale (the delta rule is linear in v).
+- **Decay: constant per head** (a_proj zero, A = 1, dt_bias = softplus^-1(ln 2 / half-life)), the half-lives
+  `HALF_LIVES_RANGE` spread geometrically over the heads and dealt out across the KV groups, so every group has short,
+  middle and long memories. A data-dependent decay starts from a known horizon instead of from a random projection.
+- **Beta: 1/2 everywhere** (b_proj zero: sigmoid(0)), the paper's starting write strength, between a linear
+  attention (beta -> 0, nothing overwritten) and a hard overwrite of the key's slot (beta = 1).
+- **Output gate: PyTorch's Linear default**, drawn from the conversion's generator. No data-free choice makes
+  SiLU(g_proj(x)) constant without a bias (fla's layer has none); `calibrate_gdn` sets it from calibration text to
+  the inputs' mean direction, as Mamba2's `fit_gate`.
+
+`mixer_init="random"` draws q, k, v and o like nn.Linear's default instead of copying them (the ablation that measures
+what the reuse is worth); everything else is initialised the same way. `calibrate_gdn` (for `mixer_init="calibrated"`,
+before `convert.calibrated` refits o_proj) fits the gate and chooses each head's half-life on calibration text.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from ..modeling import HybridConfig
+from ..modeling.gdn import GatedDeltaNetMixer
+from .calibrated import heldout_blocks, mixer_features
+
+CONV_TAP = 0.1  # the delta conv's last tap: SiLU(0.1 x) is nearly linear in x
+HALF_LIVES_RANGE = (2.0, 512.0)  # tokens: the shortest and longest memory of the converted heads' decays
+HALF_LIVES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)  # tokens: the candidates `calibrate_gdn` chooses among
+DECAY_BLOCKS = 4  # calibration blocks the decays are chosen on (every fourth of them held out)
+DECAY_RIDGE = (1e-3, 1e-1)  # per-head ridge strengths, as fractions of the mean diagonal of ZᵀZ
+GATE_MEAN = 2.0  # the mean-direction gate's average pre-activation: SiLU(2) = 1.76, well inside its near-linear arm
+MIN_POSITIVE = 0.99  # the mean-direction gate is used only when this fraction of inputs opens it
+
+
+def _softplus_inverse(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+def head_half_lives(num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """(num_heads,) half-lives in tokens, geometric over `HALF_LIVES_RANGE`, dealt out so that the heads of each KV
+    group get every num_kv_heads-th of them: group j's i-th head has the (i · num_kv_heads + j)-th shortest."""
+    low, high = HALF_LIVES_RANGE
+    ranks = torch.arange(num_heads, dtype=torch.float64)
+    sorted_lives = low * (high / low) ** (ranks / max(num_heads - 1, 1))
+    r = num_heads // num_kv_heads
+    head = torch.arange(num_heads)
+    rank = (head % r) * num_kv_heads + head // r  # head h is the (h % r)-th of group h // r
+    return sorted_lives[rank]
+
+
+@torch.no_grad()
+def set_half_lives(mixer: GatedDeltaNetMixer, half_lives: torch.Tensor) -> None:
+    """A constant decay per head: alpha = 2^(-1 / half-life) (a_proj zero, A = 1, dt = ln 2 / half-life)."""
+    mixer.a_proj.weight.zero_()
+    mixer.A_log.zero_()
+    dt = math.log(2) / half_lives.double()
+    mixer.dt_bias.copy_(_softplus_inverse(dt).to(mixer.dt_bias.dtype))
+
+
+@torch.no_grad()
+def init_gdn_from_attention(
+    attn: nn.Module, config: HybridConfig, layer_idx: int, convert_config, generator: torch.Generator
+) -> GatedDeltaNetMixer:
+    """A new `GatedDeltaNetMixer` for layer `layer_idx` whose q/k/v/o (and biases) are those of the attention module
+    `attn`, its new parameters set as the module docstring says; `attn` is not modified.
+
+    Args:
+        attn (`nn.Module`): the source attention, with `q_proj`, `k_proj`, `v_proj` and `o_proj`.
+        config (`HybridConfig`): the hybrid's config (`mixers["gdn"]` sizes the mixer).
+        layer_idx (`int`): the layer.
+        convert_config: the `ConvertConfig`; `mixer_init` (`"random"`: q/k/v/o drawn fresh) and `seed` are read.
+        generator (`torch.Generator`): draws the output gate.
+
+    Returns:
+        `GatedDeltaNetMixer`: the new mixer, in `attn`'s dtype.
+    """
+    mixer = GatedDeltaNetMixer(config, layer_idx).to(attn.q_proj.weight.dtype)
+    s = mixer.settings
+    if attn.q_proj.weight.shape != mixer.q_proj.weight.shape or attn.k_proj.weight.shape != mixer.k_proj.weight.shape:
+        raise ValueError(
+            f"attention initialisation needs the attention's sizes: q {tuple(attn.q_proj.weight.shape)}, k "
+            f"{tuple(attn.k_proj.weight.shape)} against the gdn settings' {s.num_heads}, {s.num_kv_heads} heads of "
+            f"{s.head_dim}"
+        )
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if getattr(convert_config, "mixer_init", None) == "random":
+        # a generator of their own, so every other parameter equals the attention-initialised conversion's
+        own = torch.Generator().manual_seed(getattr(convert_config, "seed", 0) * 1_000 + layer_idx)
+        for name in names:
+            linear = getattr(mixer, name)
+            bound = 1 / math.sqrt(linear.in_features)
+            linear.weight.copy_(
+                torch.empty_like(linear.weight, dtype=torch.float32).uniform_(-bound, bound, generator=own)
+            )
+            if linear.bias is not None:
+                linear.bias.zero_()
+    else:
+        for name in names:  # the source attention's projections, biases included (Qwen2)
+            getattr(mixer, name).load_state_dict(getattr(attn, name).state_dict())
+
+    # Conv: a scaled delta, so q, k and v enter SiLU nearly linearly
+    mixer.conv1d.weight.zero_()
+    mixer.conv1d.weight[:, 0, -1] = CONV_TAP
+    # Decay constant per head; beta = 1/2; norm weight 1
+    set_half_lives(mixer, head_half_lives(s.num_heads, s.num_kv_heads))
+    mixer.b_proj.weight.zero_()
+    mixer.norm.weight.fill_(1.0)
+    # Output gate: nn.Linear's default, from our generator so a seed reproduces it
+    bound = 1 / math.sqrt(config.hidden_size)
+    gate = torch.empty(mixer.g_proj.weight.shape).uniform_(-bound, bound, generator=generator)
+    mixer.g_proj.weight.copy_(gate)
+    return mixer
+
+
+@torch.no_grad()
+def fit_gate(mixer: GatedDeltaNetMixer, inputs: list[torch.Tensor]) -> dict:
+    """Set every row of `g_proj` to the mean direction m of the mixer's inputs, scaled so that g averages `GATE_MEAN`:
+    SiLU(g) is then one positive number per token, the same for every channel, instead of a random sign per channel
+    that no readout undoes (Mamba2's `fit_gate`; here the norm comes before the gate, so that number scales the
+    token's output instead of cancelling). Needs g > 0, i.e. inputs on the mean's side."""
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs]).double()
+    mean = x.mean(0)
+    positive = float((x @ mean > 0).double().mean())
+    if positive < MIN_POSITIVE:
+        return {"gate": "random", "gate_positive": round(positive, 4)}
+    weight = mixer.g_proj.weight
+    weight.copy_((GATE_MEAN * mean / mean.dot(mean)).to(weight.dtype).expand_as(weight))
+    return {"gate": "mean", "gate_positive": round(positive, 4)}
+
+
+@torch.no_grad()
+def fit_decay(
+    mixer: GatedDeltaNetMixer, inputs: list[torch.Tensor], head_outputs: list[torch.Tensor], position_embeddings
+) -> dict:
+    """Give each head the constant decay, among `HALF_LIVES`, whose features best explain its attention head's output.
+
+    Each candidate is scored per head by the held-out R² of a ridge readout from the head's features (its slice of
+    the o_proj input) to its attention head's output (the source's o_proj input); the per-head state and RMSNorm make
+    a head's features independent of the other heads' decays, so all heads are scored at once per candidate.
+
+    Args:
+        inputs: per calibration block, the mixer's input (1, l, hidden).
+        head_outputs: per block, the source attention's per-head outputs before o_proj (1, l, heads · head_dim).
+    """
+    s = mixer.settings
+    h, d = s.num_heads, s.head_dim
+    inputs, head_outputs = inputs[:DECAY_BLOCKS], head_outputs[:DECAY_BLOCKS]
+    heldout = heldout_blocks(len(inputs)) if len(inputs) > 1 else [True]
+    scores = []
+    for half_life in HALF_LIVES:
+        set_half_lives(mixer, torch.full((h,), float(half_life)))
+        sums = {split: [0.0, 0.0, 0.0] for split in (False, True)}  # ZᵀZ, ZᵀY, YᵀY per head
+        for x, y, held in zip(inputs, head_outputs, heldout):
+            z = mixer_features(mixer, x, position_embeddings).reshape(-1, h, d).transpose(0, 1).double()
+            y = y.reshape(-1, h, d).transpose(0, 1).double()
+            acc = sums[held]
+            acc[0] = acc[0] + z.transpose(1, 2) @ z
+            acc[1] = acc[1] + z.transpose(1, 2) @ y
+            acc[2] = acc[2] + (y * y).sum((1, 2))
+        train, held = sums[False] if not all(heldout) else sums[True], sums[True]
+        scale = train[0].diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)[:, None, None]
+        eye = torch.eye(d, dtype=torch.float64, device=train[0].device)
+        r2 = None
+        for ridge in DECAY_RIDGE:
+            w = torch.linalg.solve(train[0] + ridge * scale * eye, train[1])
+            sse = held[2] - 2 * (w * held[1]).sum((1, 2)) + (w * (held[0] @ w)).sum((1, 2))
+            fit = 1 - sse / held[2].clamp(min=1e-30)
+            r2 = fit if r2 is None else torch.maximum(r2, fit)
+        scores.append(r2)
+    scores = torch.stack(scores)  # (candidates, heads)
+    half_lives = torch.tensor(HALF_LIVES, dtype=torch.float64)[scores.argmax(0).cpu()]
+    set_half_lives(mixer, half_lives)
+    return {"half_lives": [int(t) for t in half_lives], "decay_r2": [round(float(r), 3) for r in scores.max(0).values]}
+
+
+def calibrate_gdn(
+    mixer: GatedDeltaNetMixer, inputs: list[torch.Tensor], head_outputs: list[torch.Tensor], position_embeddings
+) -> dict:
+    """What a Gated DeltaNet mixer fits on calibration text before its readout (`registry.Initializer.calibrate`), in
+    order: the output gate (`fit_gate`), then each head's decay (`fit_decay`, on the fitted gate); returns their
+    report."""
+    report = fit_gate(mixer, inputs)
+    report.update(fit_decay(mixer, inputs, head_outputs, position_embeddings))
+    return report
+
+
+__all__ = [
+    "CONV_TAP",
+    "HALF_LIVES",
+    "HALF_LIVES_RANGE",
+    "calibrate_gdn",
+    "fit_decay",
+    "fit_gate",
+    "head_half_lives",
+    "init_gdn_from_attention",
+    "set_half_lives",
+]
