@@ -37,6 +37,7 @@ from .base import (
     to_array,
     top,
     top_per_group,
+    unregister_surgery,
 )
 
 __all__ = [
@@ -60,4 +61,5 @@ __all__ = [
     "to_array",
     "top",
     "top_per_group",
+    "unregister_surgery",
 ]

@@ -202,6 +202,14 @@ def register_surgery(
     return register
 
 
+def unregister_surgery(*mixer_classes: type) -> None:
+    """Remove the handlers of `mixer_classes` (`hybridize.unregister_mixer` calls it for a mixer it removes)."""
+    for mixer_class in mixer_classes:
+        _HANDLERS.pop(mixer_class, None)
+        _OPERATIONS.pop(mixer_class, None)
+        _REASONS.pop(mixer_class, None)
+
+
 def handlers() -> list[MixerSurgery]:
     """Every registered handler once, in registration order."""
     return list(dict.fromkeys(_HANDLERS.values()))
@@ -345,4 +353,5 @@ __all__ = [
     "to_array",
     "top",
     "top_per_group",
+    "unregister_surgery",
 ]
