@@ -15,11 +15,11 @@ repeated to the r heads of their group (as GQA repeats keys and values, and as o
 alpha and beta per query head. Sharing one state per group would hold r times less, but every head of a group would
 then have the same decay and write strength, read differently only by q; per-head states let each head keep its own
 memory horizon (the decay a calibration chooses per head), at r times the state (SmolLM2-135M: 9 x 64 x 64 floats a
-layer, 147 KB in float32). Production GDN hybrids do the same: Qwen3-Next keeps one state per value head, more of
-them than key heads, with the keys repeated.
+layer, 147 KB in float32). Production GDN hybrids do the same: Qwen3-Next keeps one state per value head, twice as many
+as its query and key heads, which are repeated to them.
 
-`gdn_ref` (token by token: the definition as written above), `gdn_chunked` (the WY / UT-transform chunked form of the
-paper §3.3, for prefill and training) and `gdn_step` (one decode token, in place) compute one function and are tested
+`gdn_ref` (token by token: the definition as written above), `gdn_chunked` (the paper's chunkwise WY / UT-transform
+form, for prefill and training) and `gdn_step` (one decode token, in place) compute one function and are tested
 equal.
 """
 
@@ -112,8 +112,9 @@ def gdn_ref(q, k, v, g, beta, state=None):
 
 
 def gdn_chunked(q, k, v, g, beta, state=None, *, chunk_size=64):
-    """Same inputs and outputs as `gdn_ref`, chunk by chunk (paper §3.3: the WY representation of the products of
-    Householder-like factors, computed with the UT transform).
+    """Same inputs and outputs as `gdn_ref`, chunk by chunk: the paper's chunkwise form, i.e. DeltaNet's WY
+    representation of the products of Householder-like factors computed with the UT transform (Yang et al., arXiv
+    2406.06484), with the decays folded in.
 
     Inside a chunk, with G_t = g_1 + ... + g_t (cumulated from the chunk's start) and S_0 the state entering it, the
     state is S_t = e^{G_t} S_0 + sum_{s <= t} e^{G_t - G_s} u_s k_s^T, where the "pseudo-values"
@@ -123,8 +124,9 @@ def gdn_chunked(q, k, v, g, beta, state=None, *, chunk_size=64):
 
     i.e. U = T (beta V) - T (beta e^G K) S_0^T with T = (I + A)^{-1} (the UT transform). Then
     O = e^G Q S_0^T + (Q K^T o Gamma) U with Gamma_ts = e^{G_t - G_s} (s <= t), and the next chunk starts from
-    e^{G_C} S_0 + U^T (e^{G_C - G} K). Only the last two steps run chunk after chunk; everything else is batched over
-    all chunks. Every exponent is <= 0: nothing overflows.
+    e^{G_C} S_0 + U^T (e^{G_C - G} K). Only what involves S_0 (U's correction, the outputs' reading of it, the next
+    state: four (T x d) by (d x d) products) runs chunk after chunk; everything else is batched over all chunks. Every
+    exponent is <= 0: nothing overflows.
     """
     b, l, h, d_k = k.shape
     d_v = v.shape[-1]
@@ -172,10 +174,11 @@ def gdn_step(state, q, k, v, g, beta):
 
     q, k (b, h, d_k), v (b, h, d_v), g and beta (b, h) -> o (b, h, d_v).
     """
+    # products with one vector as multiply-and-sum: a batched matrix-vector product is several times slower on CPU
     state.mul_(g.exp()[..., None, None])
-    delta = beta[..., None] * (v - (state @ k[..., None])[..., 0])  # (b, h, d_v)
-    state.add_(delta[..., :, None] * k[..., None, :])
-    return (state @ q[..., None])[..., 0]
+    delta = beta[..., None] * (v - (state * k[..., None, :]).sum(-1))  # (b, h, d_v)
+    state.addcmul_(delta[..., :, None], k[..., None, :])
+    return (state * q[..., None, :]).sum(-1)
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -303,25 +306,24 @@ class GatedDeltaNetMixer(Mixer):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1
         self.norm.weight.fill_(1.0)
 
-    def _features(self, hidden_states, attention_mask, conv_state):
-        """Projections, conv and gates of hidden_states (b, l, hidden): q, k, v repeated to the heads (b, l, h, d) in
-        the scan dtype, q normalised and scaled, k normalised; g and beta (b, l, h); the gate (b, l, h, d); the conv
-        inputs (b, channels, l) and the new conv state. Padded positions get k = v = 0 and g = 0 (alpha = 1): they
-        leave the state as it was."""
+    def _project(self, hidden_states, attention_mask):
+        """hidden_states (b, l, hidden) -> the conv inputs q|k|v (b, l, channels), zero at padded positions (after the
+        projections, so that a q/k/v bias (Qwen2) of a padded position does not enter the conv either)."""
+        qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
+        if attention_mask is not None:
+            qkv = qkv * attention_mask[:, -qkv.shape[1] :, None].to(qkv.dtype)
+        return qkv
+
+    def _heads(self, hidden_states, qkv, attention_mask):
+        """The conv outputs qkv (b, l, channels) and the inputs hidden_states (b, l, hidden) -> q, k, v repeated to
+        the heads (b, l, h, d) in the scan dtype (float32 at least), q normalised and scaled, k normalised; g and
+        beta (b, l, h); the gate (b, l, h, d). Padded positions get k = v = 0 and g = 0 (alpha = 1): they leave the
+        state as it was."""
         s = self.settings
         b, l, _ = hidden_states.shape
         h, kv, d = s.num_heads, s.num_kv_heads, s.head_dim
-        mask = None if attention_mask is None else attention_mask[:, -l:, None].to(hidden_states.dtype)
-        qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
-        if (
-            mask is not None
-        ):  # after the projections: a q/k/v bias (Qwen2) of a padded position must not enter the conv
-            qkv = qkv * mask
-        conv_inputs = qkv.transpose(1, 2)  # (b, channels, l)
-        qkv, conv_state = causal_conv1d(conv_inputs, self.conv1d.weight, None, conv_state)
-        qkv = F.silu(qkv.transpose(1, 2))
         scan_dtype = torch.promote_types(qkv.dtype, torch.float32)
-        q, k, v = qkv.to(scan_dtype).split([h * d, kv * d, kv * d], -1)
+        q, k, v = F.silu(qkv).to(scan_dtype).split([h * d, kv * d, kv * d], -1)
         # GQA: the keys and values of a group serve its h // g consecutive query heads
         q = l2_normalize(q.view(b, l, h, d)) / math.sqrt(d)
         k = l2_normalize(k.view(b, l, kv, d)).repeat_interleave(h // kv, dim=2)  # (b, l, h, d)
@@ -329,11 +331,17 @@ class GatedDeltaNetMixer(Mixer):
         a = self.a_proj(hidden_states).to(scan_dtype) + self.dt_bias.to(scan_dtype)
         g = -torch.exp(self.A_log.to(scan_dtype)) * F.softplus(a)  # (b, l, h) log decay
         beta = torch.sigmoid(self.b_proj(hidden_states).to(scan_dtype))
-        if mask is not None:
-            k, v = k * mask[..., None].to(scan_dtype), v * mask[..., None].to(scan_dtype)
-            g = g * mask.to(scan_dtype)
-        gate = self.g_proj(hidden_states).view(b, l, h, d)
-        return q, k, v, g, beta, gate, conv_inputs, conv_state
+        if attention_mask is not None:
+            mask = attention_mask[:, -l:, None].to(scan_dtype)  # (b, l, 1)
+            k, v, g = k * mask[..., None], v * mask[..., None], g * mask
+        return q, k, v, g, beta, self.g_proj(hidden_states).view(b, l, h, d)
+
+    def _features(self, hidden_states, attention_mask, conv_state):
+        """`_project`, the causal conv continuing from `conv_state`, `_heads`: q, k, v, g, beta, the gate, the conv
+        inputs (b, channels, l) and the new conv state."""
+        conv_inputs = self._project(hidden_states, attention_mask).transpose(1, 2)  # (b, channels, l)
+        qkv, conv_state = causal_conv1d(conv_inputs, self.conv1d.weight, None, conv_state)
+        return *self._heads(hidden_states, qkv.transpose(1, 2), attention_mask), conv_inputs, conv_state
 
     def _readout(self, o: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """o (b, l, h, d) -> per-head gated RMSNorm -> o_proj -> (b, l, hidden)."""
@@ -370,9 +378,12 @@ class GatedDeltaNetMixer(Mixer):
     def _step(self, hidden_states, attention_mask, layer: GatedDeltaNetCacheLayer) -> torch.Tensor:
         """One decode token (b, 1, hidden) -> (b, 1, hidden), the conv and recurrent states of `layer` updated in
         place (`gdn_step`): O(1) in the length."""
-        conv_state = layer.conv_states[0]
-        q, k, v, g, beta, gate, _, new_conv_state = self._features(hidden_states, attention_mask, conv_state)
-        conv_state.copy_(new_conv_state)
+        # Causal conv: shift the last k inputs left by one in place, append this token, multiply-and-sum the taps
+        conv_state = layer.conv_states[0]  # (b, channels, k)
+        conv_state.copy_(conv_state.roll(-1, dims=-1))
+        conv_state[..., -1] = self._project(hidden_states, attention_mask)[:, 0]
+        qkv = (conv_state * self.conv1d.weight[:, 0]).sum(-1)[:, None]  # (b, 1, channels)
+        q, k, v, g, beta, gate = self._heads(hidden_states, qkv, attention_mask)
         o = gdn_step(layer.recurrent_states[0], q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0])
         return self._readout(o[:, None], gate, hidden_states.dtype)
 
