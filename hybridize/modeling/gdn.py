@@ -197,7 +197,7 @@ class GatedRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """hidden_states and gate (..., head_size) -> (...,  head_size), computed in float32 at least."""
+        """hidden_states and gate (..., head_size) -> (..., head_size), computed in float32 at least."""
         input_dtype = hidden_states.dtype
         dtype = torch.promote_types(input_dtype, torch.float32)
         x = hidden_states.to(dtype)
@@ -350,7 +350,7 @@ class GatedDeltaNetMixer(Mixer):
     def forward(self, hidden_states, *, attention_mask=None, cache=None, **kwargs) -> torch.Tensor:
         """hidden_states (b, l, hidden) -> (b, l, hidden). `attention_mask` is the 2-D padding mask (1 = token)."""
         layer = cache.layers[self.layer_idx] if cache is not None else None
-        if layer is not None and layer.checkpoint is not None:
+        if getattr(layer, "checkpoint", None) is not None:
             return self._verify(hidden_states, attention_mask, layer)  # speculative decoding
         if self._can_step(hidden_states, layer):
             return self._step(hidden_states, attention_mask, layer)
