@@ -1,8 +1,14 @@
-"""Shared fixtures over the tiny models and tokenizers of `tiny.py`, and small text files of random words."""
+"""Shared fixtures over the tiny models and tokenizers of `tiny.py`, small text files of random words, and a saved
+tiny hybrid."""
+
+import shutil
 
 import pytest
+import tiny
 import torch
 from tiny import FAMILIES, CharTokenizer, eos_word_tokenizer, make_tiny, random_paragraphs, random_text
+
+import hybridize
 
 
 @pytest.fixture
@@ -49,6 +55,23 @@ def text_file(tmp_path):
     path = tmp_path / "data" / "words.txt"
     path.parent.mkdir()
     path.write_text(random_paragraphs())
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved_hybrid(tmp_path_factory):
+    """A tiny Llama converted at ratio 0.5 and saved by hybridize with a tokenizer (written once for the module;
+    tests that modify it work on a copy, `hybrid_dir`)."""
+    path = tmp_path_factory.mktemp("hub") / "tiny-mamba50"
+    hybrid = hybridize.convert(make_tiny("llama"), hybridize.ConvertConfig(mixer_init="attention", ratio=0.5))
+    hybridize.save(hybrid, path, tokenizer=tiny.word_tokenizer())
+    return path
+
+
+@pytest.fixture
+def hybrid_dir(saved_hybrid, tmp_path):
+    path = tmp_path / saved_hybrid.name
+    shutil.copytree(saved_hybrid, path)
     return path
 
 

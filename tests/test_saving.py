@@ -1,14 +1,13 @@
-"""Atomic output: nothing at the output path unless the save completed; existing outputs need overwrite."""
+"""Atomic output: nothing at the output path unless the save completed; existing outputs need overwrite (the manifest
+it writes is in tests/test_provenance.py)."""
 
 import os
 
 import pytest
-import torch
 from tiny import make_tiny
 
 import hybridize
 from hybridize.errors import OutputExistsError
-from hybridize.provenance import read_manifest
 from hybridize.saving import atomic_output
 
 
@@ -30,15 +29,6 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path):
     hybridize.save(model, tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "keep.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary siblings left behind
-
-
-def test_manifest_records_steps_and_round_trips(tmp_path):
-    hybrid = hybridize.convert(make_tiny("llama"), hybridize.ConvertConfig(mixer_init="attention", ratio=0.5))
-    hybridize.save(hybrid, tmp_path / "h")
-    manifest = read_manifest(tmp_path / "h")
-    assert [s["step"] for s in manifest["steps"]] == ["convert"]
-    assert manifest["versions"]["torch"] == torch.__version__
-    assert (tmp_path / "h").stat().st_mode & 0o055  # normal directory permissions, not mkdtemp's 0700
 
 
 # --- issue 14: nothing lost, whatever the input, the machine or another writer does ---------------------------------

@@ -254,27 +254,3 @@ def test_calibration_is_causal_under_eager_attention(calibration_text):
         reports = calibrate_readouts(source, hybrid, torch.randint(2, 128, (2, 32)), [0, 2])
         results.append((hybrid.model.layers[2].mixer.out_proj.weight.clone(), reports))
     torch.testing.assert_close(results[0][0], results[1][0])
-
-
-def test_analyze_prints_and_plots_sensitivity_next_to_the_lazy_ratio(calibration_text, tmp_path, monkeypatch):
-    from hybridize.analyze import AnalyzeConfig, analyze, format_analysis, save_analysis
-
-    monkeypatch.setenv("HYBRIDIZE_CACHE", str(tmp_path / "cache"))
-    config = AnalyzeConfig(data=calibration_text, sinks=1, window=8, w_last=4, num_docs=4, seq_len=64, mixer="mamba2")
-    result = analyze(_fragile(2), word_tokenizer(), config)
-    scores = [row["sensitivity_kl"] for row in result["layers"]]
-    assert max(range(4), key=scores.__getitem__) == 2
-    assert 2 not in result["sensitivity_selected"] and len(result["sensitivity_selected"]) == 2
-    table = format_analysis(result)
-    assert "KL alone (mamba2)" in table and "convert --select sensitivity" in table
-    save_analysis(result, tmp_path / "analysis")
-    assert (tmp_path / "analysis" / "lazy_ratio.png").stat().st_size > 0
-    # the same scores as convert --select sensitivity computes (read from the cache it shares)
-    converted = convert(
-        _fragile(2),
-        ConvertConfig(
-            ratio=0.5, select="sensitivity", calibration=calibration_text, calibration_docs=4, calibration_len=64
-        ),
-        tokenizer=word_tokenizer(),
-    )
-    assert converted.hybridize_steps[-1]["metrics"]["converted_layers"] == result["sensitivity_selected"]

@@ -1,13 +1,10 @@
 """LightTransfer on tiny models: lazy ratios against brute-force attention probabilities, the laziest-layer choice,
-`convert --mixer streaming` with each selection, `analyze` (table, JSON, PNG, the short-document warning)."""
-
-import json
+`convert --mixer streaming` with each selection (`analyze` is in tests/test_analyze.py)."""
 
 import pytest
 import torch
 from tiny import make_tiny, word_tokenizer
 
-from hybridize.analyze import AnalyzeConfig, analyze, format_analysis, save_analysis
 from hybridize.convert import ConvertConfig, convert
 from hybridize.convert.lazy import laziest_layers, lazy_frequency, measure_lazy_ratios
 from hybridize.convert.selection import random_layers
@@ -124,22 +121,3 @@ def test_selection_errors(tiny_llama):
         )
     with pytest.raises(ConfigError, match="bad streaming settings"):
         convert(tiny_llama, ConvertConfig(mixer_init="attention", mixer="streaming", mixer_settings={"window": 0}))
-
-
-def test_analyze_writes_table_json_and_plot(tiny_llama, tmp_path):
-    config = AnalyzeConfig(sinks=2, window=16, w_last=8, num_docs=2, seq_len=64)
-    result = analyze(tiny_llama, word_tokenizer(), config)
-    assert [row["layer"] for row in result["layers"]] == [0, 1, 2, 3] and len(result["selected"]) == 2
-    assert not result["warnings"] and all(0 < row["lazy_ratio"] < 1 for row in result["layers"])
-    table = format_analysis(result)
-    assert "lazy ratio" in table and "warning" not in table
-    save_analysis(result, tmp_path / "a")
-    assert json.loads((tmp_path / "a" / "lazy_ratio.json").read_text())["selected"] == result["selected"]
-    assert (tmp_path / "a" / "lazy_ratio.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_analyze_says_short_documents_rank_nothing(tiny_llama):
-    result = analyze(tiny_llama, word_tokenizer(), AnalyzeConfig(sinks=4, window=60, num_docs=1, seq_len=64))
-    assert all(row["lazy_ratio"] == 1.0 for row in result["layers"])
-    assert "every lazy ratio is 1" in result["warnings"][0]
-    assert "warning: the calibration documents have 64 tokens" in format_analysis(result)
