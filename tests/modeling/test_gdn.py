@@ -69,6 +69,18 @@ def test_chunked_and_step_equal_the_reference(dtype, length, chunk_size, with_st
     torch.testing.assert_close(stepped, s_ref, **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("length", [1, 63, 64, 193])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_float32_chunked_is_within_1e5_of_the_float64_reference(length, with_state):
+    """The default chunk (64) at lengths 1, chunk - 1, chunk and 3 chunks + 1: absolute error below 1e-5."""
+    inputs = _inputs(length, torch.float64, d=16)
+    state = inputs[-1] if with_state else None
+    o_ref, s_ref = gdn_ref(*inputs[:-1], state)
+    o, s = gdn_chunked(*(t.float() for t in inputs[:-1]), None if state is None else state.float())
+    torch.testing.assert_close(o.double(), o_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(s.double(), s_ref, rtol=0, atol=1e-5)
+
+
 def test_chunked_prefill_then_steps_equal_one_chunked_pass():
     q, k, v, g, beta, _ = _inputs(2 * CHUNK + 3, torch.float64)
     o_full, s_full = gdn_chunked(q, k, v, g, beta, chunk_size=CHUNK)
