@@ -4,7 +4,6 @@ errors a user can hit."""
 
 import copy
 import dataclasses
-import importlib
 import json
 
 import pytest
@@ -15,20 +14,10 @@ from tiny import TINY, make_tiny, run_cli, word_tokenizer
 
 from hybridize import save
 from hybridize.errors import ConfigError
-from hybridize.generate import (
-    GenerateConfig,
-    PromptLookupDraft,
-    _accept,
-    _Decoder,
-    _probs,
-    _Rows,
-    compare_generate,
-    early_exit_draft,
-    generate,
-)
+from hybridize.generate import GenerateConfig, PromptLookupDraft, compare_generate, early_exit_draft, generate
+from hybridize.generate import speculative as speculative_module
+from hybridize.generate.speculative import _accept, _Decoder, _probs, _Rows
 from hybridize.modeling import MIXERS, HybridConfig, HybridForCausalLM
-
-generate_module = importlib.import_module("hybridize.generate")  # the module: `hybridize.generate` is the function
 
 # Small windows and chunks, so that 30 new tokens cross chunks, evict from streaming caches and fill NHA slots
 MIXER_SETTINGS = {
@@ -216,7 +205,7 @@ def test_models_without_a_known_head_verify_all_rows(monkeypatch):
     model = _hybrid("mamba2", dtype=torch.float32)
     prompt = torch.randint(3, 128, (1, 9))
     expected = model.generate(prompt, max_new_tokens=20, do_sample=False)[0, 9:].tolist()
-    monkeypatch.setattr(generate_module, "_HEAD_ONLY", ())
+    monkeypatch.setattr(speculative_module, "_HEAD_ONLY", ())
     result = generate(
         model, word_tokenizer(eos="w2"), prompt[0].tolist(), GenerateConfig(max_new_tokens=20), draft=model
     )

@@ -12,7 +12,9 @@ import torch
 
 from ..configs.generate import GenerateConfig
 from ..errors import ConfigError
-from ..generate import GenerateResult, _pick, _prompt_ids, _TextStream
+from ..generate.result import GenerateResult
+from ..generate.speculative import _pick
+from ..generate.text import _prompt_ids, _TextStream
 from .runtime import LlamaCppTokenizer, clear, last_logits, load_gguf, require_llama_cpp
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import NHA_SETTINGS, TOLERANCES, count_steps, decode_one_by_one, tiny_hybrid
 
-from hybridize.generate import _Decoder
+from hybridize.generate.speculative import _Decoder
 from hybridize.modeling.nha import NHACacheLayer, NHAMixer
 
 # Slots and window, slots only, a one-token window with the paper's unmasked empty slots

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny import TINY, TOLERANCES, count_steps, decode_one_by_one
 
-from hybridize.generate import _Decoder
+from hybridize.generate.speculative import _Decoder
 from hybridize.modeling import HybridConfig, HybridForCausalLM
 from hybridize.modeling.streaming import StreamingCacheLayer, StreamingMixer
 
