@@ -282,7 +282,6 @@ def save(model, output: str | Path, *, tokenizer=None, overwrite: bool = False, 
         be written, or its device lacks the space.
     """
     from .modeling.layout import standard_layout
-    from .remote_code import ship_mixer_code
 
     output = Path(output)
     needed = model_bytes(model)
@@ -290,12 +289,44 @@ def save(model, output: str | Path, *, tokenizer=None, overwrite: bool = False, 
         check_space(output.parent, needed, f"the model ({output})")
         with standard_layout(model):  # weights transposed for decoding are written in the standard layout
             model.save_pretrained(tmp)
-        if isinstance(getattr(model.config, "mixer_types", None), list):  # a hybrid: its outside mixers' code too
-            ship_mixer_code(model.config.mixer_types, tmp)
-        if tokenizer is not None:
-            copy_tokenizer(tokenizer, tmp)
-        write_manifest(model, tmp)
+        _write_beside_weights(model, tmp, tokenizer)
     return output
+
+
+def _write_beside_weights(model, directory: Path, tokenizer) -> None:
+    """What `save` writes after transformers' files: outside mixers' code, the tokenizer and `hybridize.json`."""
+    from .remote_code import ship_mixer_code
+
+    if isinstance(getattr(model.config, "mixer_types", None), list):  # a hybrid: its outside mixers' code too
+        ship_mixer_code(model.config.mixer_types, directory)
+    if tokenizer is not None:
+        copy_tokenizer(tokenizer, directory)
+    write_manifest(model, directory)
+
+
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
+def save_without_weights(model, directory: str | Path, *, tokenizer=None) -> None:
+    """Write into `directory` every file `save` writes except the weights: the config (with `auto_map`), the
+    generation config, the modeling code, the tokenizer and `hybridize.json`. For a caller that writes the weights
+    itself, shard by shard (`hybridize.convert.convert_to_disk`), into a directory it made with `atomic_output`.
+
+    Args:
+        model (`PreTrainedModel`): the model whose files these are; it may be a skeleton on the meta device.
+        directory (`str` or `Path`): an existing directory; weight files already in it are left as they are.
+        tokenizer (*optional*): copied beside the weights.
+    """
+    directory = Path(directory)
+    staging = Path(tempfile.mkdtemp(prefix=".files.", dir=directory))
+    try:  # transformers writes the files (and an empty weight file, left behind in the staging directory)
+        model.save_pretrained(staging, state_dict={})
+        for path in staging.iterdir():
+            if not _WEIGHT_FILE.fullmatch(path.name):
+                os.replace(path, directory / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _write_beside_weights(model, directory, tokenizer)
 
 
 __all__ = [
@@ -308,4 +339,5 @@ __all__ = [
     "model_bytes",
     "remove_stale",
     "save",
+    "save_without_weights",
 ]

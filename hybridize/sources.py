@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from huggingface_hub import snapshot_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -39,7 +41,10 @@ from transformers import (
 from .errors import CheckpointError
 from .families import check_supported
 from .io.paths import looks_like_local_path
+from .io.shards import LazyTensorLoader
 from .provenance import read_manifest
+
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 logger = logging.getLogger(__name__)
 
@@ -336,13 +341,8 @@ def load_source(
     if config.model_type != HYBRID_MODEL_TYPE:
         check_supported(config)
     location = str(_cached_gguf(Path(source.location))) if source.is_gguf else source.location
-    try:  # the tokenizer first: it is cheap, and a missing one should stop us before the weights are read
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(
-            f"cannot load the tokenizer of {source.spec}: {error}; save the tokenizer with the "
-            "model (tokenizer.save_pretrained)"
-        ) from error
+    # the tokenizer first: it is cheap, and a missing one should stop us before the weights are read
+    tokenizer = _load_tokenizer(location, source, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=trust_remote_code)
     except SafetensorError as error:
@@ -355,16 +355,94 @@ def load_source(
     return model, tokenizer
 
 
+def _load_tokenizer(location: str, source: Source, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(
+            f"cannot load the tokenizer of {source.spec}: {error}; save the tokenizer with the "
+            "model (tokenizer.save_pretrained)"
+        ) from error
+
+
+# what `load_lazy` downloads of a Hub model: the weights as safetensors, the configs, the tokenizer
+_HUB_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken")
+
+
+def load_lazy(
+    spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, LazyTensorLoader]:
+    """`load` without reading the weights: the model as a skeleton on the meta device, and a loader that reads its
+    weights tensor by tensor from the checkpoint's safetensors shards (`hybridize.io.shards`).
+
+    The skeleton has what `load` gives the model besides its weights: the config, the generation config,
+    `name_or_path` and the history of steps (`hybridize_steps`). A GGUF file is read from its dequantized cache,
+    written on first use as `load_source` does (that first use materialises the model once); a Hub id is downloaded
+    (safetensors, configs and tokenizer files) into the Hugging Face cache.
+
+    Args:
+        spec (`str`): an alias, a local directory, a `.gguf` file or a Hub id (see `resolve`).
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): the dtype of the skeleton's parameters; the
+            loader returns tensors as stored, so cast what it reads to this dtype.
+        trust_remote_code (`bool`, *optional*, defaults to `False`): whether to run the model's own code.
+
+    Returns:
+        `tuple[PreTrainedModel, PreTrainedTokenizerBase, LazyTensorLoader]`: the skeleton (in eval mode), the
+        tokenizer, and the loader of the weights (keyed as the skeleton's `state_dict`).
+
+    Raises:
+        `CheckpointError`, `UnsupportedModelError`: as `load_source`, before any weight is read.
+
+    Example:
+        ```python
+        >>> model, tokenizer, loader = load_lazy("llama")
+        >>> loader.get_tensor("model.norm.weight").shape
+        torch.Size([576])
+        ```
+    """
+    source = resolve(spec)
+    name = location = source.location
+    if source.kind == "hub":  # read from the download, as from_pretrained does
+        try:
+            location = snapshot_download(spec, allow_patterns=list(_HUB_PATTERNS))
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"cannot download {spec}: {error}") from error
+        _check_model_dir(Path(location))
+        source = Source(kind="dir", location=location, spec=spec)
+    config = _load_config(source, trust_remote_code)
+    if config.model_type != HYBRID_MODEL_TYPE:
+        check_supported(config)
+    if source.is_gguf:
+        name = location = str(_cached_gguf(Path(source.location)))
+        config = _load_config(Source(kind="dir", location=location, spec=spec), trust_remote_code)
+    tokenizer = _load_tokenizer(location, source, trust_remote_code)
+    loader = LazyTensorLoader(location)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    model.name_or_path = name
+    if model.can_generate() and (Path(location) / GENERATION_CONFIG_NAME).is_file():
+        model.generation_config = GenerationConfig.from_pretrained(location)
+    model.hybridize_steps = read_manifest(Path(name))["steps"] if Path(name).is_dir() else []
+    return model, tokenizer, loader
+
+
+def check_finite(tensor: torch.Tensor, name: str, spec: str) -> None:
+    """Refuse a weight with NaN or infinite values (see `_check_finite`), for weights read one at a time."""
+    # in chunks: `isfinite` of a whole tensor makes a float copy of it (the embeddings: 113 MB for SmolLM2)
+    if not all(torch.isfinite(chunk).all() for chunk in tensor.detach().reshape(-1).split(1 << 20)):
+        nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+        raise CheckpointError(
+            f"the weights of {spec} are not finite: {name} holds {nan} NaN and {inf} infinite values of "
+            f"{tensor.numel()}; the checkpoint is corrupt (re-download it, or re-save it from a healthy model)"
+        )
+
+
 def _check_finite(model: PreTrainedModel, spec: str) -> None:
     """A header-valid file can still hold NaN or infinite weights (a failed training run, a bad conversion); every
     output of such a model is garbage, so refuse it here, naming the first bad tensor. One pass over the weights."""
     for name, parameter in model.named_parameters():
-        if not torch.isfinite(parameter).all():
-            nan, inf = int(torch.isnan(parameter).sum()), int(torch.isinf(parameter).sum())
-            raise CheckpointError(
-                f"the weights of {spec} are not finite: {name} holds {nan} NaN and {inf} infinite values of "
-                f"{parameter.numel()}; the checkpoint is corrupt (re-download it, or re-save it from a healthy model)"
-            )
+        check_finite(parameter, name, spec)
 
 
 def load(
@@ -395,4 +473,15 @@ def load(
     return model, tokenizer
 
 
-__all__ = ["ALIASES", "HYBRID_MODEL_TYPE", "PackagedModel", "Source", "load", "load_config", "load_source", "resolve"]
+__all__ = [
+    "ALIASES",
+    "HYBRID_MODEL_TYPE",
+    "PackagedModel",
+    "Source",
+    "check_finite",
+    "load",
+    "load_config",
+    "load_lazy",
+    "load_source",
+    "resolve",
+]

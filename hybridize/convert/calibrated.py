@@ -220,6 +220,77 @@ def calibrate_mixer(
     return {**report, **fit_readout(mixer, inputs, targets, position_embeddings, heldout)}
 
 
+class SequentialReadoutFit:
+    """`calibrate_readouts` one layer at a time, for a caller that holds one layer pair at a time (the lazy
+    `convert_to_disk`): it keeps the calibration blocks' residual streams in the hybrid between calls to `step`.
+
+    Args:
+        embed_tokens (`nn.Module`): the hybrid's token embedding; only used here, so it may be freed afterwards.
+        rotary_emb (`nn.Module`): the hybrid's rotary embedding (`HybridModel.rotary_emb`).
+        blocks (`torch.LongTensor` of shape `(n, l)`): unpadded token blocks of calibration text.
+        layers (`Sequence[int]`): the converted layers whose readouts are fitted.
+        calibrate (`Callable`, *optional*): what the mixers fit before their readout (`registry.Initializer.calibrate`).
+
+    Example:
+        ```python
+        >>> fit = SequentialReadoutFit(hybrid.model.embed_tokens, hybrid.model.rotary_emb, blocks, [1, 3])
+        >>> for i, (src_layer, layer) in enumerate(zip(source.model.layers, hybrid.model.layers)):
+        ...     report = fit.step(i, src_layer, layer)  # a dict for layers 1 and 3, else None
+        ```
+    """
+
+    @torch.no_grad()
+    def __init__(
+        self,
+        embed_tokens: nn.Module,
+        rotary_emb: nn.Module,
+        blocks: torch.Tensor,
+        layers: Sequence[int],
+        *,
+        calibrate: Callable[..., dict] | None = None,
+    ):
+        device = embed_tokens.weight.device
+        blocks = blocks.to(device)
+        self.dtype = embed_tokens.weight.dtype
+        self.h = [embed_tokens(block[None]) for block in blocks]  # the hybrid's residual stream, per block
+        position_ids = torch.arange(blocks.shape[1], device=device)[None]
+        self.position_embeddings = rotary_emb(self.h[0], position_ids=position_ids)
+        self.mask = causal_mask(blocks.shape[1], self.dtype, device)
+        self.heldout = heldout_blocks(len(blocks))
+        self.todo = set(layers)
+        self.calibrate = calibrate
+
+    @property
+    def done(self) -> bool:
+        """Whether every layer has been fitted (later layers need no step)."""
+        return not self.todo
+
+    @torch.no_grad()
+    def step(self, layer_idx: int, source_layer: nn.Module, layer: nn.Module) -> dict | None:
+        """Advance the fit through layer `layer_idx`: fit `layer`'s readout when it is one of the converted layers
+        (its report is returned, else `None`), then run the residual streams through `layer`. Layers must come in
+        order; `source_layer` is the source's decoder layer `layer_idx` (its attention is the target) and `layer` the
+        hybrid's, in eval mode."""
+        report = None
+        if layer_idx in self.todo:
+            pe = self.position_embeddings
+            x = [layer.input_layernorm(hs) for hs in self.h]
+            targets, heads = zip(*(source_attention(source_layer, xs, pe, self.mask) for xs in x))
+            targets = [t.to(self.dtype) for t in targets]
+            heads = [t.to(self.dtype) for t in heads]
+            report = calibrate_mixer(layer.mixer, x, targets, heads, pe, self.heldout, calibrate=self.calibrate)
+            logger.info("layer %d readout: %s", layer_idx, report)
+            self.todo.discard(layer_idx)
+            del x, targets, heads  # before the streams move on: memory holds one layer's activations
+        if not self.todo:  # nothing left to fit: the streams are no longer needed
+            self.h = []
+        for k, hs in enumerate(self.h):  # block by block, each old stream freed as its next one is made
+            self.h[k] = layer(
+                hs, position_embeddings=self.position_embeddings, causal_mask=self.mask, padding_mask=None
+            )
+        return report
+
+
 @torch.no_grad()
 def calibrate_readouts(
     source: nn.Module,
@@ -233,35 +304,24 @@ def calibrate_readouts(
     """Fit the readouts of `hybrid`'s converted `layers` in order (see the module docstring); returns a report per
     layer. `source` is the model `hybrid` was converted from; neither is otherwise changed. `blocks` (n, l) are
     unpadded token blocks of calibration text; `calibrate` is what the mixers fit before their readout
-    (`registry.Initializer.calibrate`)."""
+    (`registry.Initializer.calibrate`). The steps are `SequentialReadoutFit`'s."""
     device = next(source.parameters()).device  # the hybrid visits the source's device while it is calibrated
     home = next(hybrid.parameters()).device
     hybrid.to(device)
-    blocks = blocks.to(device)
-    dtype = hybrid.model.embed_tokens.weight.dtype
-    h = [hybrid.model.embed_tokens(block[None]) for block in blocks]  # the hybrid's residual stream, per block
-    position_ids = torch.arange(blocks.shape[1], device=device)[None]
-    pe = hybrid.model.rotary_emb(h[0], position_ids=position_ids)
-    mask = causal_mask(blocks.shape[1], dtype, device)
-    heldout = heldout_blocks(len(blocks))
-    todo, reports = set(layers), {}
+    reports = {}
     was_training = hybrid.training
     hybrid.eval()
-    bar = tqdm(total=len(todo), desc="calibrate readouts", unit="layer", disable=not progress)
+    bar = tqdm(total=len(set(layers)), desc="calibrate readouts", unit="layer", disable=not progress)
     try:
+        fit = SequentialReadoutFit(
+            hybrid.model.embed_tokens, hybrid.model.rotary_emb, blocks, layers, calibrate=calibrate
+        )
         for i, layer in enumerate(hybrid.model.layers):
-            if not todo:
+            if fit.done:
                 break
-            if i in todo:
-                x = [layer.input_layernorm(hs) for hs in h]
-                targets, heads = zip(*(source_attention(source.model.layers[i], xs, pe, mask) for xs in x))
-                targets = [t.to(dtype) for t in targets]
-                heads = [t.to(dtype) for t in heads]
-                reports[i] = calibrate_mixer(layer.mixer, x, targets, heads, pe, heldout, calibrate=calibrate)
-                logger.info("layer %d readout: %s", i, reports[i])
-                todo.discard(i)
+            if (report := fit.step(i, source.model.layers[i], layer)) is not None:
+                reports[i] = report
                 bar.update()
-            h = [layer(hs, position_embeddings=pe, causal_mask=mask, padding_mask=None) for hs in h]
     finally:
         bar.close()
         hybrid.train(was_training)
@@ -272,6 +332,7 @@ def calibrate_readouts(
 __all__ = [
     "RIDGE_GRID",
     "NormalEquations",
+    "SequentialReadoutFit",
     "calibrate_mixer",
     "calibrate_readouts",
     "causal_mask",
