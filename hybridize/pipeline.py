@@ -11,18 +11,18 @@ steps:
   - export: {to: gguf, outtype: q8_0, output: out/smol-mamba50-q8_0.gguf}
 ```
 
-Each step's options are its config's fields (`ConvertConfig`, `DistillConfig`, ...), plus the few runtime inputs the
-CLI also takes (`teacher`, `baseline`, `output`, a distill step's `eval_every`). The whole recipe is validated before
-anything runs: an unknown key or a bad value is named with its line. The output's `hybridize.json` records which
-recipe steps are done (a hash of the recipe's model and steps, and the step's index), so running the same recipe
-again resumes after the last completed step; the same steps from another model are another recipe.
+Each step's options are its config's fields (`ConvertConfig`, `DistillConfig`, ...), read by `configs.options` as the
+CLI reads them (YAML lists where a field is a tuple), plus the few runtime inputs the CLI also takes (`teacher`,
+`baseline`, `output`, a distill step's `eval_every`). The whole recipe is validated before anything runs: an unknown
+key or a bad value is named with its line. The output's `hybridize.json` records which recipe steps are done (a hash of
+the recipe's model and steps, and the step's index), so running the same recipe again resumes after the last completed
+step; the same steps from another model are another recipe.
 
 Every path a recipe writes (its output, each export's output) is checked before anything runs, like the CLI's `-o`:
 none may overlap a path it reads (the model, a teacher, a baseline, a model to fuse), and an existing one needs
 `--overwrite`. `--overwrite` never deletes anything up front: each write replaces its output atomically when done.
 """
 
-import dataclasses
 import hashlib
 import importlib
 import json
@@ -47,6 +47,7 @@ from .configs import (
     PushConfig,
 )
 from .configs.distill import EVAL_EVERY, RESUME_ADVICE
+from .configs.options import coerce, config_fields
 from .errors import ConfigError, HybridizeError, OutputExistsError
 from .provenance import append_step, read_manifest, record_step
 from .saving import check_output, save
@@ -121,12 +122,12 @@ def _distill(state: _State, config: DistillConfig, runtime: dict) -> None:
 
 def _eval(state: _State, config: EvalConfig, runtime: dict) -> dict:
     baseline = load(runtime["baseline"])[0] if runtime.get("baseline") else None
-    return evaluate(state.model, state.tokenizer, config, baseline=baseline, progress=True)
+    return evaluate(state.model, config, tokenizer=state.tokenizer, baseline=baseline, progress=True)
 
 
 def _bench(state: _State, config: BenchConfig, runtime: dict) -> dict:
     baseline = load(runtime["baseline"])[0] if runtime.get("baseline") else None
-    return bench(state.model, state.tokenizer, config, baseline=baseline, progress=True)
+    return bench(state.model, config, tokenizer=state.tokenizer, baseline=baseline, progress=True)
 
 
 def _prune(state: _State, config: PruneConfig, runtime: dict) -> None:
@@ -213,7 +214,7 @@ class Recipe:
 
 def _build_config(name: str, options: dict, line: int) -> tuple[Any, dict]:
     step = STEPS[name]
-    fields = {f.name: f for f in dataclasses.fields(step.config_class)}
+    fields = config_fields(step.config_class)
     unknown = sorted(set(options) - set(fields) - set(step.runtime))
     if unknown:
         known = sorted(set(fields) | set(step.runtime))
@@ -222,10 +223,7 @@ def _build_config(name: str, options: dict, line: int) -> tuple[Any, dict]:
     if missing:
         raise ConfigError(f"line {line}: step '{name}' needs {missing}")
     runtime = {key: options[key] for key in step.runtime if key in options}
-    values = {key: value for key, value in options.items() if key in fields}
-    for key, value in values.items():  # YAML lists where the config wants tuples
-        if isinstance(value, list):
-            values[key] = tuple(value)
+    values = coerce(step.config_class, {key: value for key, value in options.items() if key in fields})
     try:
         return step.config_class(**values), runtime
     except ConfigError as error:

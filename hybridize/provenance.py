@@ -56,6 +56,17 @@ def append_step(directory: Path, step: str, config: Any, *, metrics: dict | None
         raise
 
 
+def record_eval(directory: Path, config: Any, metrics: dict, *, baseline: str | None = None) -> Path:
+    """Record an evaluation of the saved model in `directory` in its manifest (`append_step`), with the baseline it
+    was compared with. Returns the manifest's path; raises `OSError` when the directory cannot be written (a
+    read-only model, whose results still stand).
+
+    Example: `record_eval(Path("out/smol-mamba50"), EvalConfig(), {"perplexity": 34.2})`
+    """
+    append_step(Path(directory), "eval", config, metrics=metrics, baseline=baseline)
+    return Path(directory) / MANIFEST_NAME
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -73,4 +84,12 @@ def read_manifest(directory: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"steps": []}
 
 
-__all__ = ["MANIFEST_NAME", "append_step", "library_versions", "read_manifest", "record_step", "write_manifest"]
+__all__ = [
+    "MANIFEST_NAME",
+    "append_step",
+    "library_versions",
+    "read_manifest",
+    "record_eval",
+    "record_step",
+    "write_manifest",
+]

@@ -168,7 +168,7 @@ def test_eval_on_a_data_file_after_a_prompt(llama_dir, tmp_path):
     result = json.loads((tmp_path / "r.json").read_text())
     model, tokenizer = hybridize.load(str(llama_dir))
     config = EvalConfig(data=str(data), seq_len=32, max_tokens=64, prompt_len=8)
-    assert result == {**hybridize.evaluate(model, tokenizer, config), "data": str(data)}
+    assert result == {**hybridize.evaluate(model, config, tokenizer=tokenizer), "data": str(data)}
     assert result["prompt_len"] == 8 and result["num_blocks"] == 2
 
 
@@ -477,3 +477,152 @@ def test_bench_dtype_and_decode_layout(llama_dir, tmp_path):
     code, out = run_cli("bench", llama_dir, *short, "--no-decode-layout", "--json", tmp_path / "c.json")
     assert code == 0, out
     assert json.loads((tmp_path / "c.json").read_text())["models"]["model"]["decode_layout"] is False
+
+
+# --- issue 17 E: the options are read from the configs ---------------------------------------------------------------
+
+
+def _commands():
+    import typer.main
+
+    from hybridize.cli import app
+
+    return typer.main.get_command(app).commands
+
+
+def test_every_option_maps_to_a_config_field_a_mixer_setting_or_a_declared_extra():
+    """Built from click's command objects: an option added by hand without declaring it fails here, and so does a
+    config field that has no option."""
+    import dataclasses
+
+    from hybridize import cli
+
+    checked = 0
+    for name, command in _commands().items():
+        function = command.callback.__wrapped__ if name != "run" else None
+        while function is not None and not hasattr(function, "config_class"):
+            function = getattr(function, "__wrapped__", None)
+        if name == "run":  # the recipe command has no config of its own
+            assert {p.name for p in command.params} == {"recipe", "overwrite", "check"}
+            continue
+        assert function is not None, name
+        fields = {field.name for field in dataclasses.fields(function.config_class)}
+        params = {p.name for p in command.params}
+        unmapped = params - fields - set(function.settings) - set(function.extras)
+        assert unmapped == set(), (name, unmapped)
+        assert fields <= params, (name, fields - params)  # every field has its option
+        assert set(function.settings) <= set(cli.MIXER_SETTING_FLAGS), name
+        checked += 1
+    assert checked == 11
+
+
+def test_help_shows_each_commands_config_docstring():
+    from hybridize.configs.options import field_help
+
+    texts = {
+        "convert": ("ConvertConfig", "calibration_docs"),
+        "analyze": ("AnalyzeConfig", "w_last"),
+        "export": ("ExportConfig", "to"),
+        "eval": ("EvalConfig", "split"),
+        "bench": ("BenchConfig", "warmup_tokens"),
+        "push": ("PushConfig", "endpoint"),
+        "distill": ("DistillConfig", "kl_reduction"),
+        "prune": ("PruneConfig", "rescale_norms"),
+        "factorize": ("FactorizeConfig", "sensitivity_tokens"),
+        "fuse": ("FuseConfig", "reg"),
+        "generate": ("GenerateConfig", "top_p"),
+    }
+    assert set(texts) == set(_commands()) - {"run"}
+    for command, (config, field) in texts.items():
+        help_text = field_help(getattr(hybridize.configs, config))[field]
+        code, out = run_cli(command, "--help")
+        assert code == 0 and len(help_text) > 10, (command, out)
+        assert "".join(help_text.split()) in "".join(out.split()), (command, field, help_text)  # wrapped anyhow
+
+
+def test_options_that_were_missing_reach_the_config(monkeypatch, tmp_path):
+    """Fields that had no option before (distill's optimiser, prune's search, eval's split, push's endpoint) reach
+    the config each command builds, in the types the config wants."""
+    seen = {}
+
+    def capture(name):
+        def call(*args, **kwargs):
+            seen[name] = next(a for a in (*args, *kwargs.values()) if type(a).__name__.endswith("Config"))
+            raise hybridize.errors.HybridizeError("stop here")
+
+        return call
+
+    import hybridize.compress.prune
+    import hybridize.distill
+    import hybridize.evaluate.perplexity
+    import hybridize.hub  # imported first: importing a submodule later would set its function back
+
+    monkeypatch.setattr(hybridize, "load", lambda *a, **k: (None, None))
+    for name in ("distill", "prune", "evaluate", "push"):
+        monkeypatch.setattr(hybridize, name, capture(name))
+    model = save_tiny(tmp_path / "m")
+    code, out = run_cli(
+        "distill", model, "--teacher", model, "-o", tmp_path / "d", "--betas", "0.8,0.9", "--weight-decay", "0.1",
+        "--kl-reduction", "batchmean", "--mixed-precision", "no", "--heldout-ratio", "0.1", "--min-lr-ratio", "0",
+        "--warmup-ratio", "0.2", "--max-grad-norm", "0.5", "--lora-alpha", "8", "--tokens", "2K",
+    )  # fmt: skip
+    assert code == 1 and "stop here" in out, out
+    config = seen["distill"]
+    assert config.betas == (0.8, 0.9) and config.weight_decay == 0.1 and config.kl_reduction == "batchmean"
+    assert config.mixed_precision == "no" and config.heldout_ratio == 0.1 and config.min_lr_ratio == 0
+    assert (
+        config.warmup_ratio == 0.2 and config.max_grad_norm == 0.5 and config.lora_alpha == 8 and config.tokens == 2000
+    )
+    code, out = run_cli(
+        "prune", model, "--params", "0.8", "--no-rescale-norms", "--score-blocks", "2", "--max-width-pruning", "0.3",
+        "--max-depth-pruning", "0.1", "--num-candidates", "3", "-o", tmp_path / "p",
+    )  # fmt: skip
+    assert code == 1 and "stop here" in out, out
+    config = seen["prune"]
+    assert (config.rescale_norms, config.score_blocks, config.num_candidates) == (False, 2, 3)
+    assert (config.max_width_pruning, config.max_depth_pruning) == (0.3, 0.1)
+    code, out = run_cli("eval", model, "--split", "train", "--tasks", "wiki_ppl, lambada_wiki")
+    assert code == 1 and seen["evaluate"].split == "train", out
+    assert seen["evaluate"].tasks == ("wiki_ppl", "lambada_wiki")
+    code, out = run_cli("push", model, "someone/m", "--endpoint", "http://localhost:1", "--message", "hi")
+    assert code == 1 and seen["push"].endpoint == "http://localhost:1" and seen["push"].commit_message == "hi", out
+    code, out = run_cli("push", model, "someone/m", "--endpoint", "ftp://x")
+    assert code == 1 and "not an http(s) URL" in out
+    code, out = run_cli("distill", model, "--teacher", model, "-o", tmp_path / "d", "--betas", "0.9,x")
+    assert code == 1 and "--betas takes comma-separated numbers, got '0.9,x'" in out
+
+
+def test_recipes_read_values_with_the_same_fields(tmp_path):
+    """A recipe's YAML lists become the tuples the config wants; every field of a step's config is a known key."""
+    from hybridize.configs import DistillConfig
+    from hybridize.configs.options import coerce, config_fields
+    from hybridize.pipeline import parse_recipe
+
+    recipe = parse_recipe(
+        "model: llama\noutput: out\nsteps:\n  - convert: {attn_layers: [3, 1], init_options: {conv_init: random}}\n"
+        "  - distill: {teacher: llama, betas: [0.8, 0.9], kl_reduction: batchmean}\n"
+        "  - bench: {contexts: [16, 32], batch_sizes: [1, 2]}\n"
+    )
+    convert, distill, bench = (step.config for step in recipe.steps)
+    assert convert.attn_layers == (1, 3) and convert.conv_init == "random"
+    assert distill.betas == (0.8, 0.9) and distill.kl_reduction == "batchmean"
+    assert bench.contexts == (16, 32) and bench.batch_sizes == (1, 2)
+    assert list(config_fields(DistillConfig)) == [f.name for f in __import__("dataclasses").fields(DistillConfig)]
+    assert coerce(DistillConfig, {"betas": [0.8, 0.9], "data": "wiki"}) == {"betas": (0.8, 0.9), "data": "wiki"}
+
+
+def test_every_config_field_is_documented_for_its_option():
+    """The option help is the field's text in its class's `Args:` section: every field of every config a command
+    or recipe reads has one, and the section names no field that does not exist."""
+    import dataclasses
+
+    from hybridize.configs.convert import Mamba2InitConfig
+    from hybridize.configs.llamacpp import LlamaCppBenchConfig
+    from hybridize.configs.options import field_help
+
+    for cls in [*(getattr(hybridize.configs, name) for name in hybridize.configs.__all__), LlamaCppBenchConfig,
+                Mamba2InitConfig]:  # fmt: skip
+        helps = field_help(cls)
+        assert set(helps) == {field.name for field in dataclasses.fields(cls)}, cls.__name__
+        assert all(text and "`" not in text and not text.startswith(("(", ":")) for text in helps.values()), helps
+    assert field_help(hybridize.configs.BenchConfig)["batch_sizes"].startswith("Sequences decoded together")
