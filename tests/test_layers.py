@@ -1,4 +1,5 @@
-"""The package's import graph, read from the source: no import cycles, and `modeling/` imports only its siblings.
+"""The package's import graph, read from the source: no import cycles, no import up the layers, and `modeling/`
+imports only its siblings.
 
 Every import counts, also one inside a function or under `TYPE_CHECKING`: an import moved into a function still
 makes a cycle, it only hides it until the function runs. Importing `hybridize.a.b` also runs `hybridize/a/__init__.py`,
@@ -79,3 +80,38 @@ def test_modeling_imports_only_its_siblings():
             elif isinstance(node, ast.Import) and any(alias.name.startswith("hybridize") for alias in node.names):
                 bad.append(f"{path.name}:{node.lineno}")
     assert not bad, f"modeling/ imports from outside modeling/ at {bad}; import a sibling relatively (from .x import)"
+
+
+# The package's layers, lowest first (DESIGN.md, "Layout"): a module imports only modules of its own layer or below.
+# `hybridize/__init__.py`, the public API, is above them all: it re-exports lazily, on attribute access.
+LAYERS = [
+    {"modeling", "errors", "validation", "compat", "fingerprint"},
+    {"configs"},
+    {"io", "families", "provenance", "saving", "sources", "remote_code"},
+    {"surgery"},
+    {"evaluate"},
+    {"convert"},
+    {"mixers", "distill", "compress", "analyze", "export", "generate", "llamacpp", "model_card", "hub"},
+    {"pipeline"},
+    {"cli", "__main__", "evals_tasks"},
+]
+
+
+def _layer(module: str) -> int | None:
+    """The index in `LAYERS` of `hybridize.<room>...`; `None` for the package itself."""
+    room = module.split(".")[1] if "." in module else None
+    if room is None:
+        return None
+    found = [i for i, rooms in enumerate(LAYERS) if room in rooms]
+    assert found, f"{module} is in no layer: add hybridize.{room} to LAYERS (and to DESIGN.md's layout)"
+    return found[0]
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, targets in GRAPH.items()
+        for target in targets
+        if _layer(module) is not None and _layer(target) is not None and _layer(target) > _layer(module)
+    )
+    assert not upward, f"imports that point up the layers: {upward}; move what both need down, or pass it in"
