@@ -5,9 +5,13 @@ source's q, k, v with one fixed memory horizon per head, and training learns the
 
 - **Conv: a scaled delta** (every tap 0 but the last, `CONV_TAP`). q, k and v pass the conv unchanged up to the
   tap, and SiLU(0.1 x) is within a few % of 0.05 x, so the features start nearly linear in the source's q, k, v
-  instead of SiLU clipping their negative parts (which no readout undoes; the same measurement as Mamba2's
-  `linearize_features`). The tap's scale costs nothing: q and k are L2-normalised after the SiLU, and the output is
-  RMS-normalised per head, which removes v's scale (the delta rule is linear in v).
+  instead of SiLU clipping their negative parts (which no readout undoes; Mamba2's `linearize_features` measured
+  the same). The tap's scale costs nothing: q and k are L2-normalised after the SiLU, and the output is
+  RMS-normalised per head, which removes v's scale (the delta rule is linear in v). Measured on SmolLM2-135M
+  (calibrated, attention kept in layers 0-3, 10, 11, 13, 14, 16-20, 23, 24; held-out perplexity on 4,096 tokens,
+  source 35.80): tap 1 gives 62.96 (KL 0.691), 0.1 gives 53.66 (KL 0.530), 0.03 gives 52.95 (KL 0.515). 0.1 is kept,
+  as for Mamba2: the smaller tap gains 1.3% un-distilled but puts v's features nearer the norm's epsilon and further
+  from where training can move them.
 - **Decay: constant per head** (a_proj zero, A = 1, dt_bias = softplus^-1(ln 2 / half-life)), the half-lives
   `HALF_LIVES_RANGE` spread geometrically over the heads and dealt out across the KV groups, so every group has short,
   middle and long memories. A data-dependent decay starts from a known horizon instead of from a random projection.
@@ -15,7 +19,9 @@ source's q, k, v with one fixed memory horizon per head, and training learns the
   attention (beta -> 0, nothing overwritten) and a hard overwrite of the key's slot (beta = 1).
 - **Output gate: PyTorch's Linear default**, drawn from the conversion's generator. No data-free choice makes
   SiLU(g_proj(x)) constant without a bias (fla's layer has none); `calibrate_gdn` sets it from calibration text to
-  the inputs' mean direction, as Mamba2's `fit_gate`.
+  the inputs' mean direction, as Mamba2's `fit_gate`. Uncalibrated, the random gate hides most of what the copy
+  brings: on the layers above, 221.4 with q/k/v/o copied (`mixer_init="attention"`) against 226.0 with them drawn
+  (`"random"`), and 53.66 calibrated (Mamba2 calibrated on the same layers: 54.70).
 
 `mixer_init="random"` draws q, k, v and o like nn.Linear's default instead of copying them (the ablation that measures
 what the reuse is worth); everything else is initialised the same way. `calibrate_gdn` (for `mixer_init="calibrated"`,
