@@ -25,7 +25,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from .errors import OutputError, OutputExistsError
@@ -264,7 +264,15 @@ def copy_tokenizer(tokenizer, directory: Path) -> None:
         tokenizer.save_pretrained(directory)
 
 
-def save(model, output: str | Path, *, tokenizer=None, overwrite: bool = False, inputs: Iterable = ()) -> Path:
+def save(
+    model,
+    output: str | Path,
+    *,
+    tokenizer=None,
+    overwrite: bool = False,
+    inputs: Iterable = (),
+    extras: Mapping[str, Callable[[Path], object]] | None = None,
+) -> Path:
     """Save `model` (safetensors), its tokenizer and `hybridize.json` to `output`, atomically.
 
     Args:
@@ -273,6 +281,10 @@ def save(model, output: str | Path, *, tokenizer=None, overwrite: bool = False, 
         tokenizer (*optional*): copied beside the weights.
         overwrite (`bool`, *optional*, defaults to `False`): replace an existing `output`.
         inputs (*optional*): paths the result was made from, which `output` must not overlap.
+        extras (`Mapping[str, Callable[[Path], object]]`, *optional*): more files of the result, file name -> a
+            function that writes that file at the path it is given (inside the temporary directory, after the
+            weights and `hybridize.json`), so they appear with the rest at the rename (a distillation's metrics log
+            and curve).
 
     Returns:
         `Path`: the output directory.
@@ -290,6 +302,8 @@ def save(model, output: str | Path, *, tokenizer=None, overwrite: bool = False, 
         with standard_layout(model):  # weights transposed for decoding are written in the standard layout
             model.save_pretrained(tmp)
         _write_beside_weights(model, tmp, tokenizer)
+        for name, write in (extras or {}).items():
+            write(tmp / name)
     return output
 
 

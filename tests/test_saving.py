@@ -173,3 +173,16 @@ def test_no_space_says_how_much_is_needed_and_leaves_nothing(mount, monkeypatch,
     with pytest.raises(OutputError, match="no space left"):
         hybridize.save(model, tmp_path / "roomy" / "out")
     assert list((tmp_path / "roomy").iterdir()) == []
+
+
+def test_extras_are_written_inside_the_save_and_a_failing_one_leaves_nothing(tmp_path):
+    model = make_tiny("llama")
+    hybridize.save(model, tmp_path / "m", extras={"notes.txt": lambda path: path.write_text("hello")})
+    assert (tmp_path / "m" / "notes.txt").read_text() == "hello" and (tmp_path / "m" / "hybridize.json").is_file()
+
+    def fail(path):
+        raise RuntimeError("the plot failed")
+
+    with pytest.raises(RuntimeError, match="the plot failed"):
+        hybridize.save(model, tmp_path / "n", extras={"curve.png": fail})
+    assert not (tmp_path / "n").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -354,9 +354,10 @@ def distill(
 def finish(
     model: nn.Module, output: str | Path, *, tokenizer: Any = None, overwrite: bool = False, inputs: Iterable = ()
 ) -> Path | None:
-    """Save a distilled model to `output` (atomically, on the main process only), copy the run's metrics log into it
-    as `distill_metrics.jsonl`, plot its held-out curve over tokens (every distill stage so far) as
-    `distill_curve.png`, and remove the run's work directory (`run_dir_for(output)`).
+    """Save a distilled model to `output` (atomically, on the main process only) with the run's metrics log as
+    `distill_metrics.jsonl` and its held-out curve over tokens (every distill stage so far) as `distill_curve.png`,
+    written inside the save's temporary directory so that they appear with the model, then remove the run's work
+    directory (`run_dir_for(output)`).
 
     Returns:
         `Path` or `None`: `output` on the main process, `None` on the others.
@@ -366,14 +367,15 @@ def finish(
     state = PartialState()
     result = None
     if state.is_main_process:
-        save(model, output, tokenizer=tokenizer, overwrite=overwrite, inputs=inputs)
-        work_dir = run_dir_for(output)
-        if (work_dir / METRICS).is_file():
-            shutil.copyfile(work_dir / METRICS, Path(output) / "distill_metrics.jsonl")
         from .plot import distill_curve, plot_curves  # not at import: `python -m hybridize.distill.plot` runs it
 
-        if distill_curve(getattr(model, "hybridize_steps", [])):
-            plot_curves([output], Path(output) / "distill_curve.png")
+        work_dir = run_dir_for(output)
+        extras = {}
+        if (work_dir / METRICS).is_file():
+            extras["distill_metrics.jsonl"] = lambda path: shutil.copyfile(work_dir / METRICS, path)
+        if distill_curve(getattr(model, "hybridize_steps", [])):  # read from the hybridize.json beside it
+            extras["distill_curve.png"] = lambda path: plot_curves([path.parent], path, labels=[Path(output).name])
+        save(model, output, tokenizer=tokenizer, overwrite=overwrite, inputs=inputs, extras=extras)
         shutil.rmtree(work_dir, ignore_errors=True)
         result = Path(output)
     state.wait_for_everyone()

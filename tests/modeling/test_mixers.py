@@ -12,7 +12,7 @@ from tiny import NHA_SETTINGS, TINY, TOLERANCES, decode_one_by_one, tiny_hybrid
 from transformers import AutoModelForCausalLM
 
 import hybridize
-from hybridize.generate import _rollback_for
+from hybridize.generate.speculative import _rollback_for
 from hybridize.modeling import MIXERS, HybridConfig, HybridForCausalLM, Mixer
 
 # small chunks and windows, so that the tiny lengths below cross chunks and evict from streaming caches
