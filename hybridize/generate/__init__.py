@@ -25,9 +25,6 @@ from .drafts import check_draft, early_exit_draft, load_draft
 from .loop import generate
 from .result import GenerateResult, format_generate
 
-# re-exported for tests/modeling/test_mixers.py and test_gdn.py, which import it from here
-from .speculative import _rollback_for as _rollback_for
-
 __all__ = [
     "GenerateConfig",
     "GenerateResult",

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 import hybridize
 import hybridize.modeling.mixers
 from hybridize.convert.gdn import init_gdn_from_attention
-from hybridize.generate import GenerateConfig, _rollback_for, generate
+from hybridize.generate import GenerateConfig, generate
+from hybridize.generate.speculative import _rollback_for
 from hybridize.modeling import HybridConfig, HybridForCausalLM, RollbackCacheLayer
 from hybridize.modeling.gdn import (
     GatedDeltaNetCacheLayer,
