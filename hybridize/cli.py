@@ -628,16 +628,22 @@ def generate(
     draft_model, draft_tokenizer = load_draft(target, draft, layers=draft_layers, lookup=prompt_lookup)
     if compare:
         result = hybridize.compare_generate(
-            target, tokenizer, prompt, config, draft=draft_model, draft_tokenizer=draft_tokenizer, repeats=repeats
+            target,
+            config,
+            tokenizer=tokenizer,
+            prompt=prompt,
+            draft=draft_model,
+            draft_tokenizer=draft_tokenizer,
+            repeats=repeats,
         )
         typer.echo(result["speculative"]["first_run"]["text"])
         typer.echo(format_compare(result))
     else:
         output = hybridize.generate(
             target,
-            tokenizer,
-            prompt,
             config,
+            tokenizer=tokenizer,
+            prompt=prompt,
             draft=draft_model,
             draft_tokenizer=draft_tokenizer,
             stream=lambda text: typer.echo(text, nl=False),

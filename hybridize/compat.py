@@ -5,9 +5,12 @@ import warnings
 from collections.abc import Callable
 
 
-def config_second(config_class: type) -> Callable[[Callable], Callable]:
-    """Decorator for a measurement `fn(model, config, *, tokenizer, ...)` that used to be `fn(model, tokenizer,
-    config, ...)`: a call in the old order still works, and warns.
+def config_second(
+    config_class: type, old: tuple[str, ...] = ("tokenizer", "config")
+) -> Callable[[Callable], Callable]:
+    """Decorator for a function `fn(model, config, *, tokenizer, ...)` that used to take `old` positionally after the
+    model (`fn(model, tokenizer, config)`; `generate` took `(tokenizer, prompt, config)`): a call in the old order
+    still works, and warns.
 
     Example:
         ```python
@@ -16,19 +19,25 @@ def config_second(config_class: type) -> Callable[[Callable], Callable]:
         >>> evaluate(model, tokenizer, EvalConfig())  # DeprecationWarning; same as evaluate(model, config, tokenizer=...)
         ```
     """
+    position = old.index("config")
 
     def decorate(fn: Callable) -> Callable:
+        keywords = ", ".join(f"{name}={name}" for name in old if name != "config")
+
         @functools.wraps(fn)
         def wrapper(model, *args, **kwargs):
-            if len(args) >= 2 and isinstance(args[1], config_class) and not isinstance(args[0], config_class):
+            if (
+                len(args) > position
+                and isinstance(args[position], config_class)
+                and not isinstance(args[0], config_class)
+            ):
                 warnings.warn(
-                    f"{fn.__name__}(model, tokenizer, config) is deprecated: call "
-                    f"{fn.__name__}(model, config, tokenizer=tokenizer)",
+                    f"{fn.__name__}(model, {', '.join(old)}) is deprecated: call {fn.__name__}(model, config, {keywords})",
                     DeprecationWarning,
                     stacklevel=2,
                 )
-                tokenizer, config, *args = args
-                return fn(model, config, *args, tokenizer=tokenizer, **kwargs)
+                named = dict(zip(old, args))
+                return fn(model, named.pop("config"), *args[len(old) :], **named, **kwargs)
             return fn(model, *args, **kwargs)
 
         return wrapper

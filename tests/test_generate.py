@@ -64,7 +64,7 @@ def test_greedy_speculation_equals_target_greedy(mixer, draft_tokens):
     expected = model.generate(prompt, max_new_tokens=30, do_sample=False)[0, 9:].tolist()
     config = GenerateConfig(max_new_tokens=30, draft_tokens=draft_tokens, adaptive=False, ignore_eos=False)
     for draft in (_noisy_copy(model, 0.05), early_exit_draft(model, 2)):
-        result = generate(model, word_tokenizer(eos="w2"), prompt[0].tolist(), config, draft=draft)
+        result = generate(model, config, tokenizer=word_tokenizer(eos="w2"), prompt=prompt[0].tolist(), draft=draft)
         assert list(result.token_ids) == expected
         assert 0 < result.accepted < result.drafted  # some drafts were accepted, some rolled back
 
@@ -74,7 +74,9 @@ def test_adaptive_draft_length_keeps_greedy_output(mixer):
     prompt = torch.randint(3, 128, (1, 6))
     expected = model.generate(prompt, max_new_tokens=40, do_sample=False)[0, 6:].tolist()
     config = GenerateConfig(max_new_tokens=40, draft_tokens=2, max_draft_tokens=6, adaptive=True)
-    result = generate(model, word_tokenizer(eos="w2"), prompt[0].tolist(), config, draft=_noisy_copy(model, 0.05))
+    result = generate(
+        model, config, tokenizer=word_tokenizer(eos="w2"), prompt=prompt[0].tolist(), draft=_noisy_copy(model, 0.05)
+    )
     assert list(result.token_ids) == expected
     assert len(set(result.draft_tokens)) > 1 and max(result.draft_tokens) <= 6
 
@@ -85,13 +87,21 @@ def test_any_causal_lm_with_the_same_vocabulary_drafts():
     expected = model.generate(prompt, max_new_tokens=20, do_sample=False)[0, 7:].tolist()
     llama = make_tiny("llama")  # a plain transformers model: a DynamicCache, cropped
     result = generate(
-        model, word_tokenizer(eos="w2"), prompt[0].tolist(), GenerateConfig(max_new_tokens=20), draft=llama
+        model,
+        GenerateConfig(max_new_tokens=20),
+        tokenizer=word_tokenizer(eos="w2"),
+        prompt=prompt[0].tolist(),
+        draft=llama,
     )
     assert list(result.token_ids) == expected
     # and a plain transformers target with a hybrid draft
     expected = llama.generate(prompt, max_new_tokens=20, do_sample=False)[0, 7:].tolist()
     result = generate(
-        llama, word_tokenizer(eos="w2"), prompt[0].tolist(), GenerateConfig(max_new_tokens=20), draft=model
+        llama,
+        GenerateConfig(max_new_tokens=20),
+        tokenizer=word_tokenizer(eos="w2"),
+        prompt=prompt[0].tolist(),
+        draft=model,
     )
     assert list(result.token_ids) == expected
 
@@ -207,7 +217,11 @@ def test_models_without_a_known_head_verify_all_rows(monkeypatch):
     expected = model.generate(prompt, max_new_tokens=20, do_sample=False)[0, 9:].tolist()
     monkeypatch.setattr(speculative_module, "_HEAD_ONLY", ())
     result = generate(
-        model, word_tokenizer(eos="w2"), prompt[0].tolist(), GenerateConfig(max_new_tokens=20), draft=model
+        model,
+        GenerateConfig(max_new_tokens=20),
+        tokenizer=word_tokenizer(eos="w2"),
+        prompt=prompt[0].tolist(),
+        draft=model,
     )
     assert list(result.token_ids) == expected and result.accepted == result.drafted > 0
 
@@ -254,9 +268,9 @@ def test_sampled_tokens_follow_the_target_distribution(kind):
     for seed in range(500):
         result = generate(
             model,
-            word_tokenizer(vocab, eos="w2"),
-            prompt,
             dataclasses.replace(config, seed=seed),
+            tokenizer=word_tokenizer(vocab, eos="w2"),
+            prompt=prompt,
             draft=draft if kind == "model" else PromptLookupDraft(),
         )
         counts[0, result.token_ids[1]] += 1
@@ -282,7 +296,11 @@ def test_prompt_lookup_draft():
     prompt = torch.randint(3, 128, (1, 12))
     expected = model.generate(prompt, max_new_tokens=20, do_sample=False)[0, 12:].tolist()
     result = generate(
-        model, word_tokenizer(eos="w2"), prompt[0].tolist(), GenerateConfig(max_new_tokens=20), draft=lookup
+        model,
+        GenerateConfig(max_new_tokens=20),
+        tokenizer=word_tokenizer(eos="w2"),
+        prompt=prompt[0].tolist(),
+        draft=lookup,
     )
     assert list(result.token_ids) == expected
     with pytest.raises(ConfigError, match="min_ngram <= max_ngram"):
@@ -294,17 +312,17 @@ def test_mismatched_vocabulary_is_a_clear_error():
     with pytest.raises(ConfigError, match="draft predicts 64 tokens and the target 128"):
         generate(
             model,
-            word_tokenizer(eos="w2"),
-            [5, 6],
             GenerateConfig(max_new_tokens=4),
+            tokenizer=word_tokenizer(eos="w2"),
+            prompt=[5, 6],
             draft=_hybrid("mamba2", vocab_size=64),
         )
     with pytest.raises(ConfigError, match="draft's tokenizer .* differs"):
         generate(
             model,
-            word_tokenizer(eos="w2"),
-            [5, 6],
             GenerateConfig(),
+            tokenizer=word_tokenizer(eos="w2"),
+            prompt=[5, 6],
             draft=model,
             draft_tokenizer=word_tokenizer(100, eos="w2"),
         )
@@ -313,9 +331,19 @@ def test_mismatched_vocabulary_is_a_clear_error():
 def test_too_many_draft_tokens_for_a_window_is_a_clear_error():
     model = _hybrid("streaming")  # window 8: a round may hold 7 tokens, so K <= 6
     with pytest.raises(ConfigError, match="draft_tokens <= 6"):
-        generate(model, word_tokenizer(eos="w2"), [5, 6], GenerateConfig(draft_tokens=7, adaptive=False), draft=model)
+        generate(
+            model,
+            GenerateConfig(draft_tokens=7, adaptive=False),
+            tokenizer=word_tokenizer(eos="w2"),
+            prompt=[5, 6],
+            draft=model,
+        )
     result = generate(
-        model, word_tokenizer(eos="w2"), [5, 6], GenerateConfig(draft_tokens=7, max_draft_tokens=12), draft=model
+        model,
+        GenerateConfig(draft_tokens=7, max_draft_tokens=12),
+        tokenizer=word_tokenizer(eos="w2"),
+        prompt=[5, 6],
+        draft=model,
     )
     assert max(result.draft_tokens) <= 6
 
@@ -324,12 +352,14 @@ def test_stop_strings_and_streamed_text():
     model = _hybrid("mamba2")
     tokenizer = word_tokenizer(eos="w2")
     prompt = [5, 9, 17]
-    full = generate(model, tokenizer, prompt, GenerateConfig(max_new_tokens=20, ignore_eos=True))
+    full = generate(model, GenerateConfig(max_new_tokens=20, ignore_eos=True), tokenizer=tokenizer, prompt=prompt)
     words = full.text.split()
     stop = f" {words[6]} {words[7]}"
     pieces = []
     config = GenerateConfig(max_new_tokens=20, stop=(stop,), ignore_eos=True, draft_tokens=3)
-    result = generate(model, tokenizer, prompt, config, draft=_noisy_copy(model, 0.3), stream=pieces.append)
+    result = generate(
+        model, config, tokenizer=tokenizer, prompt=prompt, draft=_noisy_copy(model, 0.3), stream=pieces.append
+    )
     assert result.stop_reason == "stop"
     assert result.text == full.text[: full.text.index(stop)]
     assert "".join(pieces) == result.text
@@ -339,11 +369,17 @@ def test_stop_strings_and_streamed_text():
 
 def test_eos_ends_generation():
     model = _hybrid("mamba2")
-    full = generate(model, word_tokenizer(eos="w2"), [5, 9], GenerateConfig(max_new_tokens=12, ignore_eos=True))
+    full = generate(
+        model, GenerateConfig(max_new_tokens=12, ignore_eos=True), tokenizer=word_tokenizer(eos="w2"), prompt=[5, 9]
+    )
     eos = full.token_ids[4]
     model.generation_config.eos_token_id = eos
     result = generate(
-        model, word_tokenizer(eos="w2"), [5, 9], GenerateConfig(max_new_tokens=12), draft=_noisy_copy(model, 0.3)
+        model,
+        GenerateConfig(max_new_tokens=12),
+        tokenizer=word_tokenizer(eos="w2"),
+        prompt=[5, 9],
+        draft=_noisy_copy(model, 0.3),
     )
     assert result.stop_reason == "eos"
     assert result.token_ids == full.token_ids[: full.token_ids.index(eos) + 1]
@@ -353,12 +389,12 @@ def test_chat_template_wraps_the_prompt():
     tokenizer = word_tokenizer(eos="w2")
     tokenizer.chat_template = "{% for m in messages %}w10 {{ m['content'] }} w11 {% endfor %}w12"
     model = _hybrid("attention")
-    chat = generate(model, tokenizer, "w5 w6", GenerateConfig(max_new_tokens=3, chat=True))
-    plain = generate(model, tokenizer, "w10 w5 w6 w11 w12", GenerateConfig(max_new_tokens=3))
+    chat = generate(model, GenerateConfig(max_new_tokens=3, chat=True), tokenizer=tokenizer, prompt="w5 w6")
+    plain = generate(model, GenerateConfig(max_new_tokens=3), tokenizer=tokenizer, prompt="w10 w5 w6 w11 w12")
     assert chat.prompt_tokens == 5 and chat.token_ids == plain.token_ids
     tokenizer.chat_template = None
     with pytest.raises(ConfigError, match="no chat template"):
-        generate(model, tokenizer, "w5", GenerateConfig(chat=True))
+        generate(model, GenerateConfig(chat=True), tokenizer=tokenizer, prompt="w5")
 
 
 def test_early_exit_draft_shares_the_targets_weights():
@@ -368,7 +404,9 @@ def test_early_exit_draft_shares_the_targets_weights():
     assert draft.config.num_hidden_layers == 2 and draft.config.mixer_types == model.config.mixer_types[:2]
     assert draft.model.layers[1] is model.model.layers[1] and draft.lm_head is model.lm_head
     assert all(p.device.type == "cpu" for p in draft.parameters())
-    generate(model, word_tokenizer(eos="w2"), [5, 6, 7], GenerateConfig(max_new_tokens=8), draft=draft)
+    generate(
+        model, GenerateConfig(max_new_tokens=8), tokenizer=word_tokenizer(eos="w2"), prompt=[5, 6, 7], draft=draft
+    )
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ConfigError, match=r"draft layers must be in \[1, 3\]"):
         early_exit_draft(model, 4)
@@ -378,9 +416,9 @@ def test_compare_reports_both_speeds():
     model = _hybrid("mamba2", dtype=torch.float32)
     result = compare_generate(
         model,
-        word_tokenizer(eos="w2"),
-        [5, 6, 7],
         GenerateConfig(max_new_tokens=10),
+        tokenizer=word_tokenizer(eos="w2"),
+        prompt=[5, 6, 7],
         draft=early_exit_draft(model, 2),
         repeats=2,
     )

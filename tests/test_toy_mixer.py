@@ -97,7 +97,9 @@ def test_save_load_generate_and_speculate(hybrid, tokenizer, tmp_path):
     assert torch.equal(cached, greedy)
 
     config = GenerateConfig(max_new_tokens=12, draft_tokens=3, adaptive=False, ignore_eos=True)
-    result = hybridize.generate(loaded, tokenizer, prompt[0].tolist(), config, draft=early_exit_draft(loaded, 2))
+    result = hybridize.generate(
+        loaded, config, tokenizer=tokenizer, prompt=prompt[0].tolist(), draft=early_exit_draft(loaded, 2)
+    )
     assert list(result.token_ids) == greedy[0, 9:].tolist()
     assert result.drafted > 0
 

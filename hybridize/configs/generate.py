@@ -90,7 +90,7 @@ class PromptLookupDraft:
 
     Example:
         ```python
-        >>> generate(model, tokenizer, prompt, config, draft=PromptLookupDraft())
+        >>> generate(model, config, tokenizer=tokenizer, prompt=prompt, draft=PromptLookupDraft())
         ```
     """
 

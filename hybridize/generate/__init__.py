@@ -7,7 +7,7 @@ decoding accepts a draft token when it is the target's argmax; sampling accepts 
 min(1, p(d) / q(d)) and on rejection draws from norm(max(0, p - q)), so the output follows the target's (warped)
 distribution exactly, whatever the draft.
 
-`GenerateConfig` holds everything that changes the output; `generate(model, tokenizer, prompt, config, draft=...)`
+`GenerateConfig` holds everything that changes the output; `generate(model, config, tokenizer=..., prompt=..., draft=...)`
 returns a `GenerateResult` (text, ids, acceptance rate, tokens/s). `compare_generate` times plain and speculative
 decoding side by side (interleaved: a shared machine is noisy, only ratios mean something), and `early_exit_draft`
 makes a draft from a model's first layers that shares its weights (self-speculative decoding: Draft & Verify,

@@ -6,18 +6,20 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..compat import config_second
 from ..configs.generate import GenerateConfig, PromptLookupDraft
 from ..errors import ConfigError
 from .loop import generate
 from .result import GenerateResult
 
 
+@config_second(GenerateConfig, old=("tokenizer", "prompt", "config"))
 def compare_generate(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str | Sequence[int],
     config: GenerateConfig,
     *,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | Sequence[int],
     draft: PreTrainedModel | PromptLookupDraft | None,
     draft_tokenizer: PreTrainedTokenizerBase | None = None,
     repeats: int = 3,
@@ -36,9 +38,9 @@ def compare_generate(
         raise ConfigError(f"repeats must be at least 1, got {repeats}")
     runs: dict[str, list[GenerateResult]] = {"plain": [], "speculative": []}
     for _ in range(repeats):
-        runs["plain"].append(generate(model, tokenizer, prompt, config))
+        runs["plain"].append(generate(model, config, tokenizer=tokenizer, prompt=prompt))
         runs["speculative"].append(
-            generate(model, tokenizer, prompt, config, draft=draft, draft_tokenizer=draft_tokenizer)
+            generate(model, config, tokenizer=tokenizer, prompt=prompt, draft=draft, draft_tokenizer=draft_tokenizer)
         )
     summary = {}
     for name, results in runs.items():

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..compat import config_second
 from ..configs.generate import GenerateConfig, PromptLookupDraft
 from ..errors import ConfigError
 from .drafts import _LookupDrafter, _ModelDrafter, _vocab_size, check_draft
@@ -23,13 +24,14 @@ def _eos_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
 
 
+@config_second(GenerateConfig, old=("tokenizer", "prompt", "config"))
 @torch.inference_mode()
 def generate(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str | Sequence[int],
     config: GenerateConfig,
     *,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | Sequence[int],
     draft: PreTrainedModel | PromptLookupDraft | None = None,
     draft_tokenizer: PreTrainedTokenizerBase | None = None,
     stream: Callable[[str], None] | None = None,
@@ -38,9 +40,9 @@ def generate(
 
     Args:
         model (`PreTrainedModel`): the target: a hybrid or any transformers causal LM. Not modified.
+        config (`GenerateConfig`): everything that changes the output.
         tokenizer (`PreTrainedTokenizerBase`): the target's tokenizer.
         prompt (`str` or a sequence of token ids): the prompt (with `config.chat`, the user message).
-        config (`GenerateConfig`): everything that changes the output.
         draft (`PreTrainedModel` or `PromptLookupDraft`, *optional*): a smaller causal LM with the same vocabulary (a
             hybrid, a pruned hybrid, `early_exit_draft(model, n)`, ...) or a model-free `PromptLookupDraft`. Greedy
             output is the same with or without it; sampled output has the same distribution.
@@ -53,8 +55,8 @@ def generate(
     Example:
         ```python
         >>> model, tokenizer = hybridize.load("out/smol-mamba50")
-        >>> result = generate(model, tokenizer, "The capital of France is", GenerateConfig(max_new_tokens=32),
-        ...                   draft=early_exit_draft(model, 8), stream=print)
+        >>> result = generate(model, GenerateConfig(max_new_tokens=32), tokenizer=tokenizer,
+        ...                   prompt="The capital of France is", draft=early_exit_draft(model, 8), stream=print)
         >>> result.acceptance_rate, result.tokens_per_s
         ```
     """

@@ -86,7 +86,7 @@ def test_greedy_generation_is_identical(name, export, tokenizer, opened):
     opened(llm)
     config = GenerateConfig(max_new_tokens=40, ignore_eos=True)
     prompt = torch.randint(0, GGUF_VOCAB, (24,)).tolist()
-    expected = hybridize.generate(model, tokenizer, prompt, config)
+    expected = hybridize.generate(model, config, tokenizer=tokenizer, prompt=prompt)
     assert generate_gguf(llm, prompt, config).token_ids == expected.token_ids
 
 
@@ -96,7 +96,7 @@ def test_sampling_and_stop_strings_follow_generate(export, tokenizer, opened):
     opened(llm)
     sampled = GenerateConfig(max_new_tokens=20, do_sample=True, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
     prompt = torch.randint(0, GGUF_VOCAB, (10,)).tolist()
-    expected = hybridize.generate(model, tokenizer, prompt, sampled)
+    expected = hybridize.generate(model, sampled, tokenizer=tokenizer, prompt=prompt)
     assert generate_gguf(llm, prompt, sampled).token_ids == expected.token_ids  # same logits, same seeded draws
     greedy = GenerateConfig(max_new_tokens=30, ignore_eos=True)
     text = generate_gguf(llm, prompt, greedy).text

@@ -66,7 +66,7 @@ def test_f32_gguf_gives_the_pytorch_logits(name, files, blocks, hybrid50, smollm
 def test_greedy_tokens_are_identical_at_f32_and_f16(files, hybrid50, smollm2):
     config = GenerateConfig(max_new_tokens=64, ignore_eos=True)
     prompt = "The history of the city begins with a small settlement on the river, where"
-    expected = hybridize.generate(hybrid50, smollm2[1], prompt, config).token_ids
+    expected = hybridize.generate(hybrid50, config, tokenizer=smollm2[1], prompt=prompt).token_ids
     for name in ("hybrid-f32", "hybrid-f16"):
         llm = load_gguf(files[name], n_ctx=256, threads=2)  # llama.cpp's defaults: f16 KV cache, flash attention
         assert generate_gguf(llm, prompt, config).token_ids == expected, name

@@ -252,7 +252,7 @@ def test_greedy_speculation_equals_target_greedy():
         for p in draft.parameters():
             p.add_(0.05 * p.std() * torch.randn_like(p))
     config = GenerateConfig(max_new_tokens=16, draft_tokens=3, adaptive=False, ignore_eos=False)
-    result = generate(model, make_word_tokenizer(eos="w2"), prompt[0].tolist(), config, draft=draft)
+    result = generate(model, config, tokenizer=make_word_tokenizer(eos="w2"), prompt=prompt[0].tolist(), draft=draft)
     assert list(result.token_ids) == expected
     assert 0 < result.accepted < result.drafted  # some drafts were accepted, some rolled back
 
