@@ -1,6 +1,7 @@
 """Shared fixtures over the tiny models and tokenizers of `tiny.py`, small text files of random words, and a saved
 tiny hybrid."""
 
+import random
 import shutil
 
 import pytest
@@ -88,3 +89,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def calibration_text(tmp_path):
+    """Random words of the tiny vocabulary, 40 paragraphs: real text for `word_tokenizer`."""
+    rng = random.Random(0)
+    path = tmp_path / "calibration.txt"
+    paragraphs = [" ".join(f"w{rng.randrange(2, 128)}" for _ in range(60)) for _ in range(40)]
+    path.write_text("\n\n".join(paragraphs))
+    return str(path)

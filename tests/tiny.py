@@ -228,3 +228,20 @@ def gguf_hybrid(mixer_types, mixers=None, **overrides):
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def fragile_tiny(layer_index: int):
+    """A tiny model in which only one layer's attention matters: the others output nothing (o_proj = 0), so converting
+    them costs nothing, and the fragile one attends sharply (q and k x 4) to any earlier token, which neither a
+    decaying state nor a short window can hold. The final norm is scaled up so that logits are not near uniform (a
+    random tiny model's are, and then every KL is ~0)."""
+    source = make_tiny("llama")
+    with torch.no_grad():
+        source.model.norm.weight.mul_(30)
+        for i, layer in enumerate(source.model.layers):
+            attn = layer.self_attn
+            if i == layer_index:
+                attn.q_proj.weight.mul_(4), attn.k_proj.weight.mul_(4)
+            else:
+                attn.o_proj.weight.zero_()
+    return source

@@ -2,26 +2,14 @@
 solution, it never starts worse than a removed mixer, layers are fitted in order on the hybrid's own stream, and a
 layer made fragile is the one sensitivity keeps as attention."""
 
-import random
-
 import pytest
 import torch
-from tiny import make_tiny, word_tokenizer
+from tiny import fragile_tiny, make_tiny, word_tokenizer
 
 from hybridize.convert import INITIALIZERS, ConvertConfig, convert
 from hybridize.convert import sensitivity as sensitivity_module
 from hybridize.convert.calibrated import NormalEquations, calibrate_readouts, choose_readout, mixer_features
 from hybridize.errors import ConfigError
-
-
-@pytest.fixture
-def calibration_text(tmp_path):
-    """Random words of the tiny vocabulary, 40 paragraphs: real text for `word_tokenizer`."""
-    rng = random.Random(0)
-    path = tmp_path / "calibration.txt"
-    paragraphs = [" ".join(f"w{rng.randrange(2, 128)}" for _ in range(60)) for _ in range(40)]
-    path.write_text("\n\n".join(paragraphs))
-    return str(path)
 
 
 def _calibrated(source, calibration, **kwargs):
@@ -156,23 +144,6 @@ def test_calibration_needs_a_tokenizer_and_a_readout():
         ConvertConfig(mixer="streaming", mixer_init="calibrated")
 
 
-def _fragile(layer_index: int):
-    """A tiny model in which only one layer's attention matters: the others output nothing (o_proj = 0), so converting
-    them costs nothing, and the fragile one attends sharply (q and k x 4) to any earlier token, which neither a
-    decaying state nor a short window can hold. The final norm is scaled up so that logits are not near uniform (a
-    random tiny model's are, and then every KL is ~0)."""
-    source = make_tiny("llama")
-    with torch.no_grad():
-        source.model.norm.weight.mul_(30)
-        for i, layer in enumerate(source.model.layers):
-            attn = layer.self_attn
-            if i == layer_index:
-                attn.q_proj.weight.mul_(4), attn.k_proj.weight.mul_(4)
-            else:
-                attn.o_proj.weight.zero_()
-    return source
-
-
 @pytest.mark.parametrize("mixer", ["mamba2", "nha", "streaming"])
 def test_sensitivity_keeps_the_fragile_layer(mixer, calibration_text, tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRIDIZE_CACHE", str(tmp_path / "cache"))
@@ -188,7 +159,7 @@ def test_sensitivity_keeps_the_fragile_layer(mixer, calibration_text, tmp_path, 
         calibration_docs=4,
         calibration_len=64,
     )
-    hybrid = convert(_fragile(2), config, tokenizer=word_tokenizer())
+    hybrid = convert(fragile_tiny(2), config, tokenizer=word_tokenizer())
     metrics = hybrid.hybridize_steps[-1]["metrics"]
     scores = metrics["sensitivity_kl"]
     assert max(range(4), key=scores.__getitem__) == 2
@@ -206,7 +177,7 @@ def test_sensitivity_scores_are_cached(calibration_text, tmp_path, monkeypatch):
         calibration_docs=4,
         calibration_len=64,
     )
-    source, tokenizer = _fragile(1), word_tokenizer()
+    source, tokenizer = fragile_tiny(1), word_tokenizer()
     first = sensitivity_module.layer_sensitivity(source, config, tokenizer)
     assert len(list((tmp_path / "cache" / "sensitivity").glob("*.json"))) == 1
 

@@ -26,7 +26,7 @@ from hybridize.errors import ConfigError
 from hybridize.evals_tasks.utils import passkey_found
 from hybridize.evaluate import EvalConfig, load_corpus
 from hybridize.evaluate.harness import OFFLINE_TASKS, TASK_LENGTHS, TASKS_DIR, _compact, format_results, run_tasks
-from hybridize.provenance import append_step, read_manifest
+from hybridize.provenance import read_manifest
 
 DATA_DIR = Path(hybridize.__file__).parent / "data" / "tasks"
 ITEMS = {"wiki_ppl": 25, "lambada_wiki": 300, "passkey_2k": 20, "passkey_4k": 20, "passkey_8k": 20}
@@ -147,16 +147,6 @@ def test_compact_table_and_format():
     assert table["gsm8k"] == {"exact_match,strict-match": 0.5, "num_items": 9}
     text = format_results(table, {"passkey_4k": {"acc": 1.0}})
     assert re.search(r"passkey_4k\s+acc\s+0\.7500\s+1\.0000", text) and re.search(r"num_items\s+4\s+-", text)
-
-
-def test_append_step_keeps_the_history(tmp_path):
-    (tmp_path / "hybridize.json").write_text(json.dumps({"steps": [{"step": "convert"}], "versions": {"torch": "x"}}))
-    append_step(tmp_path, "eval", EvalConfig(tasks=("wiki_ppl",)), metrics={"tasks": {"wiki_ppl": {"acc": 1.0}}})
-    manifest = read_manifest(tmp_path)
-    assert [step["step"] for step in manifest["steps"]] == ["convert", "eval"]
-    assert manifest["versions"] == {"torch": "x"}
-    assert manifest["steps"][1]["config"]["tasks"] == ["wiki_ppl"] and "lm_eval" in manifest["steps"][1]["versions"]
-    assert [path.name for path in tmp_path.iterdir()] == ["hybridize.json"]  # no temporary file left behind
 
 
 # lm-eval, in-process and on the command line
