@@ -157,11 +157,12 @@ def convert(
     if config.attn_layers is not None:  # the only check against the model; an uncached GGUF's config takes seconds
         check_convert(load_config(model, trust_remote_code=trust_remote_code), config)
 
-    source, tokenizer = hybridize.load(model, trust_remote_code=trust_remote_code)
-    hybrid = hybridize.convert(source, config, tokenizer=tokenizer, progress=True)
-    hybridize.save(hybrid, output, tokenizer=tokenizer, overwrite=overwrite, inputs=[model])
+    # layer by layer from the source's shards: one source layer and one hybrid layer in memory at a time
+    hybridize.convert_to_disk(
+        model, output, config, overwrite=overwrite, trust_remote_code=trust_remote_code, progress=True
+    )
 
-    layers = hybrid.config.mixer_types
+    layers = load_config(str(output)).mixer_types
     if config.attn_layers is not None or config.full_every:
         kept = ", ".join(str(i) for i, t in enumerate(layers) if t == "attention") or "none"
         how = "explicit" if config.attn_layers is not None else f"--full-every {config.full_every}"
