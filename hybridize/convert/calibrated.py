@@ -174,6 +174,73 @@ def fit_readout(
     return report
 
 
+@torch.no_grad()
+def mean_direction(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """The mean m of the mixer's inputs over every token of every block (float64), and the fraction of tokens on its
+    side (x · m > 0): what a mean-direction gate needs. Two passes, one block at a time, so that no float64 copy of
+    all blocks is made (108 MiB for SmolLM2's 16K calibration tokens, the largest allocation of a conversion)."""
+    rows = [t.reshape(-1, t.shape[-1]) for t in inputs]
+    count = sum(r.shape[0] for r in rows)
+    mean = sum(r.double().sum(0) for r in rows) / count
+    return mean, sum(int((r.double() @ mean > 0).sum()) for r in rows) / count
+
+
+HALF_LIVES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)  # tokens; the candidates of each head's decay
+DECAY_BLOCKS = 4  # calibration blocks the decays are chosen on (every fourth of them held out)
+DECAY_RIDGE = (1e-3, 1e-1)  # per-head ridge strengths, as fractions of the mean diagonal of ZᵀZ
+
+
+@torch.no_grad()
+def choose_half_lives(
+    mixer: nn.Module,
+    set_half_lives: Callable[[torch.Tensor], None],
+    inputs: Sequence[torch.Tensor],
+    head_outputs: Sequence[torch.Tensor],
+    position_embeddings,
+) -> dict:
+    """Give each head of a recurrent mixer the decay, among `HALF_LIVES`, whose features best explain its attention
+    head's output, and set it (`set_half_lives(half_lives)`, a (heads,) float64 tensor in tokens).
+
+    Each candidate is scored per head by the held-out R² of a ridge readout from the head's features (the readout's
+    input, (heads · head_dim)) to its attention head's output, on the first `DECAY_BLOCKS` blocks; the mixer's
+    per-head normalisation makes a head's features independent of the other heads' decays, so all heads are scored
+    at once per candidate. Shared by Mamba2's and Gated DeltaNet's calibration.
+
+    Args:
+        inputs: per calibration block, the mixer's input (1, l, hidden).
+        head_outputs: per block, the source attention's per-head outputs before o_proj (1, l, heads · head_dim).
+    """
+    h = mixer.settings.num_heads
+    inputs, head_outputs = inputs[:DECAY_BLOCKS], head_outputs[:DECAY_BLOCKS]
+    heldout = heldout_blocks(len(inputs)) if len(inputs) > 1 else [True]
+    scores = []
+    for half_life in HALF_LIVES:
+        set_half_lives(torch.full((h,), float(half_life), dtype=torch.float64))
+        sums = {split: [0.0, 0.0, 0.0] for split in (False, True)}  # ZᵀZ, ZᵀY, YᵀY per head
+        for x, y, held in zip(inputs, head_outputs, heldout):
+            z = mixer_features(mixer, x, position_embeddings)
+            z = z.reshape(-1, h, z.shape[-1] // h).transpose(0, 1).double()  # (h, tokens, d)
+            y = y.reshape(-1, h, y.shape[-1] // h).transpose(0, 1).double()
+            acc = sums[held]
+            acc[0] = acc[0] + z.transpose(1, 2) @ z
+            acc[1] = acc[1] + z.transpose(1, 2) @ y
+            acc[2] = acc[2] + (y * y).sum((1, 2))
+        train, held = sums[False] if not all(heldout) else sums[True], sums[True]
+        scale = train[0].diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)[:, None, None]
+        eye = torch.eye(train[0].shape[-1], dtype=torch.float64, device=train[0].device)
+        r2 = None
+        for ridge in DECAY_RIDGE:
+            w = torch.linalg.solve(train[0] + ridge * scale * eye, train[1])
+            sse = held[2] - 2 * (w * held[1]).sum((1, 2)) + (w * (held[0] @ w)).sum((1, 2))
+            fit = 1 - sse / held[2].clamp(min=1e-30)
+            r2 = fit if r2 is None else torch.maximum(r2, fit)
+        scores.append(r2)
+    scores = torch.stack(scores)  # (candidates, heads)
+    half_lives = torch.tensor(HALF_LIVES, dtype=torch.float64)[scores.argmax(0).cpu()]
+    set_half_lives(half_lives)
+    return {"half_lives": [int(t) for t in half_lives], "decay_r2": [round(float(r), 3) for r in scores.max(0).values]}
+
+
 def heldout_blocks(num_blocks: int) -> list[bool]:
     """Which calibration blocks choose the ridge strength: every fourth (at least one of two or more)."""
     if num_blocks < 2:
@@ -338,6 +405,8 @@ __all__ = [
     "causal_mask",
     "choose_readout",
     "fit_readout",
+    "heldout_blocks",
+    "mean_direction",
     "mixer_features",
     "readout_of",
     "source_attention",

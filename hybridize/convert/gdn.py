@@ -35,13 +35,10 @@ from torch import nn
 
 from ..modeling import HybridConfig
 from ..modeling.gdn import GatedDeltaNetMixer
-from .calibrated import heldout_blocks, mixer_features
+from .calibrated import choose_half_lives, mean_direction
 
 CONV_TAP = 0.1  # the delta conv's last tap: SiLU(0.1 x) is nearly linear in x
 HALF_LIVES_RANGE = (2.0, 512.0)  # tokens: the shortest and longest memory of the converted heads' decays
-HALF_LIVES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)  # tokens: the candidates `calibrate_gdn` chooses among
-DECAY_BLOCKS = 4  # calibration blocks the decays are chosen on (every fourth of them held out)
-DECAY_RIDGE = (1e-3, 1e-1)  # per-head ridge strengths, as fractions of the mean diagonal of ZᵀZ
 GATE_MEAN = 2.0  # the mean-direction gate's average pre-activation: SiLU(2) = 1.76, well inside its near-linear arm
 MIN_POSITIVE = 0.99  # the mean-direction gate is used only when this fraction of inputs opens it
 
@@ -132,9 +129,7 @@ def fit_gate(mixer: GatedDeltaNetMixer, inputs: list[torch.Tensor]) -> dict:
     SiLU(g) is then one positive number per token, the same for every channel, instead of a random sign per channel
     that no readout undoes (Mamba2's `fit_gate`; here the norm comes before the gate, so that number scales the
     token's output instead of cancelling). Needs g > 0, i.e. inputs on the mean's side."""
-    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs]).double()
-    mean = x.mean(0)
-    positive = float((x @ mean > 0).double().mean())
+    mean, positive = mean_direction(inputs)
     if positive < MIN_POSITIVE:
         return {"gate": "random", "gate_positive": round(positive, 4)}
     weight = mixer.g_proj.weight
@@ -156,35 +151,9 @@ def fit_decay(
         inputs: per calibration block, the mixer's input (1, l, hidden).
         head_outputs: per block, the source attention's per-head outputs before o_proj (1, l, heads · head_dim).
     """
-    s = mixer.settings
-    h, d = s.num_heads, s.head_dim
-    inputs, head_outputs = inputs[:DECAY_BLOCKS], head_outputs[:DECAY_BLOCKS]
-    heldout = heldout_blocks(len(inputs)) if len(inputs) > 1 else [True]
-    scores = []
-    for half_life in HALF_LIVES:
-        set_half_lives(mixer, torch.full((h,), float(half_life)))
-        sums = {split: [0.0, 0.0, 0.0] for split in (False, True)}  # ZᵀZ, ZᵀY, YᵀY per head
-        for x, y, held in zip(inputs, head_outputs, heldout):
-            z = mixer_features(mixer, x, position_embeddings).reshape(-1, h, d).transpose(0, 1).double()
-            y = y.reshape(-1, h, d).transpose(0, 1).double()
-            acc = sums[held]
-            acc[0] = acc[0] + z.transpose(1, 2) @ z
-            acc[1] = acc[1] + z.transpose(1, 2) @ y
-            acc[2] = acc[2] + (y * y).sum((1, 2))
-        train, held = sums[False] if not all(heldout) else sums[True], sums[True]
-        scale = train[0].diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)[:, None, None]
-        eye = torch.eye(d, dtype=torch.float64, device=train[0].device)
-        r2 = None
-        for ridge in DECAY_RIDGE:
-            w = torch.linalg.solve(train[0] + ridge * scale * eye, train[1])
-            sse = held[2] - 2 * (w * held[1]).sum((1, 2)) + (w * (held[0] @ w)).sum((1, 2))
-            fit = 1 - sse / held[2].clamp(min=1e-30)
-            r2 = fit if r2 is None else torch.maximum(r2, fit)
-        scores.append(r2)
-    scores = torch.stack(scores)  # (candidates, heads)
-    half_lives = torch.tensor(HALF_LIVES, dtype=torch.float64)[scores.argmax(0).cpu()]
-    set_half_lives(mixer, half_lives)
-    return {"half_lives": [int(t) for t in half_lives], "decay_r2": [round(float(r), 3) for r in scores.max(0).values]}
+    return choose_half_lives(
+        mixer, lambda half_lives: set_half_lives(mixer, half_lives), inputs, head_outputs, position_embeddings
+    )
 
 
 def calibrate_gdn(
@@ -200,7 +169,6 @@ def calibrate_gdn(
 
 __all__ = [
     "CONV_TAP",
-    "HALF_LIVES",
     "HALF_LIVES_RANGE",
     "calibrate_gdn",
     "fit_decay",

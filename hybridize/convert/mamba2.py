@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..modeling import HybridConfig, Mamba2Mixer
-from .calibrated import heldout_blocks, mixer_features
+from .calibrated import HALF_LIVES, choose_half_lives, mean_direction
 
 
 @torch.no_grad()
@@ -91,9 +91,6 @@ def init_mamba2_from_attention(
 # calibration text.
 LINEAR_X_SCALE = 0.1  # delta-conv tap of the x channels: silu(0.1 v) is within a few % of 0.05 v
 LINEAR_BC_SCALE = 0.1  # and of the B and C channels
-HALF_LIVES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)  # tokens; the candidates of each head's decay
-DECAY_BLOCKS = 4  # calibration blocks the decays are chosen on (every fourth of them held out)
-DECAY_RIDGE = (1e-3, 1e-1)  # per-head ridge strengths, as fractions of the mean diagonal of ZᵀZ
 MIN_POSITIVE = 0.99  # the mean-direction gate is used only when this fraction of inputs opens it
 
 
@@ -136,9 +133,7 @@ def fit_gate(mixer: Mamba2Mixer, inputs: list[torch.Tensor]) -> dict:
     removes it exactly, so the layer starts as if ungated; training then moves the rows apart. It needs z > 0, i.e.
     inputs on the mean's side: after the input RMSNorm of SmolLM2 every layer had >= 99.9% of tokens there.
     """
-    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs]).double()
-    mean = x.mean(0)
-    positive = float((x @ mean > 0).double().mean())
+    mean, positive = mean_direction(inputs)
     if positive < MIN_POSITIVE:
         return {"gate": "random", "gate_positive": round(positive, 4)}
     z = mixer.in_proj.weight[: mixer.inner_size]
@@ -163,40 +158,16 @@ def fit_decay(
         inputs: per calibration block, the mixer's input (1, l, hidden).
         head_outputs: per block, the source attention's per-head outputs before o_proj (1, l, heads · head_dim).
     """
-    s = mixer.settings
-    h, p = s.num_heads, s.head_dim
-    inputs, head_outputs = inputs[:DECAY_BLOCKS], head_outputs[:DECAY_BLOCKS]
-    heldout = heldout_blocks(len(inputs)) if len(inputs) > 1 else [True]
+    h = mixer.settings.num_heads
     mixer.in_proj.weight[-h:].zero_()
     if mixer.in_proj.bias is not None:
         mixer.in_proj.bias[-h:].zero_()
     mixer.A_log.zero_()
-    scores = []
-    for half_life in HALF_LIVES:
-        mixer.dt_bias.fill_(float(_softplus_inverse(torch.tensor(math.log(2) / half_life))))
-        sums = {split: [0.0, 0.0, 0.0] for split in (False, True)}  # ZᵀZ, ZᵀY, YᵀY per head
-        for x, y, held in zip(inputs, head_outputs, heldout):
-            z = mixer_features(mixer, x, position_embeddings).reshape(-1, h, p).transpose(0, 1).double()
-            y = y.reshape(-1, h, p).transpose(0, 1).double()
-            acc = sums[held]
-            acc[0] = acc[0] + z.transpose(1, 2) @ z
-            acc[1] = acc[1] + z.transpose(1, 2) @ y
-            acc[2] = acc[2] + (y * y).sum((1, 2))
-        train, held = sums[False] if not all(heldout) else sums[True], sums[True]
-        scale = train[0].diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)[:, None, None]
-        eye = torch.eye(p, dtype=torch.float64, device=train[0].device)
-        r2 = None
-        for ridge in DECAY_RIDGE:
-            w = torch.linalg.solve(train[0] + ridge * scale * eye, train[1])
-            sse = held[2] - 2 * (w * held[1]).sum((1, 2)) + (w * (held[0] @ w)).sum((1, 2))
-            fit = 1 - sse / held[2].clamp(min=1e-30)
-            r2 = fit if r2 is None else torch.maximum(r2, fit)
-        scores.append(r2)
-    scores = torch.stack(scores)  # (candidates, heads)
-    best = scores.argmax(0)
-    half_lives = torch.tensor(HALF_LIVES, dtype=torch.float64)[best]
-    mixer.dt_bias.copy_(_softplus_inverse(math.log(2) / half_lives).to(mixer.dt_bias.dtype))
-    return {"half_lives": [int(t) for t in half_lives], "decay_r2": [round(float(r), 3) for r in scores.max(0).values]}
+
+    def set_half_lives(half_lives: torch.Tensor) -> None:  # dt = ln 2 / half-life, A = -1
+        mixer.dt_bias.copy_(_softplus_inverse(math.log(2) / half_lives).to(mixer.dt_bias.dtype))
+
+    return choose_half_lives(mixer, set_half_lives, inputs, head_outputs, position_embeddings)
 
 
 def calibrate_mamba2(

@@ -347,7 +347,7 @@ def convertible(monkeypatch):
 @pytest.mark.parametrize("mixer_init", ["calibrated", "random"])
 def test_convert_calibrates_the_gate_and_the_decays(convertible, tokenizer, text_file, mixer_init):
     from hybridize.convert import ConvertConfig
-    from hybridize.convert.gdn import HALF_LIVES
+    from hybridize.convert.calibrated import HALF_LIVES
 
     source = make_tiny("llama")
     config = ConvertConfig(
