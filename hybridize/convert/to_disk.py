@@ -48,21 +48,6 @@ def _return_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD = 1 << 20  # bytes: larger blocks get their own mapping, returned to the system when freed
-
-
-def _map_large_blocks() -> None:
-    """Have glibc serve every block of 1 MiB or more from its own mapping. By default glibc raises that threshold to
-    the largest block freed so far (up to 32 MiB), after which the per-block activations of the calibration (4.5 MiB
-    each for SmolLM2) come from the heap and fragment it: a converted layer's freed tensors then stay resident.
-    Measured on SmolLM2's default conversion: 971 MB peak RSS by default, 744 MB with a fixed 128 KiB threshold.
-    Process-wide and harmless elsewhere; does nothing without glibc."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
 def _read(loader: LazyTensorLoader, name: str, dtype: torch.dtype, spec: str) -> torch.Tensor:
     if name not in loader:
         raise CheckpointError(f"{spec} lacks the weight {name}; re-download or re-save the model")
@@ -122,7 +107,6 @@ def convert_to_disk(
     """
     output = Path(output)
     check_output(output, overwrite=overwrite, inputs=[spec])
-    _map_large_blocks()
     source, tokenizer, loader = load_lazy(spec, dtype=dtype, trust_remote_code=trust_remote_code)
     if measures_whole_model(config):
         logger.info(
