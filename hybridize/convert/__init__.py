@@ -7,16 +7,14 @@ into a saved hybrid, with the same steps (`plan.py`).
 """
 
 import logging
-import time
 
 import torch
 from transformers import PreTrainedModel
 
 from ..configs.convert import CONVERT_MIXERS, SELECTIONS, ConvertConfig
 from ..modeling import MIXERS, HybridForCausalLM
-from ..provenance import record_step
 from .calibrated import calibrate_readouts
-from .plan import check_convert, convert_layer, plan_conversion, rounded
+from .plan import check_convert, convert_layer, plan_conversion, record_conversion
 from .registry import INITIALIZERS, Initializer, hybrid_config_for
 from .to_disk import convert_to_disk
 
@@ -49,7 +47,7 @@ def convert(
         ```
     """
     plan = plan_conversion(model, config, tokenizer=tokenizer, progress=progress)
-    config, converted, hybrid_config, metrics = plan.config, plan.converted, plan.hybrid_config, plan.metrics
+    config, converted, hybrid_config = plan.config, plan.converted, plan.hybrid_config
     num_layers = hybrid_config.num_hidden_layers
     generator = torch.Generator().manual_seed(config.seed)
 
@@ -65,19 +63,11 @@ def convert(
         layers = tqdm(list(layers), desc="convert", unit="layer")
     for i, (src_layer, layer) in enumerate(layers):
         convert_layer(src_layer, layer, i, plan, generator)
+    reports = {}
     if config.mixer_init == "calibrated" and converted:
         fit = INITIALIZERS[config.mixer].calibrate
         reports = calibrate_readouts(model, hybrid, plan.blocks(), converted, calibrate=fit, progress=progress)
-        metrics["readout"] = {str(i): rounded(r) for i, r in reports.items()}
-    hybrid.generation_config = model.generation_config
-    hybrid.hybridize_steps = list(getattr(model, "hybridize_steps", []))
-    record_step(
-        hybrid,
-        "convert",
-        config,
-        metrics={"seconds": round(time.perf_counter() - plan.start, 2), "converted_layers": converted, **metrics},
-        source=getattr(model, "name_or_path", None) or None,
-    )
+    record_conversion(hybrid, model, plan, reports)
     logger.info("converted %d of %d layers to %s", len(converted), num_layers, config.mixer)
     return hybrid
 

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..io.calibration import calibration_blocks
 from ..modeling import HybridConfig
 from ..modeling.streaming import StreamingMixerConfig
+from ..provenance import record_step
 from .calibrated import zero_readout
 from .lazy import lazy_frequency, measure_lazy_ratios
 from .registry import INITIALIZERS, hybrid_config_for
@@ -184,4 +185,29 @@ def rounded(report: dict) -> dict:
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in report.items()}
 
 
-__all__ = ["ConversionPlan", "check_convert", "convert_layer", "measures_whole_model", "plan_conversion", "rounded"]
+def record_conversion(hybrid: nn.Module, source: nn.Module, plan: ConversionPlan, reports: dict[int, dict]) -> None:
+    """Give `hybrid` the source's generation config and history, plus the `convert` step with its metrics (the
+    readout reports of the calibrated layers among them): the end of both `convert` and `convert_to_disk`."""
+    if reports:
+        plan.metrics["readout"] = {str(i): rounded(r) for i, r in reports.items()}
+    hybrid.generation_config = source.generation_config
+    hybrid.hybridize_steps = list(getattr(source, "hybridize_steps", []))
+    metrics = {"seconds": round(time.perf_counter() - plan.start, 2), "converted_layers": plan.converted}
+    record_step(
+        hybrid,
+        "convert",
+        plan.config,
+        metrics={**metrics, **plan.metrics},
+        source=getattr(source, "name_or_path", None) or None,
+    )
+
+
+__all__ = [
+    "ConversionPlan",
+    "check_convert",
+    "convert_layer",
+    "measures_whole_model",
+    "plan_conversion",
+    "record_conversion",
+    "rounded",
+]

@@ -14,7 +14,6 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -24,11 +23,10 @@ from ..configs.convert import ConvertConfig
 from ..errors import CheckpointError
 from ..io.shards import DEFAULT_MAX_SHARD_BYTES, LazyTensorLoader, ShardWriter
 from ..modeling import HybridForCausalLM
-from ..provenance import record_step
 from ..saving import atomic_output, check_output, check_space, model_bytes, save_without_weights
 from ..sources import check_finite, load_lazy, load_source
 from .calibrated import SequentialReadoutFit
-from .plan import convert_layer, measures_whole_model, plan_conversion, rounded
+from .plan import convert_layer, measures_whole_model, plan_conversion, record_conversion
 from .registry import INITIALIZERS
 
 logger = logging.getLogger(__name__)
@@ -170,21 +168,7 @@ def convert_to_disk(
                 del layer
                 loader.release()
                 _return_freed_memory()
-        if reports:
-            plan.metrics["readout"] = {str(i): rounded(r) for i, r in reports.items()}
-        hybrid.generation_config = source.generation_config
-        hybrid.hybridize_steps = list(source.hybridize_steps)
-        record_step(
-            hybrid,
-            "convert",
-            config,
-            metrics={
-                "seconds": round(time.perf_counter() - plan.start, 2),
-                "converted_layers": plan.converted,
-                **plan.metrics,
-            },
-            source=source.name_or_path or None,
-        )
+        record_conversion(hybrid, source, plan, reports)
         save_without_weights(hybrid, tmp, tokenizer=tokenizer)
     logger.info("converted %d of %d layers to %s", len(plan.converted), hybrid_config.num_hidden_layers, config.mixer)
     return output
