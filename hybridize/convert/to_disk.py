@@ -10,9 +10,6 @@ Layer choices that run the whole source model on calibration text (`select="lazy
 explicit layers) load the source in memory for that measurement, free it, then convert lazily (logged).
 """
 
-import ctypes
-import ctypes.util
-import functools
 import logging
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from torch import nn
 
 from ..configs.convert import ConvertConfig
 from ..errors import CheckpointError
+from ..io.memory import return_freed_memory
 from ..io.shards import DEFAULT_MAX_SHARD_BYTES, LazyTensorLoader, ShardWriter
 from ..modeling import HybridForCausalLM
 from ..saving import atomic_output, check_output, check_space, model_bytes, save_without_weights
@@ -30,20 +28,6 @@ from .plan import convert_layer, measures_whole_model, plan_conversion, record_c
 from .registry import INITIALIZERS
 
 logger = logging.getLogger(__name__)
-
-
-@functools.cache
-def _libc():
-    name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name) if name else None
-
-
-def _return_freed_memory() -> None:
-    """Give the heap pages freed by the last layer back to the system (glibc keeps them otherwise, and a conversion
-    that frees a layer's worth of tensors per layer would grow by fragments of them)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 def _read(loader: LazyTensorLoader, name: str, dtype: torch.dtype, spec: str) -> torch.Tensor:
@@ -146,7 +130,7 @@ def convert_to_disk(
                 hybrid.model.embed_tokens.to("meta")
             del embed
             loader.release()
-            _return_freed_memory()
+            return_freed_memory()
 
             # Decoder layers: read source layer i, build hybrid layer i, fit it, write it, free both
             layers = range(hybrid_config.num_hidden_layers)
@@ -167,7 +151,7 @@ def convert_to_disk(
                 src_layer.to("meta")
                 del layer
                 loader.release()
-                _return_freed_memory()
+                return_freed_memory()
         record_conversion(hybrid, source, plan, reports)
         save_without_weights(hybrid, tmp, tokenizer=tokenizer)
     logger.info("converted %d of %d layers to %s", len(plan.converted), hybrid_config.num_hidden_layers, config.mixer)

@@ -12,8 +12,6 @@ The baseline (usually the source model) runs two ways, since a user can pick eit
 `StaticCache` preallocated for the whole run and written in place). Every speed-up is reported against both.
 """
 
-import ctypes
-import gc
 import inspect
 import logging
 import os
@@ -32,6 +30,7 @@ from ..compat import config_second
 from ..configs.evaluate import BenchConfig
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..io.corpus import load_corpus, token_blocks
+from ..io.memory import return_freed_memory
 from ..modeling import HybridForCausalLM
 from ..modeling.layout import is_transposed, transpose_weights_
 from ..sources import load, resolve
@@ -167,16 +166,6 @@ def _rss_bytes() -> int:
         return 0
 
 
-def _return_free_memory_to_the_os() -> None:
-    """glibc keeps freed heap pages resident and reuses them without RSS growing, which would hide an allocation
-    from the growth measured below; `malloc_trim(0)` hands them back first. A no-op where glibc is absent."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class _PeakRSS:
     """Samples this process's RSS every few milliseconds in a thread; `peak` is the highest seen. Both models of a
     side-by-side run live in one process, so what is reported is the peak *growth* over the RSS before the run:
@@ -186,7 +175,7 @@ class _PeakRSS:
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
 
     def __enter__(self) -> Self:
-        _return_free_memory_to_the_os()
+        return_freed_memory()  # else an allocation reusing freed heap pages would not show as growth
         self.start = self.peak = _rss_bytes()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
