@@ -8,19 +8,12 @@ check (`MIXER_INITS`). Compression stays off until a surgery handler is register
 Saving ships the mixer's file inside the checkpoint (`hybridize.remote_code`).
 """
 
-from dataclasses import dataclass
-
-from .configs.convert import MIXER_INITS, MixerInit
+from .configs.convert import MIXER_INITS, MixerInit, NoInitOptions
 from .convert.registry import INITIALIZERS, Initializer
 from .errors import ConfigError
 from .modeling import Mixer
 from .modeling.mixers import MIXERS
 from .surgery.base import unregister_surgery
-
-
-@dataclass(frozen=True)
-class NoInitOptions:
-    """The init options of a mixer that has none."""
 
 
 def register_mixer(

@@ -34,13 +34,8 @@ class Mamba2InitConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class NHAInitConfig:
-    """Init options of an NHA mixer converted from attention (`hybridize.convert.nha`): none yet."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class StreamingInitConfig:
-    """Init options of a streaming mixer converted from attention (`hybridize.convert.streaming`): none yet."""
+class NoInitOptions:
+    """The init options of a mixer that has none (NHA and streaming today; the default of `register_mixer`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,8 +59,8 @@ class MixerInit:
 
 MIXER_INITS: dict[str, MixerInit] = {
     "mamba2": MixerInit(options_class=Mamba2InitConfig, has_readout=True, allows_random=True),
-    "nha": MixerInit(options_class=NHAInitConfig, has_readout=True),
-    "streaming": MixerInit(options_class=StreamingInitConfig),
+    "nha": MixerInit(options_class=NoInitOptions, has_readout=True),
+    "streaming": MixerInit(options_class=NoInitOptions),
 }
 # the convertible mixers, a live view of `MIXER_INITS` (an entry added later is in it)
 CONVERT_MIXERS = MIXER_INITS.keys()
@@ -218,6 +213,5 @@ __all__ = [
     "ConvertConfig",
     "Mamba2InitConfig",
     "MixerInit",
-    "NHAInitConfig",
-    "StreamingInitConfig",
+    "NoInitOptions",
 ]

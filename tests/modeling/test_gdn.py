@@ -336,7 +336,7 @@ def convertible(monkeypatch):
     from hybridize.configs.convert import MIXER_INITS, MixerInit
     from hybridize.convert.gdn import calibrate_gdn
     from hybridize.convert.registry import INITIALIZERS, Initializer
-    from hybridize.mixers import NoInitOptions
+    from hybridize.configs.convert import NoInitOptions
 
     monkeypatch.setitem(INITIALIZERS, "gdn", Initializer(build=init_gdn_from_attention, calibrate=calibrate_gdn))
     monkeypatch.setitem(
