@@ -55,9 +55,11 @@ from ..provenance import record_step
 from ..surgery import (
     MixerSurgery,
     consumer_map,
+    handlers_for,
     identity_plan,
     map_cols,
     map_rows,
+    mixer_types,
     producer_map,
     surgery_for,
     top,
@@ -80,13 +82,9 @@ def _field(config, name: str):
     return getattr(config, name, None)
 
 
-def _mixer_types(config) -> list[str]:
-    return list(getattr(config, "mixer_types", None) or ["attention"] * config.num_hidden_layers)
-
-
 def _handlers(config) -> dict[str, MixerSurgery]:
     """The fuse handler of each mixer type in the model, in layer order; refuses a mixer without one."""
-    return {t: surgery_for(t, "fuse") for t in _mixer_types(config)}
+    return handlers_for(mixer_types(config), "fuse")
 
 
 def _handler(layer) -> MixerSurgery:
@@ -114,7 +112,7 @@ def check_fuse(configs: Sequence, config: FuseConfig, tokenizers: Sequence | Non
                     f"model {index} has {name}={_field(other, name)} but the anchor has {_field(anchor, name)}; fuse "
                     "models that share a vocabulary and a layout"
                 )
-        types, anchor_types = _mixer_types(other), _mixer_types(anchor)
+        types, anchor_types = mixer_types(other), mixer_types(anchor)
         if types != anchor_types:
             raise ConfigError(f"model {index} has mixer_types {types} but the anchor has {anchor_types}")
         handlers = _handlers(other)  # UnsupportedModelError for a mixer without a fuse handler

@@ -85,7 +85,16 @@ from ..families import head_dim
 from ..io.calibration import calibrate, calibration_blocks
 from ..modeling import HybridConfig, HybridForCausalLM
 from ..provenance import record_step
-from ..surgery import MixerSurgery, check_size, handlers, rows_cols, slice_linear, surgery_for, top
+from ..surgery import (
+    MixerSurgery,
+    check_size,
+    handlers,
+    handlers_for,
+    mixer_types,
+    rows_cols,
+    slice_linear,
+    top,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -116,13 +125,9 @@ class PruneShape:
 # Model facts
 
 
-def _mixer_types(config) -> list[str]:
-    return list(getattr(config, "mixer_types", None) or ["attention"] * config.num_hidden_layers)
-
-
 def _handlers(config) -> dict[str, MixerSurgery]:
     """The prune handler of each mixer type in the model, in layer order; refuses a mixer without one."""
-    return {t: surgery_for(t, "prune") for t in _mixer_types(config)}
+    return handlers_for(mixer_types(config), "prune")
 
 
 def _present(config) -> list[MixerSurgery]:
@@ -167,7 +172,7 @@ def check_prune(model_config, config: PruneConfig) -> PruneShape | None:
 
     Example: `check_prune(model.config, PruneConfig(ssm_heads=6))`
     """
-    mixer_types = _mixer_types(model_config)
+    types = mixer_types(model_config)
     present = _present(model_config)  # UnsupportedModelError for a mixer without a prune handler
     if getattr(model_config, "lowrank", None):
         raise UnsupportedModelError(
@@ -177,7 +182,7 @@ def check_prune(model_config, config: PruneConfig) -> PruneShape | None:
     full = model_shape(model_config)
     if config.params is not None:
         embedding = model_config.vocab_size * full.hidden
-        target = config.params * count_params(model_config, full, mixer_types)
+        target = config.params * count_params(model_config, full, types)
         if target < embedding:
             raise ConfigError(
                 f"params={config.params} keeps {target:,.0f} parameters, below the embedding's {embedding:,} "
@@ -465,7 +470,7 @@ def _width_choices(size: int, max_pruning: float, multiple: int | None = None) -
 
 def _candidates(model_config, full: PruneShape, order: list[int], config: PruneConfig) -> list[tuple[PruneShape, int]]:
     """Every grid shape within the `params` budget with its parameter count, largest first."""
-    mixer_types = _mixer_types(model_config)
+    types = mixer_types(model_config)
     w = config.max_width_pruning
     axes = {"ffn": _width_choices(full.ffn, w), "attn_heads": [full.attn_heads], "ssm_heads": [full.ssm_heads]}
     for handler in _present(model_config):  # the mixers' own axes (ssm_head_dim is not searched)
@@ -484,9 +489,9 @@ def _candidates(model_config, full: PruneShape, order: list[int], config: PruneC
             ssm_head_dim=full.ssm_head_dim,
             num_layers=full.num_layers - drop,
         )
-        return shape, count_params(model_config, shape, [mixer_types[i] for i in sorted(order[: shape.num_layers])])
+        return shape, count_params(model_config, shape, [types[i] for i in sorted(order[: shape.num_layers])])
 
-    total = count_params(model_config, full, mixer_types)
+    total = count_params(model_config, full, types)
     budget = config.params * total
     found = [
         (shape, params)

@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..families import check_supported, head_dim
 from ..modeling import HybridForCausalLM
-from ..surgery import MixerSurgery, surgery_for, to_array
+from ..surgery import MixerSurgery, handlers_for, to_array
 
 _ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "granitehybrid": gguf.MODEL_ARCH.GRANITE_HYBRID}
 # rope_parameters types llama.cpp computes from metadata alone (others need extra tensors or keys written for them)
@@ -62,7 +62,7 @@ def _handlers(model: nn.Module) -> dict[str, MixerSurgery]:
     """The GGUF export handler of each mixer type in `model` (plain Llama/Mistral layers are attention); refuses a
     mixer without one."""
     types = model.config.mixer_types if isinstance(model, HybridForCausalLM) else ["attention"]
-    return {t: surgery_for(t, "export_gguf") for t in sorted(set(types))}
+    return handlers_for(sorted(set(types)), "export_gguf")
 
 
 def check_gguf_export(model: nn.Module) -> str:

@@ -2,7 +2,7 @@
 the compress transformations share. See the package docstring.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -210,6 +210,17 @@ def unregister_surgery(*mixer_classes: type) -> None:
         _REASONS.pop(mixer_class, None)
 
 
+def mixer_types(config) -> list[str]:
+    """A hybrid config's `mixer_types`; every layer `"attention"` for a dense (Llama-family) config."""
+    return list(getattr(config, "mixer_types", None) or ["attention"] * config.num_hidden_layers)
+
+
+def handlers_for(types: Iterable[str], operation: str) -> dict[str, MixerSurgery]:
+    """The handler of each distinct mixer type in `types` for `operation`, in the order given (looked up once per
+    type); `surgery_for`'s refusal for the first one without a handler."""
+    return {t: surgery_for(t, operation) for t in dict.fromkeys(types)}
+
+
 def handlers() -> list[MixerSurgery]:
     """Every registered handler once, in registration order."""
     return list(dict.fromkeys(_HANDLERS.values()))
@@ -340,11 +351,13 @@ __all__ = [
     "check_size",
     "consumer_map",
     "handlers",
+    "handlers_for",
     "head_choices",
     "identity_plan",
     "map_cols",
     "map_rows",
     "map_segments",
+    "mixer_types",
     "producer_map",
     "register_surgery",
     "rows_cols",
