@@ -34,8 +34,8 @@ from hybridize.configs import (
 )
 from hybridize.configs.distill import EVAL_EVERY, SAVE_EVERY
 from hybridize.configs.llamacpp import RUNTIMES, LlamaCppBenchConfig, pick_runtime, refuse_options
-from hybridize.configs.options import config_command
-from hybridize.errors import ConfigError, HybridizeError
+from hybridize.configs.options import comma_list, config_command
+from hybridize.errors import HybridizeError
 
 app = typer.Typer(
     help="Turn a pretrained Llama-family model into a cheaper hybrid, then evaluate, benchmark and export it.",
@@ -99,15 +99,6 @@ def _main_options(
     ] = False,
 ) -> None:
     pass
-
-
-def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ConfigError(f"{option} takes comma-separated integers, got {text!r}") from None
 
 
 def _check_json(path: Path | None, inputs: list) -> None:
@@ -367,7 +358,7 @@ def bench(
         )
         gguf_config = LlamaCppBenchConfig(
             contexts=config.contexts,
-            threads=_int_list(threads, "--threads"),
+            threads=None if threads is None else comma_list(threads, "--threads", int),
             new_tokens=config.new_tokens,
             warmup_tokens=config.warmup_tokens,
             repeats=config.repeats,

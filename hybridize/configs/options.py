@@ -131,11 +131,16 @@ def parse_option(field: ConfigField, value: Any, option: str) -> Any:
         return value
     if isinstance(value, (list, tuple)):  # a repeated option
         return tuple(value)
-    parse, plural = _PARSERS.get(_list_arm(field.annotation), (str, "items"))
+    return comma_list(value, option, _list_arm(field.annotation))
+
+
+def comma_list(text: str, option: str, item: type = str) -> tuple:
+    """`"1,3,5"` as `(1, 3, 5)` (items of type `item`: int, float or str); `ConfigError` naming `option` otherwise."""
+    parse, plural = _PARSERS.get(item, (str, "items"))
     try:
-        return tuple(parse(part.strip()) for part in value.split(",") if part.strip())
+        return tuple(parse(part.strip()) for part in text.split(",") if part.strip())
     except ValueError:
-        raise ConfigError(f"{option} takes comma-separated {plural}, got {value!r}") from None
+        raise ConfigError(f"{option} takes comma-separated {plural}, got {text!r}") from None
 
 
 def key_values(pairs: list[str], option: str) -> dict:
@@ -334,6 +339,7 @@ def _kebab(name: str) -> str:
 __all__ = [
     "ConfigField",
     "coerce",
+    "comma_list",
     "config_command",
     "config_fields",
     "field_help",
