@@ -27,8 +27,8 @@ def test_an_unregistered_mixer_gets_the_one_refusal(monkeypatch):
     monkeypatch.setitem(MIXERS, "toy", ToyMixer)
     with pytest.raises(UnsupportedModelError, match=r"^prune does not support toy: prune handles .*attention.*; "):
         surgery_for("toy", "prune")
-    with pytest.raises(UnsupportedModelError, match=r"^prune does not support gdn: it is not a known mixer"):
-        surgery_for("gdn", "prune")
+    with pytest.raises(UnsupportedModelError, match=r"^prune does not support rwkv: it is not a known mixer"):
+        surgery_for("rwkv", "prune")
     with pytest.raises(UnsupportedModelError, match=r"^fuse does not support streaming: fuse handles attention, "):
         surgery_for("streaming", "fuse")  # a handler that does not do the operation for this mixer
 

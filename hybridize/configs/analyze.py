@@ -23,7 +23,7 @@ class AnalyzeConfig:
             sinks + window tells layers apart.
         ratio (`float`, *optional*, defaults to 0.5): fraction of layers reported as `selected`, as
             `convert --select lazy --ratio` would pick them.
-        mixer (`str`, *optional*): also measure each layer's sensitivity to this mixer (`mamba2`, `nha`,
+        mixer (`str`, *optional*): also measure each layer's sensitivity to this mixer (`mamba2`, `nha`, `gdn`,
             `streaming`): the KL to the source with only that layer converted, as `convert --select sensitivity`
             does with the same calibration text (the scores are cached and shared with it).
         mixer_init (`str`, *optional*): the init used for the sensitivity (the mixer's default when omitted).

@@ -58,6 +58,7 @@ class MixerInit:
 
 
 MIXER_INITS: dict[str, MixerInit] = {
+    "gdn": MixerInit(options_class=NoInitOptions, has_readout=True, allows_random=True),
     "mamba2": MixerInit(options_class=Mamba2InitConfig, has_readout=True, allows_random=True),
     "nha": MixerInit(options_class=NoInitOptions, has_readout=True),
     "streaming": MixerInit(options_class=NoInitOptions),
@@ -72,7 +73,7 @@ class ConvertConfig:
 
     Args:
         mixer (`str`, *optional*, defaults to `"mamba2"`): the mixer that replaces attention in converted layers:
-            `mamba2`, `nha` or `streaming` (the keys of `MIXER_INITS`).
+            `mamba2`, `nha`, `gdn` or `streaming` (the keys of `MIXER_INITS`).
         ratio (`float`, *optional*, defaults to 0.5): fraction of layers converted, in [0, 1]; 0 keeps the source
             model as it is (as a hybrid), 1 converts every layer. Spread evenly as MambaInLlama does.
         attn_layers (`tuple[int, ...]`, *optional*): explicit layers that keep attention, each named once; overrides

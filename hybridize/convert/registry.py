@@ -13,6 +13,7 @@ from ..configs.convert import ConvertConfig
 from ..errors import ConfigError
 from ..families import check_supported, head_dim
 from ..modeling import MIXERS, HybridConfig
+from .gdn import calibrate_gdn, init_gdn_from_attention
 from .mamba2 import calibrate_mamba2, init_mamba2_from_attention
 from .nha import init_nha_from_attention
 from .streaming import init_streaming_from_attention
@@ -35,6 +36,7 @@ class Initializer:
 
 
 INITIALIZERS = {
+    "gdn": Initializer(build=init_gdn_from_attention, calibrate=calibrate_gdn),
     "mamba2": Initializer(build=init_mamba2_from_attention, calibrate=calibrate_mamba2),
     "nha": Initializer(build=init_nha_from_attention),
     "streaming": Initializer(build=init_streaming_from_attention),

@@ -127,8 +127,8 @@ def test_bad_ratio(ratio):
 
 
 def test_bad_mixer_and_conv_init():
-    with pytest.raises(ConfigError, match="mixer 'gdn' is not supported"):
-        ConvertConfig(mixer_init="attention", mixer="gdn")
+    with pytest.raises(ConfigError, match="mixer 'rwkv' is not supported"):
+        ConvertConfig(mixer_init="attention", mixer="rwkv")
     with pytest.raises(ConfigError, match="conv_init"):
         ConvertConfig(mixer_init="attention", conv_init="identity")
 
