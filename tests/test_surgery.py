@@ -53,6 +53,24 @@ def test_every_operation_refuses_a_mixer_without_a_handler_before_any_work(monke
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 
 
+def test_gdn_refuses_fuse_and_the_exports_with_its_reasons(tmp_path):
+    model = tiny_hybrid(["gdn", "attention"] * 2)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    operations = {
+        "fuse": (lambda: fuse([model, model], FuseConfig(align="weights")), "no transport for Gated DeltaNet"),
+        "export": (lambda: export(model, ExportConfig()), "no GraniteMoeHybrid"),
+        "export_gguf": (
+            lambda: export_gguf(model, tmp_path / "m.gguf", ExportConfig(to="gguf"), tokenizer=None),
+            "qwen3next",
+        ),
+    }
+    for operation, (run, reason) in operations.items():
+        with pytest.raises(UnsupportedModelError, match=rf"^{operation} does not support gdn: .*{reason}"):
+            run()
+    assert list(tmp_path.iterdir()) == []
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
 def test_register_surgery_registers_exact_classes(monkeypatch):
     monkeypatch.setitem(MIXERS, "toy", ToyMixer)
     monkeypatch.setattr("hybridize.surgery.base._HANDLERS", dict(_HANDLERS))

@@ -57,7 +57,8 @@ calibration blocks in the train split, never the held-out split), and the best i
 
 What is particular to a mixer (its parameter count, the activations its heads and channels are ranked on, their
 selection, its sliced tensors and pruned settings, its search axes) is in its handler in `hybridize.surgery`
-(`attention.py`, `mamba2.py`); a mixer without one is refused with "prune does not support <mixer>".
+(`attention.py`, `mamba2.py`, `gdn.py`, whose heads are pruned on attention's axis `attn_heads`; a handler's
+`prune_axes` may be another's); a mixer without one is refused with "prune does not support <mixer>".
 
 The pruned model is assembled layer by layer on the meta device, each layer filled with its sliced tensors, so memory
 holds the source and the (smaller) result, never a third copy; the source is not modified.
@@ -191,8 +192,9 @@ def check_prune(model_config, config: PruneConfig) -> PruneShape | None:
             )
         return None
 
+    shared = {axis for handler in present for axis in handler.prune_axes}  # axes a present mixer prunes
     for handler in handlers():  # an axis of a mixer the model does not have
-        if handler not in present:
+        if handler not in present and not set(handler.prune_axes) <= shared:
             handler.check_absent(config)
     check_size("hidden", config.hidden, full.hidden)
     check_size("ffn", config.ffn, full.ffn)

@@ -18,7 +18,7 @@ class Mamba2Surgery(MixerSurgery):
 code: it ships with every checkpoint as remote code.
 """
 
-from . import attention, mamba2, nha  # each registers its handler (`register_surgery`) when imported
+from . import attention, gdn, mamba2, nha  # each registers its handler (`register_surgery`) when imported
 from .base import (
     MixerSurgery,
     check_size,
@@ -47,6 +47,7 @@ __all__ = [
     "attention",
     "check_size",
     "consumer_map",
+    "gdn",
     "handlers",
     "handlers_for",
     "head_choices",

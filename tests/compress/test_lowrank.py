@@ -160,13 +160,13 @@ def test_targets_select_their_linears():
     assert all(".mlp." in name for name in model.config.lowrank) and len(model.config.lowrank) == 12
 
 
-@pytest.mark.parametrize("mixer", ["nha", "streaming"])
+@pytest.mark.parametrize("mixer", ["gdn", "nha", "streaming"])
 def test_attention_like_mixers_factorize_their_attention_projections(mixer):
     model = tiny_hybrid([mixer, "attention"] * 2)
     names = list(target_linears(model, ("attn", "mamba")))
     leaves = ("q_proj", "k_proj", "v_proj", "o_proj")
     assert names == [f"model.layers.{i}.mixer.{leaf}" for i in range(4) for leaf in leaves]
-    assert target_linears(model, ("mamba",)) == {}  # NHA's slot gates (g_proj) are no target
+    assert target_linears(model, ("mamba",)) == {}  # NHA's slot gates, GDN's a/b/g projections are no target
     factorize(model, FactorizeConfig(ratio=0.5, method="svd", targets=("attn",)))
     assert sorted(model.config.lowrank) == sorted(names)
 

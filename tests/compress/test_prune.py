@@ -45,14 +45,11 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _hybrid(family="llama", ratio=0.5, **overrides):
+def _hybrid(family="llama", ratio=0.5, mixer="mamba2", **overrides):
     """A tiny hybrid (mamba2, attention, mamba2, attention) in float64 with a negligible norm epsilon, so that a
     pruned model and the zeroed original agree to rounding."""
-    return (
-        convert(make_tiny(family, rms_norm_eps=1e-12, **overrides), ConvertConfig(mixer_init="attention", ratio=ratio))
-        .double()
-        .eval()
-    )
+    source = make_tiny(family, rms_norm_eps=1e-12, **overrides)
+    return convert(source, ConvertConfig(mixer=mixer, mixer_init="attention", ratio=ratio)).double().eval()
 
 
 def _blocks(n=6, seq_len=24):
@@ -100,10 +97,10 @@ def _zeroed(model: HybridForCausalLM, kept) -> HybridForCausalLM:
             if mixer.in_proj.bias is not None:
                 mixer.in_proj.bias[mixer.inner_size + x] = 0
             mixer.conv1d.bias[x] = 0
-        else:
+        else:  # attention and Gated DeltaNet: a dropped query head writes nothing into o_proj
             heads = _dropped(kept.attn_heads[i], model.config.num_attention_heads)
-            cols = (heads[:, None] * mixer.head_dim + torch.arange(mixer.head_dim)).flatten()
-            mixer.o_proj.weight[:, cols] = 0
+            size = model.config.head_dim
+            mixer.o_proj.weight[:, (heads[:, None] * size + torch.arange(size)).flatten()] = 0
     return model
 
 
@@ -320,3 +317,71 @@ def test_cli(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "p").config.mixers["mamba2"]["num_heads"] == 2
     code, out = run_cli("prune", tmp_path / "hybrid", "--ssm-heads", "3", "-o", tmp_path / "q")
     assert code == 1 and "ssm_heads=3 is not a multiple of 2" in out and not (tmp_path / "q").exists()
+
+
+# Gated DeltaNet: its query heads are pruned on attention's axis, inside their KV groups
+
+GDN_CASES = {
+    "attn_heads": {"attn_heads": 2},
+    "hidden": {"hidden": 40},
+    "all": {"hidden": 48, "ffn": 64, "attn_heads": 2, "drop_layers": 1},
+}
+
+
+@pytest.mark.parametrize("axes", GDN_CASES.values(), ids=GDN_CASES.keys())
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_gdn_pruned_equals_original_with_pruned_heads_zeroed(family, axes):
+    hybrid = _hybrid(family, mixer="gdn")
+    blocks = _blocks()
+    kept = select(hybrid, measure_importance(hybrid, blocks[:4]), _target(hybrid, **axes))
+    pruned = prune(hybrid, PruneConfig(**axes, num_blocks=4), blocks=blocks)
+    expected = _zeroed(hybrid, kept)(IDS).logits
+    assert not torch.allclose(expected, hybrid(IDS).logits, atol=1e-3)
+    # the residual RMSNorms round through float32 (transformers' Llama norm), and q and k are L2-normalised after
+    torch.testing.assert_close(pruned(IDS).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gdn_full_size_is_the_identity():
+    hybrid = _hybrid(mixer="gdn")
+    pruned = prune(hybrid, PruneConfig(attn_heads=4, ffn=128, num_blocks=2), blocks=_blocks())
+    for name, tensor in hybrid.state_dict().items():
+        assert torch.equal(pruned.state_dict()[name], tensor), name
+
+
+def test_gdn_heads_group_aware_config_and_parameter_count(tmp_path):
+    hybrid = _hybrid(mixer="gdn")
+    importance = measure_importance(hybrid, _blocks()[:4])
+    assert sorted(importance.attn) == [0, 1, 2, 3] and importance.attn[0].shape == (4, 16)
+    importance.attn[0] = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)[:, None].expand(4, 16)
+    shape = _target(hybrid, attn_heads=2)
+    assert select(hybrid, importance, shape).attn_heads[0].tolist() == [0, 2]  # one per KV group
+    assert select(hybrid, importance, shape, attn_grouping="ignore").attn_heads[0].tolist() == [0, 1]
+
+    pruned = prune(hybrid, PruneConfig(attn_heads=2, num_blocks=4), blocks=_blocks())
+    config = pruned.config
+    assert config.num_attention_heads == 2 and config.mixers["gdn"] == {
+        "num_heads": 2,
+        "num_kv_heads": 2,
+        "head_dim": 16,
+    }
+    assert count_params(config, model_shape(config), config.mixer_types) == sum(p.numel() for p in pruned.parameters())
+    kept = select(hybrid, measure_importance(hybrid, _blocks()[:4]), shape)
+    old, new = hybrid.model.layers[0].mixer, pruned.model.layers[0].mixer
+    assert torch.equal(new.k_proj.weight, old.k_proj.weight) and torch.equal(new.v_proj.weight, old.v_proj.weight)
+    assert torch.equal(new.dt_bias, old.dt_bias[kept.attn_heads[0]])
+    hybridize.save(pruned, tmp_path / "pruned")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    torch.testing.assert_close(loaded(IDS).logits, pruned(IDS).logits, rtol=0, atol=0)
+    out = loaded.generate(IDS[:1, :5], max_new_tokens=6, do_sample=False)
+    assert torch.equal(loaded(out).logits[0, 4:-1].argmax(-1), out[0, 5:])  # cached decoding = one forward
+
+
+def test_gdn_only_model_takes_attn_heads_and_a_params_search():
+    hybrid = _hybrid(mixer="gdn", ratio=1.0)
+    assert set(hybrid.config.mixer_types) == {"gdn"}
+    pruned = prune(hybrid, PruneConfig(attn_heads=2, num_blocks=2), blocks=_blocks())  # not "no attention layer"
+    assert pruned.config.mixers["gdn"]["num_heads"] == 2
+    searched = prune(hybrid, PruneConfig(params=0.8, score_blocks=1, num_blocks=2), blocks=_blocks())
+    assert sum(p.numel() for p in searched.parameters()) <= 0.8 * sum(p.numel() for p in hybrid.parameters())
+    with pytest.raises(ConfigError, match="attn_heads=3 is not a multiple of 2"):
+        prune(hybrid, PruneConfig(attn_heads=3), blocks=_blocks())

@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny import fragile_tiny, make_tiny, word_tokenizer
 
+from hybridize.configs.convert import CONVERT_MIXERS, MIXER_INITS
 from hybridize.convert import INITIALIZERS, ConvertConfig, convert
 from hybridize.convert import sensitivity as sensitivity_module
 from hybridize.convert.calibrated import NormalEquations, calibrate_readouts, choose_readout, mixer_features
@@ -144,11 +145,11 @@ def test_calibration_needs_a_tokenizer_and_a_readout():
         ConvertConfig(mixer="streaming", mixer_init="calibrated")
 
 
-@pytest.mark.parametrize("mixer", ["mamba2", "nha", "streaming"])
+@pytest.mark.parametrize("mixer", sorted(CONVERT_MIXERS))
 def test_sensitivity_keeps_the_fragile_layer(mixer, calibration_text, tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRIDIZE_CACHE", str(tmp_path / "cache"))
     settings = {"streaming": {"sinks": 1, "window": 4}, "nha": {"window": 2, "slots": 2}}.get(mixer, {})
-    init = "attention" if mixer == "streaming" else "calibrated"
+    init = "calibrated" if MIXER_INITS[mixer].has_readout else "attention"
     config = ConvertConfig(
         mixer=mixer,
         ratio=0.75,

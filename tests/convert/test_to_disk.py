@@ -83,6 +83,7 @@ CONFIGS = {
     "mamba2-calibrated": dict(mixer="mamba2"),
     "nha-calibrated": dict(mixer="nha", mixer_settings={"window": 4, "slots": 8, "chunk_size": 8}),
     "streaming": dict(mixer="streaming", mixer_settings={"sinks": 2, "window": 8}),
+    "gdn-calibrated": dict(mixer="gdn", mixer_settings={"chunk_size": 8}),
     "ratio-0": dict(ratio=0.0),
 }
 MORE_CONFIGS = {
@@ -90,6 +91,7 @@ MORE_CONFIGS = {
     "mamba2-zero": dict(mixer_init="zero", attn_layers=(0, 3)),
     "mamba2-random": dict(mixer_init="random", select="random", seed=3),
     "nha-full-every": dict(mixer="nha", full_every=2),
+    "gdn-random": dict(mixer="gdn", mixer_init="random"),
     "streaming-dynamic": dict(mixer="streaming", select="dynamic", mixer_settings={"sinks": 2, "window": 8}),
     "streaming-lazy": dict(mixer="streaming", select="lazy", mixer_settings={"sinks": 2, "window": 8}),
     "all-layers": dict(ratio=1.0),

@@ -16,7 +16,11 @@ from hybridize.generate.speculative import _rollback_for
 from hybridize.modeling import MIXERS, HybridConfig, HybridForCausalLM, Mixer
 
 # small chunks and windows, so that the tiny lengths below cross chunks and evict from streaming caches
-SETTINGS = {"mamba2": {"chunk_size": 8}, "streaming": {"sinks": 2, "window": 6, "block_size": 4}}
+SETTINGS = {
+    "gdn": {"chunk_size": 8},
+    "mamba2": {"chunk_size": 8},
+    "streaming": {"sinks": 2, "window": 6, "block_size": 4},
+}
 # every mixer with the settings above, and NHA also in each of its corners
 VARIANTS = [(name, SETTINGS.get(name, {})) for name in sorted(MIXERS)] + [("nha", s) for s in NHA_SETTINGS]
 # the reference-against-fast test: SETTINGS, and NHA with a window and chunks shorter than the lengths it runs
