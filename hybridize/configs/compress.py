@@ -34,7 +34,8 @@ class PruneConfig:
             by a small search (see `hybridize.compress.prune`) and recorded in `hybridize.json`.
         hidden (`int`, *optional*): new hidden size (residual width).
         ffn (`int`, *optional*): new MLP intermediate size.
-        attn_heads (`int`, *optional*): new query heads per attention layer; a multiple of the KV heads.
+        attn_heads (`int`, *optional*): new query heads per attention (and Gated DeltaNet) layer; a multiple of the
+            KV heads.
         ssm_heads (`int`, *optional*): new heads per Mamba2 layer; a multiple of its groups.
         ssm_head_dim (`int`, *optional*): new channels per Mamba2 head (the same channels in every head).
         drop_layers (`int`, *optional*): number of whole layers to remove.
