@@ -191,20 +191,22 @@ DECAY_RIDGE = (1e-3, 1e-1)  # per-head ridge strengths, as fractions of the mean
 
 
 @torch.no_grad()
-def choose_half_lives(
+def choose_per_head(
     mixer: nn.Module,
-    set_half_lives: Callable[[torch.Tensor], None],
+    apply: Callable[[torch.Tensor], None],
+    candidates: Sequence[float],
     inputs: Sequence[torch.Tensor],
     head_outputs: Sequence[torch.Tensor],
     position_embeddings,
-) -> dict:
-    """Give each head of a recurrent mixer the decay, among `HALF_LIVES`, whose features best explain its attention
-    head's output, and set it (`set_half_lives(half_lives)`, a (heads,) float64 tensor in tokens).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give each head of a recurrent mixer the value, among `candidates`, whose features best explain its attention
+    head's output, and set it (`apply(values)`, a (heads,) float64 tensor); returns the values and their scores.
 
     Each candidate is scored per head by the held-out R² of a ridge readout from the head's features (the readout's
     input, (heads · head_dim)) to its attention head's output, on the first `DECAY_BLOCKS` blocks; the mixer's
-    per-head normalisation makes a head's features independent of the other heads' decays, so all heads are scored
-    at once per candidate. Shared by Mamba2's and Gated DeltaNet's calibration.
+    per-head normalisation makes a head's features independent of the other heads' values, so all heads are scored
+    at once per candidate. Mamba2 and Gated DeltaNet choose their decays this way (`choose_half_lives`), Gated
+    DeltaNet also its write strengths.
 
     Args:
         inputs: per calibration block, the mixer's input (1, l, hidden).
@@ -214,8 +216,8 @@ def choose_half_lives(
     inputs, head_outputs = inputs[:DECAY_BLOCKS], head_outputs[:DECAY_BLOCKS]
     heldout = heldout_blocks(len(inputs)) if len(inputs) > 1 else [True]
     scores = []
-    for half_life in HALF_LIVES:
-        set_half_lives(torch.full((h,), float(half_life), dtype=torch.float64))
+    for candidate in candidates:
+        apply(torch.full((h,), float(candidate), dtype=torch.float64))
         sums = {split: [0.0, 0.0, 0.0] for split in (False, True)}  # ZᵀZ, ZᵀY, YᵀY per head
         for x, y, held in zip(inputs, head_outputs, heldout):
             z = mixer_features(mixer, x, position_embeddings)
@@ -236,9 +238,21 @@ def choose_half_lives(
             r2 = fit if r2 is None else torch.maximum(r2, fit)
         scores.append(r2)
     scores = torch.stack(scores)  # (candidates, heads)
-    half_lives = torch.tensor(HALF_LIVES, dtype=torch.float64)[scores.argmax(0).cpu()]
-    set_half_lives(half_lives)
-    return {"half_lives": [int(t) for t in half_lives], "decay_r2": [round(float(r), 3) for r in scores.max(0).values]}
+    values = torch.tensor(candidates, dtype=torch.float64)[scores.argmax(0).cpu()]
+    apply(values)
+    return values, scores.max(0).values
+
+
+def choose_half_lives(
+    mixer: nn.Module,
+    set_half_lives: Callable[[torch.Tensor], None],
+    inputs: Sequence[torch.Tensor],
+    head_outputs: Sequence[torch.Tensor],
+    position_embeddings,
+) -> dict:
+    """Each head's decay, among `HALF_LIVES` (tokens), chosen and set as `choose_per_head` does; its report."""
+    half_lives, r2 = choose_per_head(mixer, set_half_lives, HALF_LIVES, inputs, head_outputs, position_embeddings)
+    return {"half_lives": [int(t) for t in half_lives], "decay_r2": [round(float(r), 3) for r in r2]}
 
 
 def heldout_blocks(num_blocks: int) -> list[bool]:
@@ -403,6 +417,8 @@ __all__ = [
     "calibrate_mixer",
     "calibrate_readouts",
     "causal_mask",
+    "choose_half_lives",
+    "choose_per_head",
     "choose_readout",
     "fit_readout",
     "heldout_blocks",

@@ -295,6 +295,7 @@ def test_convert_calibrates_the_gate_and_the_decays(tokenizer, text_file, mixer_
     if mixer_init == "calibrated":
         report = hybrid.hybridize_steps[-1]["metrics"]["readout"]["0"]
         assert set(report["half_lives"]) <= set(HALF_LIVES) and report["gate"] in ("mean", "random")
+        assert ("betas" in report) == (report["gate"] == "mean")  # both need the inputs on their mean's side
         assert not torch.equal(mixer.o_proj.weight, attn.o_proj.weight)  # refit on the source attention's output
     ids = torch.randint(0, 128, (1, 20))
     assert torch.isfinite(hybrid(ids).logits).all()
@@ -307,3 +308,31 @@ def test_half_lives_give_every_group_short_and_long_memories():
     assert lives.min() == pytest.approx(HALF_LIVES_RANGE[0]) and lives.max() == pytest.approx(HALF_LIVES_RANGE[1])
     assert (lives[:, 0] < lives[:, 1]).all() and (lives[:, 1] < lives[:, 2]).all()  # each group spans the range
     assert lives[:, 0].max() < lives[:, 1].min()
+
+
+@torch.no_grad()
+def test_beta_fit_recovers_the_write_strength_of_each_head():
+    """Targets made by the same mixer with known write strengths per head: each head's own explains its target."""
+    from hybridize.convert.calibrated import mean_direction, mixer_features
+    from hybridize.convert.gdn import BETAS, fit_beta
+
+    model = _hybrid(torch.float64)
+    mixer, rotary = model.model.layers[0].mixer, model.model.rotary_emb
+    torch.manual_seed(1)
+    direction = torch.randn(TINY["hidden_size"], dtype=torch.float64)
+    inputs = [torch.randn(1, 48, TINY["hidden_size"], dtype=torch.float64) + 2 * direction for _ in range(4)]
+    pe = rotary(inputs[0], position_ids=torch.arange(48)[None])
+    mean, positive = mean_direction(inputs)
+    assert positive > 0.99
+    truth = torch.tensor([0.1, 0.5, 0.25, 0.1], dtype=torch.float64)
+    logits = torch.log(truth / (1 - truth))
+    mixer.b_proj.weight.copy_(logits[:, None] * mean / mean.dot(mean))
+    targets = [mixer_features(mixer, x, pe) for x in inputs]
+    # b averages logit(beta) over the tokens: beta is set per head through the mean direction
+    b = torch.cat([mixer.b_proj(x) for x in inputs], 1)[0]  # (tokens, heads)
+    torch.testing.assert_close(b.mean(0), logits)
+    mixer.b_proj.weight.zero_()
+    report = fit_beta(mixer, mean, inputs, targets, pe)
+    assert report["betas"] == truth.tolist() and set(report["betas"]) <= set(BETAS)
+    assert min(report["beta_r2"]) > 0.999
+    torch.testing.assert_close(mixer_features(mixer, inputs[0], pe), targets[0])
