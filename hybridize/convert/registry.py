@@ -29,14 +29,17 @@ class Initializer:
         calibrate (`Callable`, *optional*): `(mixer, inputs, head_outputs, position_embeddings) -> report`, what
             `mixer_init="calibrated"` fits on calibration text before the readout (`calibrated.calibrate_mixer`);
             `None` when the readout alone is fitted.
+        version (`int`, *optional*, defaults to 1): raised when what `build` or `calibrate` computes changes, so
+            that sensitivity scores cached with the older initialisation are measured again (`sensitivity.cache_key`).
     """
 
     build: Callable[..., nn.Module]
     calibrate: Callable[..., dict] | None = None
+    version: int = 1
 
 
 INITIALIZERS = {
-    "gdn": Initializer(build=init_gdn_from_attention, calibrate=calibrate_gdn),
+    "gdn": Initializer(build=init_gdn_from_attention, calibrate=calibrate_gdn, version=2),  # 2: per-head beta
     "mamba2": Initializer(build=init_mamba2_from_attention, calibrate=calibrate_mamba2),
     "nha": Initializer(build=init_nha_from_attention),
     "streaming": Initializer(build=init_streaming_from_attention),

@@ -41,7 +41,9 @@ logger = logging.getLogger(__name__)
 
 SCORE_BLOCKS = 2  # calibration blocks the KL is measured on (the readout is fitted on all of them)
 SCORE_STRIDE = 4  # the KL is read at every 4th position of them (all positions still run through every layer)
-INIT_VERSION = 3  # raised when a calibrated initialisation changes, so that older cached scores are not reused
+INIT_VERSION = (
+    3  # raised when every calibrated initialisation changes (the readout fit); one mixer's: its `Initializer.version`
+)
 
 
 def _logits(hidden: torch.Tensor, model: nn.Module) -> torch.Tensor:
@@ -65,6 +67,9 @@ def cache_key(source: nn.Module, config: ConvertConfig, blocks: torch.Tensor) ->
         "calibration": blocks_fingerprint(blocks),
         "shape": list(blocks.shape),
     }
+    version = INITIALIZERS[config.mixer].version
+    if version != 1:  # only then, so that the keys of mixers at their first version stay those cached before
+        settings["mixer_init_version"] = version
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 

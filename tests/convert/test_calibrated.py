@@ -195,6 +195,19 @@ def test_sensitivity_scores_are_cached(calibration_text, tmp_path, monkeypatch):
         )
 
 
+def test_a_new_initializer_version_keys_other_scores(monkeypatch):
+    """Raising one mixer's `Initializer.version` changes its cache key, and no other mixer's."""
+    import dataclasses
+
+    source, blocks = make_tiny("llama"), torch.randint(0, 128, (2, 16))
+    config = ConvertConfig(ratio=0.5, mixer_init="calibrated")
+    before = sensitivity_module.cache_key(source, config, blocks)
+    nha = sensitivity_module.cache_key(source, ConvertConfig(mixer="nha", mixer_init="calibrated"), blocks)
+    monkeypatch.setitem(INITIALIZERS, "mamba2", dataclasses.replace(INITIALIZERS["mamba2"], version=2))
+    assert sensitivity_module.cache_key(source, config, blocks) != before
+    assert sensitivity_module.cache_key(source, ConvertConfig(mixer="nha", mixer_init="calibrated"), blocks) == nha
+
+
 def test_calibrate_readouts_changes_only_the_readouts_and_restores_the_mode(calibration_text):
     source = make_tiny("llama")
     before = {k: v.clone() for k, v in source.state_dict().items()}
