@@ -41,9 +41,8 @@ logger = logging.getLogger(__name__)
 
 SCORE_BLOCKS = 2  # calibration blocks the KL is measured on (the readout is fitted on all of them)
 SCORE_STRIDE = 4  # the KL is read at every 4th position of them (all positions still run through every layer)
-INIT_VERSION = (
-    3  # raised when every calibrated initialisation changes (the readout fit); one mixer's: its `Initializer.version`
-)
+# raised when every calibrated initialisation changes (the readout fit); one mixer's has its `Initializer.version`
+INIT_VERSION = 3
 
 
 def _logits(hidden: torch.Tensor, model: nn.Module) -> torch.Tensor:
