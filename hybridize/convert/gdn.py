@@ -15,7 +15,7 @@ source's q, k, v with one fixed memory horizon per head, and training learns the
 - **Decay: constant per head** (a_proj zero, A = 1, dt_bias = softplus^-1(ln 2 / half-life)), the half-lives
   `HALF_LIVES_RANGE` spread geometrically over the heads and dealt out across the KV groups, so every group has short,
   middle and long memories. A data-dependent decay starts from a known horizon instead of from a random projection.
-- **Beta: 1/2 everywhere** (b_proj zero: sigmoid(0)), the paper's starting write strength, between a linear
+- **Beta: 1/2 everywhere, data-free** (b_proj zero: sigmoid(0)), the paper's starting write strength, between a linear
   attention (beta -> 0, nothing overwritten) and a hard overwrite of the key's slot (beta = 1). Calibrated, each head
   gets its own among `BETAS` (`fit_beta`): on the 15 even layers of SmolLM2-135M (4,096 held-out tokens, source
   35.80) the per-head choice gives 73.59 (KL 0.850) against 84.36 (KL 0.991) at 1/2; one beta for every head gives
@@ -172,7 +172,7 @@ def fit_beta(
     logit(beta) m / |m|², and b averages logit(beta) over the tokens (all but a few on the mean's side, which
     `fit_gate` requires too). Measured on SmolLM2-135M (the 15 even layers, calibrated, 4,096 held-out tokens, source
     35.80), one beta for every head: 0.9 gives 96.79, 1/2 84.36, 0.25 74.74: the converted layers want to overwrite
-    little at first, nearer the linear attention their copied q/k/v were trained under."""
+    little at first; their copied keys were trained for a softmax that keeps every token."""
 
     def set_betas(betas: torch.Tensor) -> None:
         logits = torch.log(betas / (1 - betas))[:, None] * (mean / mean.dot(mean))[None]
