@@ -2,12 +2,13 @@
 whose state, decay, write strength and output gate are per query head.
 
 - prune: query heads, the same number kept in every KV group (Minitron's group-aware rule, as attention's and
-  Mamba2's), ranked on the `o_proj` input. A GDN head is an attention head with a memory: its q rows, q conv
-  channels, decay (`a_proj` row, `A_log`, `dt_bias`), write strength (`b_proj` row), gate rows and `o_proj` columns go
-  with it; k, v (one per KV group) and the per-head norm weight are never touched. Its heads are the attention's
-  (`num_heads` is the source's `num_attention_heads`), so they are pruned on the same axis, `attn_heads`, with the
-  same grouping choice `attn_grouping`: a hybrid keeps one head count for all its attention-like layers, as its
-  config states one.
+  Mamba2's), ranked on the `o_proj` input. A GDN head is an attention head with a memory: its heads are the
+  attention's (`num_heads` is the source's `num_attention_heads`), so they are ranked, chosen and searched exactly as
+  attention's (the handler extends `AttentionSurgery`), on the same axis `attn_heads` with the same grouping choice
+  `attn_grouping`: a hybrid keeps one head count for all its attention-like layers, as its config states one. What
+  differs is what goes with a head: its q rows, q conv channels, decay (`a_proj` row, `A_log`, `dt_bias`), write
+  strength (`b_proj` row), gate rows and `o_proj` columns; k, v (one per KV group) and the per-head norm weight are
+  never touched.
 - factorize: q, k, v and o are the `attn` targets, as in attention (the new a/b/g projections are left dense).
 - fuse, export and export_gguf are refused (`reasons`).
 """
@@ -18,21 +19,14 @@ from torch import nn
 from ..errors import ConfigError
 from ..families import head_dim
 from ..modeling.gdn import GatedDeltaNetMixer, GatedDeltaNetMixerConfig
-from .base import (
-    MixerSurgery,
-    check_size,
-    head_choices,
-    register_surgery,
-    rows_cols,
-    slice_linear,
-    top,
-    top_per_group,
-)
+from .attention import AttentionSurgery
+from .base import register_surgery, rows_cols, slice_linear
 
 
 @register_surgery(GatedDeltaNetMixer)
-class GatedDeltaNetSurgery(MixerSurgery):
-    """Query heads (`attn_heads`, shared with attention), the same number kept in every KV group by default."""
+class GatedDeltaNetSurgery(AttentionSurgery):
+    """Query heads (`attn_heads`, ranked and chosen as attention's), the same number kept in every KV group by
+    default; its own parameter count, pruned settings and slicing."""
 
     operations = ("prune", "factorize")
     reasons = {
@@ -42,14 +36,9 @@ class GatedDeltaNetSurgery(MixerSurgery):
         "export_gguf": "llama.cpp's Gated DeltaNet (qwen3next) pairs it with Qwen3-Next's gated attention, not a "
         "Llama attention; not written",
     }
-    prune_axes = ("attn_heads",)
-    grouping = "attn_grouping"
-    factorize_targets = ("attn",)
+    native_layer_types = ()
 
     # Prune
-
-    def shape(self, config) -> dict[str, int]:
-        return {"attn_heads": GatedDeltaNetMixerConfig.from_hybrid_config(config).num_heads}
 
     def param_count(self, config, shape) -> int:
         s = GatedDeltaNetMixerConfig.from_hybrid_config(config)
@@ -70,26 +59,7 @@ class GatedDeltaNetSurgery(MixerSurgery):
                 f"config's {attention[0]} heads in {attention[1]} groups of {attention[2]}; prune prunes them on "
                 "the attention's axis (attn_heads) and needs the two alike"
             )
-        why = f"the {s.num_kv_heads} KV heads; each group keeps as many heads"
-        check_size("attn_heads", prune_config.attn_heads, full.attn_heads, s.num_kv_heads, why)
-
-    def importance_hooks(self, index: int, mixer: nn.Module, add) -> dict:
-        return {mixer.o_proj: lambda block, module, args, kwargs: add(("attn", index), args[0])}
-
-    def importance_views(self, config) -> dict[str, tuple[int, ...]]:
-        return {"attn": (GatedDeltaNetMixerConfig.from_hybrid_config(config).num_heads, -1)}
-
-    def search_axes(self, config, full, max_pruning: float) -> dict[str, list[int]]:
-        groups = GatedDeltaNetMixerConfig.from_hybrid_config(config).num_kv_heads
-        return {"attn_heads": head_choices(full.attn_heads, groups, max_pruning)}
-
-    def select(self, index: int, importance, shape, config, grouping: str) -> dict[str, torch.Tensor]:
-        head_scores = importance.attn[index].norm(dim=1)  # (heads,)
-        if grouping == "aware":
-            groups = GatedDeltaNetMixerConfig.from_hybrid_config(config).num_kv_heads
-            return {"attn_heads": top_per_group(head_scores, groups, shape.attn_heads)}
-        # group-unaware baseline: the best heads anywhere, regrouped by position onto the KV heads
-        return {"attn_heads": top(head_scores, shape.attn_heads)}
+        super().check_prune(model_config, prune_config, full)
 
     def pruned_settings(self, config, shape) -> dict:
         # every shape field explicit, as the pruned config states them
